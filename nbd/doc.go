@@ -1,0 +1,31 @@
+// Package nbd owns the NBD protocol for snapmount: the wire format (one
+// codec shared by both sides), NBD URIs, a read-only client and a server
+// that serves images read-write to writers and as frozen point-in-time
+// snapshots to readers.
+//
+// # Wire format
+//
+// proto.go holds every constant of doc/proto.md; wire.go encodes and
+// decodes every message by hand. Decoders check each length before they
+// allocate, so hostile bytes cannot make either side allocate more than a
+// bounded amount.
+//
+// # The read-only promise
+//
+// OptXReadOnly is snapmount's private option (0x534E5001). A client sends
+// it with no data after STARTTLS and STRUCTURED_REPLY and before INFO/GO; a
+// server that knows it answers ACK and from then on treats the connection
+// as a reader: every export it opens is READ_ONLY, it never takes a writer
+// slot, and write-type commands fail with EPERM. Stock servers answer
+// NBD_REP_ERR_UNSUP and the client goes on with a normal GO. Whatever the
+// server says, the client in this package has no method that sends WRITE,
+// TRIM, WRITE_ZEROES or RESIZE.
+//
+// # Export names
+//
+// The server answers NAME (a writer, or a new snapshot for a client that
+// promised to read only), NAME@snapshot (a new snapshot), NAME@sN (join
+// snapshot N) and NAME@live (read-only, live). The GO reply names the
+// snapshot it created in NBD_INFO_NAME, so further connections of one
+// mount join the same instant.
+package nbd

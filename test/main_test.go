@@ -1,0 +1,35 @@
+package test
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+)
+
+// snapmountBin is the binary built once for the whole suite.
+var snapmountBin string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "snapmount-e2e-bin-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "test: mkdtemp:", err)
+		os.Exit(1)
+	}
+	snapmountBin = filepath.Join(dir, "snapmount")
+	args := []string{"build", "-o", snapmountBin}
+	if raceEnabled {
+		args = append(args, "-race")
+	}
+	build := exec.Command("go", append(args, "../cmd/snapmount")...)
+	build.Stdout, build.Stderr = os.Stderr, os.Stderr
+	if err := build.Run(); err != nil {
+		fmt.Fprintln(os.Stderr, "test: building snapmount:", err)
+		os.RemoveAll(dir)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
