@@ -132,17 +132,17 @@ const (
 	RepInfo        Reply = 3 // NBD_REP_INFO
 	RepMetaContext Reply = 4 // NBD_REP_META_CONTEXT
 
-	repErrBit              Reply = 1 << 31
-	RepErrUnsup            Reply = repErrBit | 1  // NBD_REP_ERR_UNSUP
-	RepErrPolicy           Reply = repErrBit | 2  // NBD_REP_ERR_POLICY
-	RepErrInvalid          Reply = repErrBit | 3  // NBD_REP_ERR_INVALID
-	RepErrPlatform         Reply = repErrBit | 4  // NBD_REP_ERR_PLATFORM
-	RepErrTLSReqd          Reply = repErrBit | 5  // NBD_REP_ERR_TLS_REQD
-	RepErrUnknown          Reply = repErrBit | 6  // NBD_REP_ERR_UNKNOWN
-	RepErrShutdown         Reply = repErrBit | 7  // NBD_REP_ERR_SHUTDOWN
-	RepErrBlockSizeReqd    Reply = repErrBit | 8  // NBD_REP_ERR_BLOCK_SIZE_REQD
-	RepErrTooBig           Reply = repErrBit | 9  // NBD_REP_ERR_TOO_BIG
-	RepErrExtHeaderReqd    Reply = repErrBit | 10 // NBD_REP_ERR_EXT_HEADER_REQD (extension-ext-header branch)
+	repErrBit           Reply = 1 << 31
+	RepErrUnsup         Reply = repErrBit | 1  // NBD_REP_ERR_UNSUP
+	RepErrPolicy        Reply = repErrBit | 2  // NBD_REP_ERR_POLICY
+	RepErrInvalid       Reply = repErrBit | 3  // NBD_REP_ERR_INVALID
+	RepErrPlatform      Reply = repErrBit | 4  // NBD_REP_ERR_PLATFORM
+	RepErrTLSReqd       Reply = repErrBit | 5  // NBD_REP_ERR_TLS_REQD
+	RepErrUnknown       Reply = repErrBit | 6  // NBD_REP_ERR_UNKNOWN
+	RepErrShutdown      Reply = repErrBit | 7  // NBD_REP_ERR_SHUTDOWN
+	RepErrBlockSizeReqd Reply = repErrBit | 8  // NBD_REP_ERR_BLOCK_SIZE_REQD
+	RepErrTooBig        Reply = repErrBit | 9  // NBD_REP_ERR_TOO_BIG
+	RepErrExtHeaderReqd Reply = repErrBit | 10 // NBD_REP_ERR_EXT_HEADER_REQD (extension-ext-header branch)
 )
 
 // IsError reports whether r is an error reply.

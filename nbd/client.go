@@ -1,0 +1,550 @@
+package nbd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+// ClientOptions configure a Client.
+type ClientOptions struct {
+	Dial DialOptions
+	// Conns is how many connections to open when the export allows
+	// multi-conn [4]. Without CAN_MULTI_CONN the client uses one.
+	Conns int
+	// Timeout bounds every read, including waiting for a lost connection
+	// to come back [30s]. Past it the read fails with EIO.
+	Timeout time.Duration
+	// Logf receives warnings (connection lost, reconnected). Nil: silent.
+	Logf func(format string, args ...any)
+}
+
+// Client is a read-only view of one export over a pool of connections.
+// It is an io.ReaderAt, safe for concurrent use. Requests go to the least
+// loaded live connection; a lost connection is re-established in the
+// background (to the canonical name, with size and flags re-checked) and
+// reads retry until ClientOptions.Timeout.
+//
+// Client has no method that writes: the protocol's write-type commands
+// cannot be sent through it.
+type Client struct {
+	uri      *URI // names the canonical export
+	opt      ClientOptions
+	info     *ExportInfo
+	size     int64
+	minBlock int64
+	maxPiece int64 // largest READ the client sends
+
+	mu      sync.Mutex // protects following
+	conns   []*Conn    // one per slot; nil while a slot reconnects
+	closed  bool
+	broken  error         // the export changed or vanished: permanent
+	changed chan struct{} // closed and replaced whenever a slot comes back
+
+	dialCtx  context.Context // cancelled by Close, ends redials
+	stopDial context.CancelFunc
+	wg       sync.WaitGroup // redial goroutines
+
+	reconnects atomic.Int64
+	requests   atomic.Int64
+	bytesRead  atomic.Int64
+	retries    atomic.Int64
+	timeouts   atomic.Int64
+}
+
+// Open connects to the export u names and opens the connection pool.
+func Open(ctx context.Context, u *URI, opt ClientOptions) (*Client, error) {
+	if opt.Conns <= 0 {
+		opt.Conns = 4
+	}
+	if opt.Timeout <= 0 {
+		opt.Timeout = 30 * time.Second
+	}
+	first, err := Dial(ctx, u, opt.Dial)
+	if err != nil {
+		return nil, err
+	}
+	info := first.Info()
+	c := &Client{
+		uri:      u.WithExport(info.CanonicalName),
+		opt:      opt,
+		info:     info,
+		size:     int64(info.Size),
+		minBlock: int64(info.BlockSize.Min),
+		changed:  make(chan struct{}),
+	}
+	c.maxPiece = min(int64(info.BlockSize.Max), 8<<20)
+	c.maxPiece -= c.maxPiece % c.minBlock
+	c.dialCtx, c.stopDial = context.WithCancel(context.Background())
+	n := 1
+	if info.CanMultiConn() {
+		n = opt.Conns
+	}
+	c.conns = make([]*Conn, n)
+	c.conns[0] = first
+	// The other connections join the canonical name, so with snapshot
+	// servers they all see the same instant.
+	var wg sync.WaitGroup
+	errs := make([]error, n)
+	for i := 1; i < n; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			conn, err := c.dialVerified(ctx)
+			if err != nil {
+				errs[i] = err
+				return
+			}
+			c.conns[i] = conn
+		}()
+	}
+	wg.Wait()
+	for i := 1; i < n; i++ {
+		if errs[i] != nil {
+			if c.isPermanent(errs[i]) {
+				c.Close()
+				return nil, errs[i]
+			}
+			c.logf("connection %d of %d failed, retrying in the background: %v", i+1, n, errs[i])
+			c.startRedial(i)
+		}
+	}
+	for i := 0; i < n; i++ {
+		if c.conns[i] != nil {
+			c.watch(i, c.conns[i])
+		}
+	}
+	return c, nil
+}
+
+// Info describes the export (from the first connection).
+func (c *Client) Info() *ExportInfo { return c.info }
+
+// Size is the export's size in bytes.
+func (c *Client) Size() int64 { return c.size }
+
+// URI names the canonical export the pool connects to.
+func (c *Client) URI() *URI { return c.uri }
+
+func (c *Client) logf(format string, args ...any) {
+	if c.opt.Logf != nil {
+		c.opt.Logf(format, args...)
+	}
+}
+
+// ClientStats are the pool's counters.
+type ClientStats struct {
+	Conns      int    `json:"conns"`      // connections alive now
+	Slots      int    `json:"conn_slots"` // connections wanted
+	Reconnects int64  `json:"reconnects"` // connections re-established
+	Requests   int64  `json:"requests"`   // READ and BLOCK_STATUS requests sent
+	BytesRead  int64  `json:"bytes_read"` // payload bytes read
+	Retries    int64  `json:"retries"`    // requests retried after a lost connection
+	Timeouts   int64  `json:"timeouts"`   // reads failed after Timeout
+	Export     string `json:"export"`     // the canonical export name
+}
+
+// Stats returns the pool's counters.
+func (c *Client) Stats() ClientStats {
+	c.mu.Lock()
+	alive := 0
+	for _, cn := range c.conns {
+		if cn != nil {
+			alive++
+		}
+	}
+	slots := len(c.conns)
+	c.mu.Unlock()
+	return ClientStats{
+		Conns: alive, Slots: slots,
+		Reconnects: c.reconnects.Load(), Requests: c.requests.Load(),
+		BytesRead: c.bytesRead.Load(), Retries: c.retries.Load(),
+		Timeouts: c.timeouts.Load(), Export: c.info.CanonicalName,
+	}
+}
+
+// Close ends every connection. Reads in flight fail with ErrClosed.
+func (c *Client) Close() error {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return nil
+	}
+	c.closed = true
+	conns := append([]*Conn(nil), c.conns...)
+	close(c.changed)
+	c.mu.Unlock()
+	c.stopDial()
+	for _, cn := range conns {
+		if cn != nil {
+			cn.Close()
+		}
+	}
+	c.wg.Wait()
+	return nil
+}
+
+// dialVerified opens one more connection to the canonical export and
+// checks it is the same export the pool started with.
+func (c *Client) dialVerified(ctx context.Context) (*Conn, error) {
+	conn, err := Dial(ctx, c.uri, c.opt.Dial)
+	if err != nil {
+		var oe *OptionError
+		if errors.As(err, &oe) && oe.Reply == RepErrUnknown {
+			return nil, &goneError{c.uri.Export, err}
+		}
+		return nil, err
+	}
+	got := conn.Info()
+	switch {
+	case got.Size != c.info.Size:
+		err = fmt.Errorf("size is now %d bytes, was %d", got.Size, c.info.Size)
+	case got.ReadOnly() != c.info.ReadOnly():
+		err = fmt.Errorf("read-only flag changed (now %v)", got.ReadOnly())
+	case got.CanonicalName != c.info.CanonicalName:
+		err = fmt.Errorf("canonical name is now %q, was %q", got.CanonicalName, c.info.CanonicalName)
+	}
+	if err != nil {
+		conn.Close()
+		return nil, &changedError{c.uri.Export, err}
+	}
+	return conn, nil
+}
+
+// goneError: the export (typically a snapshot) no longer exists.
+type goneError struct {
+	export string
+	err    error
+}
+
+func (e *goneError) Error() string {
+	return fmt.Sprintf("nbd: export %q is gone (%v); a snapshot that is gone cannot be read again", e.export, e.err)
+}
+func (e *goneError) Unwrap() error { return syscall.EIO }
+
+// changedError: the reconnected export is not the one the pool opened.
+type changedError struct {
+	export string
+	err    error
+}
+
+func (e *changedError) Error() string {
+	return fmt.Sprintf("nbd: export %q changed across a reconnect: %v", e.export, e.err)
+}
+func (e *changedError) Unwrap() error { return syscall.EIO }
+
+func (c *Client) isPermanent(err error) bool {
+	var g *goneError
+	var ch *changedError
+	return errors.As(err, &g) || errors.As(err, &ch)
+}
+
+// watch replaces a slot's connection when it dies.
+func (c *Client) watch(i int, conn *Conn) {
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		select {
+		case <-conn.Dead():
+		case <-c.dialCtx.Done():
+			return
+		}
+		c.mu.Lock()
+		if c.closed || c.conns[i] != conn {
+			c.mu.Unlock()
+			return
+		}
+		c.conns[i] = nil
+		c.mu.Unlock()
+		c.logf("connection to %s lost: %v; reconnecting", c.uri.Display(), conn.Err())
+		c.startRedial(i)
+	}()
+}
+
+// startRedial reconnects slot i in the background with backoff.
+func (c *Client) startRedial(i int) {
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		backoff := 20 * time.Millisecond
+		for {
+			ctx, cancel := context.WithTimeout(c.dialCtx, 10*time.Second)
+			conn, err := c.dialVerified(ctx)
+			cancel()
+			if err == nil {
+				c.mu.Lock()
+				if c.closed {
+					c.mu.Unlock()
+					conn.Close()
+					return
+				}
+				c.conns[i] = conn
+				close(c.changed)
+				c.changed = make(chan struct{})
+				c.mu.Unlock()
+				c.reconnects.Add(1)
+				c.logf("reconnected to %s", c.uri.Display())
+				c.watch(i, conn)
+				return
+			}
+			if c.dialCtx.Err() != nil {
+				return
+			}
+			if c.isPermanent(err) {
+				c.mu.Lock()
+				if c.broken == nil {
+					c.broken = err
+					close(c.changed)
+					c.changed = make(chan struct{})
+				}
+				c.mu.Unlock()
+				c.logf("%v", err)
+				return
+			}
+			t := time.NewTimer(backoff)
+			select {
+			case <-t.C:
+			case <-c.dialCtx.Done():
+				t.Stop()
+				return
+			}
+			backoff = min(backoff*2, 2*time.Second)
+		}
+	}()
+}
+
+// pick returns the live connection with the least work in flight, waiting
+// for one to come back if all are down.
+func (c *Client) pick(ctx context.Context) (*Conn, error) {
+	for {
+		c.mu.Lock()
+		if c.closed {
+			c.mu.Unlock()
+			return nil, ErrClosed
+		}
+		if c.broken != nil {
+			err := c.broken
+			c.mu.Unlock()
+			return nil, err
+		}
+		var best *Conn
+		for _, cn := range c.conns {
+			if cn != nil && (best == nil || cn.Inflight() < best.Inflight()) {
+				best = cn
+			}
+		}
+		changed := c.changed
+		c.mu.Unlock()
+		if best != nil {
+			return best, nil
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+}
+
+// do runs one request with retries on other or re-established connections
+// until it succeeds, the server reports an error, or ctx ends.
+func (c *Client) do(ctx context.Context, op func(ctx context.Context, conn *Conn) error) error {
+	parent := ctx
+	ctx, cancel := context.WithTimeout(ctx, c.opt.Timeout)
+	defer cancel()
+	for attempt := 0; ; attempt++ {
+		conn, err := c.pick(ctx)
+		if err == nil {
+			c.requests.Add(1)
+			err = op(ctx, conn)
+		}
+		var ce *ConnError
+		var re *RequestError
+		switch {
+		case err == nil:
+			return nil
+		case errors.As(err, &ce):
+			c.retries.Add(1)
+			continue
+		case errors.As(err, &re) && re.Errno == ESHUTDOWN:
+			// The server is going away: soft-disconnect and retry
+			// once it (or its successor) is back.
+			conn.Close()
+			c.retries.Add(1)
+			continue
+		case ctx.Err() != nil && parent.Err() == nil:
+			// Our own deadline, not the caller's: the server did not
+			// answer in time. A stuck connection is replaced.
+			c.timeouts.Add(1)
+			if conn != nil {
+				conn.fail(errors.New("request timed out"))
+			}
+			return fmt.Errorf("nbd: no reply from %s within %v: %w", c.uri.Display(), c.opt.Timeout, syscall.EIO)
+		case parent.Err() != nil:
+			return parent.Err()
+		}
+		return err
+	}
+}
+
+// ReadAt reads len(p) bytes at off. At the end of the export it returns a
+// short count and io.EOF, like os.File.
+func (c *Client) ReadAt(p []byte, off int64) (int, error) {
+	return c.ReadAtContext(context.Background(), p, off)
+}
+
+// ReadAtContext is ReadAt with cancellation (a FUSE interrupt).
+func (c *Client) ReadAtContext(ctx context.Context, p []byte, off int64) (int, error) {
+	if off < 0 {
+		return 0, fmt.Errorf("nbd: negative offset %d", off)
+	}
+	if off >= c.size {
+		return 0, io.EOF
+	}
+	n := int64(len(p))
+	var eof error
+	if n > c.size-off {
+		n, eof = c.size-off, io.EOF
+	}
+	if err := c.ReadVecContext(ctx, [][]byte{p[:n]}, off); err != nil {
+		return 0, err
+	}
+	return int(n), eof
+}
+
+// ReadVecContext reads the total length of bufs at off into bufs in
+// order. The range must lie inside the export. Large ranges are split and
+// read in parallel over the pool; unaligned ones are widened to the
+// server's minimum block size.
+func (c *Client) ReadVecContext(ctx context.Context, bufs [][]byte, off int64) error {
+	var n int64
+	for _, b := range bufs {
+		n += int64(len(b))
+	}
+	if n == 0 {
+		return nil
+	}
+	if off < 0 || off > c.size || n > c.size-off {
+		return fmt.Errorf("nbd: read [%d, +%d) outside the export of %d bytes: %w", off, n, c.size, syscall.EINVAL)
+	}
+	if off%c.minBlock != 0 || (n%c.minBlock != 0 && off+n != c.size) {
+		return c.readUnaligned(ctx, bufs, off, n)
+	}
+	if n <= c.maxPiece {
+		return c.readPiece(ctx, bufs, off, n)
+	}
+	// Split into pieces of at most maxPiece, read concurrently.
+	var wg sync.WaitGroup
+	var firstErr error
+	var errMu sync.Mutex
+	for pos := int64(0); pos < n; pos += c.maxPiece {
+		plen := min(c.maxPiece, n-pos)
+		piece := sliceVec(bufs, pos, plen)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := c.readPiece(ctx, piece, off+pos, plen); err != nil {
+				errMu.Lock()
+				if firstErr == nil {
+					firstErr = err
+				}
+				errMu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	return firstErr
+}
+
+func (c *Client) readPiece(ctx context.Context, bufs [][]byte, off, n int64) error {
+	err := c.do(ctx, func(ctx context.Context, conn *Conn) error {
+		return conn.ReadVec(ctx, bufs, off)
+	})
+	if err == nil {
+		c.bytesRead.Add(n)
+	}
+	return err
+}
+
+// readUnaligned reads the aligned range around [off, off+n) into a
+// scratch buffer and copies the wanted part out.
+func (c *Client) readUnaligned(ctx context.Context, bufs [][]byte, off, n int64) error {
+	start := off - off%c.minBlock
+	end := off + n
+	if r := end % c.minBlock; r != 0 {
+		end = min(end+c.minBlock-r, c.size)
+	}
+	tmp := make([]byte, end-start)
+	if err := c.ReadVecContext(ctx, [][]byte{tmp}, start); err != nil {
+		return err
+	}
+	src := tmp[off-start:]
+	for _, b := range bufs {
+		src = src[copy(b, src):]
+	}
+	return nil
+}
+
+// sliceVec returns the part [pos, pos+n) of a vector of buffers, sharing
+// their memory.
+func sliceVec(bufs [][]byte, pos, n int64) [][]byte {
+	var out [][]byte
+	for _, b := range bufs {
+		if n == 0 {
+			break
+		}
+		if pos >= int64(len(b)) {
+			pos -= int64(len(b))
+			continue
+		}
+		take := min(int64(len(b))-pos, n)
+		out = append(out, b[pos:pos+take])
+		n -= take
+		pos = 0
+	}
+	return out
+}
+
+// BlockStatus returns the base:allocation extents from off, covering at
+// least one byte and at most about length bytes.
+func (c *Client) BlockStatus(ctx context.Context, off, length int64) ([]Extent, error) {
+	if off < 0 || off >= c.size {
+		return nil, fmt.Errorf("nbd: block status at %d outside the export of %d bytes: %w", off, c.size, syscall.EINVAL)
+	}
+	if _, ok := c.info.ContextID(ContextBaseAllocation); !ok {
+		return nil, ErrNoAllocation
+	}
+	// Keep the request aligned to the minimum block size.
+	aligned := off - off%c.minBlock
+	length = min(length+(off-aligned), c.size-aligned)
+	if r := length % c.minBlock; r != 0 && aligned+length != c.size {
+		length += c.minBlock - r
+		length = min(length, c.size-aligned)
+	}
+	var ext []Extent
+	err := c.do(ctx, func(ctx context.Context, conn *Conn) error {
+		var err error
+		ext, err = conn.BlockStatus(ctx, aligned, length)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	// Drop what lies before off (alignment).
+	for len(ext) > 0 && ext[0].Offset+ext[0].Length <= off {
+		ext = ext[1:]
+	}
+	if len(ext) > 0 && ext[0].Offset < off {
+		ext[0].Length -= off - ext[0].Offset
+		ext[0].Offset = off
+	}
+	if len(ext) == 0 {
+		return nil, protoErrorf("BLOCK_STATUS at %d returned no extent", off)
+	}
+	return ext, nil
+}

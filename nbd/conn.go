@@ -1,0 +1,509 @@
+package nbd
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Conn is one client connection in the transmission phase. Requests are
+// pipelined: any number may be in flight, written under one mutex, and a
+// single reader goroutine matches replies to requests by cookie (the shape
+// of net/rpc's client). READ payloads are read from the socket straight
+// into the caller's buffers.
+//
+// Conn has no method that changes data: it can send READ, BLOCK_STATUS and
+// DISC and nothing else, whatever the server advertises.
+type Conn struct {
+	nc       net.Conn
+	br       *bufio.Reader
+	info     *ExportInfo
+	allocID  uint32 // id of base:allocation, valid if hasAlloc
+	hasAlloc bool
+
+	wmu  sync.Mutex // serializes request writes; protects wbuf
+	wbuf [requestHeaderLen]byte
+
+	mu      sync.Mutex // protects following
+	pending map[uint64]*call
+	cookie  uint64
+	err     error // why the connection is unusable; nil while it works
+
+	dead     chan struct{} // closed when the reader goroutine has ended
+	inflight atomic.Int64  // bytes requested and not yet answered
+}
+
+// callState tells the reader goroutine whether it may write into a
+// call's buffers. Guarded by Conn.mu.
+type callState uint8
+
+const (
+	callWaiting   callState = iota // caller waits; payload goes to its buffers
+	callReceiving                  // the reader is copying into the buffers now
+	callAbandoned                  // caller gave up; payload is discarded
+)
+
+type call struct {
+	req     Request
+	dst     scatter   // READ destination
+	covered spans     // READ: byte ranges received so far
+	extents []Extent  // BLOCK_STATUS result
+	err     error     // the first error the reply reported
+	state   callState // guarded by Conn.mu
+	done    chan struct{}
+}
+
+// newConn starts the transmission phase on a negotiated connection.
+func newConn(nc net.Conn, br *bufio.Reader, info *ExportInfo) *Conn {
+	c := &Conn{
+		nc:      nc,
+		br:      br,
+		info:    info,
+		pending: make(map[uint64]*call),
+		dead:    make(chan struct{}),
+	}
+	c.allocID, c.hasAlloc = info.ContextID(ContextBaseAllocation)
+	go c.readLoop()
+	return c
+}
+
+// Info describes the export this connection serves.
+func (c *Conn) Info() *ExportInfo { return c.info }
+
+// Inflight is the number of bytes requested and not yet answered; the
+// pool sends new work to the least loaded connection.
+func (c *Conn) Inflight() int64 { return c.inflight.Load() }
+
+// Dead is closed once the connection can no longer be used.
+func (c *Conn) Dead() <-chan struct{} { return c.dead }
+
+// Err returns why the connection died, or nil while it works.
+func (c *Conn) Err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err
+}
+
+// ConnError is the error of a request whose connection failed. Requests
+// failing with it may be retried on another connection.
+type ConnError struct{ Err error }
+
+func (e *ConnError) Error() string { return "nbd: connection lost: " + e.Err.Error() }
+func (e *ConnError) Unwrap() error { return e.Err }
+
+// start registers a request and writes it to the server.
+func (c *Conn) start(ctx context.Context, typ Cmd, flags CmdFlags, off uint64, length uint32, dst scatter) (*call, error) {
+	// The one gate every request passes: a read-only client must not be
+	// able to send anything that changes data.
+	switch typ {
+	case CmdRead, CmdBlockStatus:
+	default:
+		return nil, fmt.Errorf("%w (refused %s)", ErrWriteRefused, typ)
+	}
+	// dst is set before the request is visible to the reader goroutine:
+	// the reply can arrive as soon as the header is written.
+	cl := &call{req: Request{Flags: flags, Type: typ, Offset: off, Length: length}, dst: dst, done: make(chan struct{})}
+	c.mu.Lock()
+	if c.err != nil {
+		err := c.err
+		c.mu.Unlock()
+		return nil, &ConnError{err}
+	}
+	c.cookie++
+	cl.req.Cookie = c.cookie
+	c.pending[cl.req.Cookie] = cl
+	c.mu.Unlock()
+	c.inflight.Add(int64(length))
+
+	c.wmu.Lock()
+	dl, _ := ctx.Deadline() // zero: no deadline
+	_ = c.nc.SetWriteDeadline(dl)
+	cl.req.encode(c.wbuf[:])
+	_, err := c.nc.Write(c.wbuf[:])
+	c.wmu.Unlock()
+	if err != nil {
+		// A partial header leaves the stream unusable: kill the
+		// connection; the reader goroutine then fails this call too.
+		c.fail(fmt.Errorf("sending %s: %w", typ, err))
+	}
+	return cl, nil
+}
+
+// wait waits for a call's reply or for ctx. A caller that gives up while
+// the reader is copying into its buffers waits for the copy to stop, so
+// its buffers are never written after it returns.
+func (c *Conn) wait(ctx context.Context, cl *call) error {
+	select {
+	case <-cl.done:
+		return cl.err
+	case <-ctx.Done():
+	}
+	c.mu.Lock()
+	select {
+	case <-cl.done:
+		c.mu.Unlock()
+		return cl.err
+	default:
+	}
+	if cl.state != callReceiving {
+		cl.state = callAbandoned
+		c.mu.Unlock()
+		return ctx.Err()
+	}
+	c.mu.Unlock()
+	// The payload is arriving right now; from a live server that takes
+	// microseconds. A server stalled mid-payload leaves the stream
+	// useless anyway, so after a grace period the connection goes.
+	t := time.NewTimer(time.Second)
+	defer t.Stop()
+	select {
+	case <-cl.done:
+	case <-t.C:
+		c.fail(fmt.Errorf("server stalled in the middle of a reply"))
+		<-cl.done
+	}
+	return ctx.Err()
+}
+
+// fail marks the connection dead and unblocks its reader and writers.
+func (c *Conn) fail(err error) {
+	c.mu.Lock()
+	if c.err == nil {
+		c.err = err
+	}
+	c.mu.Unlock()
+	_ = c.nc.SetDeadline(time.Unix(1, 0))
+}
+
+// Close ends the connection: NBD_CMD_DISC if it is healthy, then the
+// socket. Requests still in flight fail with ErrClosed.
+func (c *Conn) Close() error {
+	c.mu.Lock()
+	alive := c.err == nil
+	if alive {
+		c.err = ErrClosed
+	}
+	c.mu.Unlock()
+	if alive {
+		var b [requestHeaderLen]byte
+		c.wmu.Lock()
+		_ = c.nc.SetWriteDeadline(time.Now().Add(time.Second))
+		(&Request{Type: CmdDisc}).encode(b[:])
+		_, _ = c.nc.Write(b[:])
+		c.wmu.Unlock()
+	}
+	_ = c.nc.SetDeadline(time.Unix(1, 0))
+	<-c.dead
+	return nil
+}
+
+func (c *Conn) readLoop() {
+	var hbuf [chunkHeaderLen]byte
+	var err error
+	for err == nil {
+		var h replyHeader
+		h, err = readReplyHeader(c.br, &hbuf)
+		if err == nil {
+			err = c.handleReply(h)
+		}
+	}
+	c.mu.Lock()
+	if c.err == nil {
+		if errors.Is(err, io.EOF) {
+			err = errors.New("server closed the connection")
+		}
+		c.err = err
+	}
+	final := c.err
+	pending := c.pending
+	c.pending = nil
+	c.mu.Unlock()
+	_ = c.nc.Close()
+	for _, cl := range pending {
+		if errors.Is(final, ErrClosed) {
+			cl.err = ErrClosed
+		} else {
+			cl.err = &ConnError{final}
+		}
+		close(cl.done)
+	}
+	close(c.dead)
+}
+
+// maxStatusPayload bounds a BLOCK_STATUS chunk: the spec's 2^20 extents.
+const maxStatusPayload = 4 + 8<<20
+
+// maxErrorPayload bounds an error chunk: errno, a 4096-byte message and
+// an offset, with room for error types this code does not know.
+const maxErrorPayload = 64 << 10
+
+func (c *Conn) handleReply(h replyHeader) error {
+	c.mu.Lock()
+	cl := c.pending[h.cookie]
+	c.mu.Unlock()
+	if cl == nil {
+		return protoErrorf("reply for cookie %d, which is not in flight", h.cookie)
+	}
+	isRead := cl.req.Type == CmdRead
+	if !h.structured {
+		if isRead && c.info.Structured {
+			return protoErrorf("simple reply to READ after structured replies were negotiated")
+		}
+		if h.errno != 0 {
+			cl.err = c.requestError(cl, h.errno, "", cl.req.Offset)
+		} else if isRead {
+			if err := c.receive(cl, 0, cl.req.Length); err != nil {
+				return err
+			}
+			cl.covered.addAll(cl.req.Length)
+		} else if cl.req.Type == CmdBlockStatus {
+			return protoErrorf("simple success reply to BLOCK_STATUS")
+		}
+		c.finish(cl)
+		return nil
+	}
+	done := h.flags&ReplyFlagDone != 0
+	switch h.typ {
+	case ChunkNone:
+		if h.length != 0 || !done {
+			return protoErrorf("NONE chunk with length %d and flags %#x", h.length, h.flags)
+		}
+	case ChunkOffsetData:
+		if !isRead || h.length < 9 {
+			return protoErrorf("OFFSET_DATA chunk of %d bytes for %s", h.length, cl.req.Type)
+		}
+		var ob [8]byte
+		if _, err := io.ReadFull(c.br, ob[:]); err != nil {
+			return err
+		}
+		rel, n, err := cl.place(be.Uint64(ob[:]), uint64(h.length-8))
+		if err != nil {
+			return err
+		}
+		if err := c.receive(cl, rel, n); err != nil {
+			return err
+		}
+	case ChunkOffsetHole:
+		if !isRead || h.length != 12 {
+			return protoErrorf("OFFSET_HOLE chunk of %d bytes for %s", h.length, cl.req.Type)
+		}
+		var hb [12]byte
+		if _, err := io.ReadFull(c.br, hb[:]); err != nil {
+			return err
+		}
+		size := be.Uint32(hb[8:])
+		if size == 0 {
+			return protoErrorf("OFFSET_HOLE of length 0")
+		}
+		rel, n, err := cl.place(be.Uint64(hb[:]), uint64(size))
+		if err != nil {
+			return err
+		}
+		c.zero(cl, rel, n)
+	case ChunkBlockStatus:
+		if cl.req.Type != CmdBlockStatus || h.length > maxStatusPayload {
+			return protoErrorf("BLOCK_STATUS chunk of %d bytes for %s", h.length, cl.req.Type)
+		}
+		p := make([]byte, h.length)
+		if _, err := io.ReadFull(c.br, p); err != nil {
+			return err
+		}
+		id, ext, err := parseBlockStatusPayload(p)
+		if err != nil {
+			return err
+		}
+		if c.hasAlloc && id == c.allocID {
+			if cl.extents != nil {
+				return protoErrorf("two BLOCK_STATUS chunks for one context")
+			}
+			cl.extents = c.extents(cl.req.Offset, ext)
+		}
+	default:
+		if !h.typ.IsError() {
+			return protoErrorf("unknown chunk type %s", h.typ)
+		}
+		if h.length > maxErrorPayload {
+			return protoErrorf("error chunk of %d bytes", h.length)
+		}
+		p := make([]byte, h.length)
+		if _, err := io.ReadFull(c.br, p); err != nil {
+			return err
+		}
+		ec, err := parseErrorChunk(h.typ, p)
+		if err != nil {
+			return err
+		}
+		off := cl.req.Offset
+		if ec.hasOffset {
+			if ec.offset < cl.req.Offset || ec.offset-cl.req.Offset >= uint64(cl.req.Length) {
+				return protoErrorf("ERROR_OFFSET %d outside the request [%d, +%d)", ec.offset, cl.req.Offset, cl.req.Length)
+			}
+			off = ec.offset
+		}
+		if cl.err == nil {
+			cl.err = c.requestError(cl, ec.errno, ec.msg, off)
+		}
+	}
+	if done {
+		if cl.err == nil {
+			if isRead && cl.covered.total != uint64(cl.req.Length) {
+				return protoErrorf("READ reply covered %d of %d bytes", cl.covered.total, cl.req.Length)
+			}
+			if cl.req.Type == CmdBlockStatus && c.hasAlloc && cl.extents == nil {
+				return protoErrorf("BLOCK_STATUS reply without base:allocation extents")
+			}
+		}
+		c.finish(cl)
+	}
+	return nil
+}
+
+func (c *Conn) requestError(cl *call, errno Errno, msg string, off uint64) error {
+	return &RequestError{Cmd: cl.req.Type, Offset: off, Length: cl.req.Length, Errno: errno, Msg: msg}
+}
+
+// place checks that a content chunk lies inside the request and overlaps
+// no earlier chunk, and returns its position relative to the request.
+func (cl *call) place(off, n uint64) (uint64, uint32, error) {
+	start := cl.req.Offset
+	if off < start || off-start > uint64(cl.req.Length) || n > uint64(cl.req.Length)-(off-start) {
+		return 0, 0, protoErrorf("chunk [%d, +%d) outside the READ [%d, +%d)", off, n, start, cl.req.Length)
+	}
+	rel := off - start
+	if !cl.covered.add(rel, n) {
+		return 0, 0, protoErrorf("chunk [%d, +%d) overlaps an earlier chunk", off, n)
+	}
+	return rel, uint32(n), nil
+}
+
+// receive reads n payload bytes into the call's buffers at rel, or drops
+// them if the caller has gone.
+func (c *Conn) receive(cl *call, rel uint64, n uint32) error {
+	c.mu.Lock()
+	if cl.state == callAbandoned {
+		c.mu.Unlock()
+		return discard(c.br, int64(n))
+	}
+	cl.state = callReceiving
+	c.mu.Unlock()
+	err := cl.dst.readFrom(c.br, rel, n)
+	c.mu.Lock()
+	if cl.state == callReceiving {
+		cl.state = callWaiting
+	}
+	c.mu.Unlock()
+	return err
+}
+
+// zero fills a hole the server reported, unless the caller has gone.
+func (c *Conn) zero(cl *call, rel uint64, n uint32) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if cl.state != callAbandoned {
+		cl.dst.zero(rel, n)
+	}
+}
+
+// finish completes a call and wakes its caller.
+func (c *Conn) finish(cl *call) {
+	c.mu.Lock()
+	delete(c.pending, cl.req.Cookie)
+	c.mu.Unlock()
+	c.inflight.Add(-int64(cl.req.Length))
+	close(cl.done)
+}
+
+// Extent is a range of the export with its base:allocation status.
+type Extent struct {
+	Offset, Length int64
+	Flags          uint32 // StateHole, StateZero
+}
+
+// Zero reports whether the extent reads as zeros.
+func (e Extent) Zero() bool { return e.Flags&StateZero != 0 }
+
+// Hole reports whether the extent is unallocated.
+func (e Extent) Hole() bool { return e.Flags&StateHole != 0 }
+
+// extents turns wire extents into absolute ones clipped to the export.
+func (c *Conn) extents(off uint64, ext []WireExtent) []Extent {
+	out := make([]Extent, 0, len(ext))
+	pos := off
+	for _, e := range ext {
+		if pos >= c.info.Size {
+			break
+		}
+		n := uint64(e.Length)
+		if n > c.info.Size-pos {
+			n = c.info.Size - pos
+		}
+		out = append(out, Extent{Offset: int64(pos), Length: int64(n), Flags: e.Flags})
+		pos += n
+	}
+	return out
+}
+
+// checkRange validates a request against the export's size and the
+// server's block-size limits: the callers (the pool) split and align, so
+// a failure here is a bug, not a server problem.
+func (c *Conn) checkRange(off int64, n int64, maxLen int64) error {
+	min := int64(c.info.BlockSize.Min)
+	size := int64(c.info.Size)
+	switch {
+	case off < 0 || n <= 0 || off > size || n > size-off:
+		return fmt.Errorf("nbd: request [%d, +%d) outside the export of %d bytes", off, n, size)
+	case n > maxLen:
+		return fmt.Errorf("nbd: request of %d bytes exceeds the maximum of %d", n, maxLen)
+	case off%min != 0 || (n%min != 0 && off+n != size):
+		return fmt.Errorf("nbd: request [%d, +%d) not aligned to the minimum block size %d", off, n, min)
+	}
+	return nil
+}
+
+// ReadVec reads len(bufs[0])+...+len(bufs[k]) bytes at off into bufs in
+// order, with one READ. The range must respect the server's limits.
+func (c *Conn) ReadVec(ctx context.Context, bufs [][]byte, off int64) error {
+	var n int64
+	for _, b := range bufs {
+		n += int64(len(b))
+	}
+	if err := c.checkRange(off, n, int64(c.info.BlockSize.Max)); err != nil {
+		return err
+	}
+	cl, err := c.start(ctx, CmdRead, 0, uint64(off), uint32(n), bufs)
+	if err != nil {
+		return err
+	}
+	return c.wait(ctx, cl)
+}
+
+// BlockStatus asks for the base:allocation extents from off, covering at
+// most length bytes (the server may answer with less).
+func (c *Conn) BlockStatus(ctx context.Context, off, length int64) ([]Extent, error) {
+	if !c.hasAlloc {
+		return nil, ErrNoAllocation
+	}
+	if length > 1<<31 {
+		length = 1 << 31 // u32 on the wire; keep it aligned
+	}
+	if err := c.checkRange(off, length, 1<<32-1); err != nil {
+		return nil, err
+	}
+	cl, err := c.start(ctx, CmdBlockStatus, 0, uint64(off), uint32(length), nil)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.wait(ctx, cl); err != nil {
+		return nil, err
+	}
+	return cl.extents, nil
+}
+
+// ErrNoAllocation means the server offers no base:allocation context.
+var ErrNoAllocation = errors.New("nbd: server does not report allocation (no base:allocation context)")
