@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"strings"
+	"syscall"
 )
 
 // maxOptionReply caps the data of one option reply the client accepts.
@@ -85,7 +86,7 @@ func (n *Negotiator) send(opt Option, data []byte) error {
 		return fmt.Errorf("nbd: server is not fixed-newstyle, %s cannot be sent", opt)
 	}
 	if _, err := n.conn.Write(appendOption(nil, opt, data)); err != nil {
-		return fmt.Errorf("nbd: sending %s: %w", opt, err)
+		return fmt.Errorf("nbd: sending %s: %w", opt, noEOF(err))
 	}
 	return nil
 }
@@ -461,9 +462,11 @@ func (n *Negotiator) Abort() {
 	}
 }
 
-// noEOF turns a bare EOF into an error that says the peer hung up.
+// noEOF turns the ways a hang-up shows (EOF, EPIPE, ECONNRESET) into an
+// error that says so.
 func noEOF(err error) error {
-	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
+		errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET) {
 		return errors.New("server closed the connection")
 	}
 	return err

@@ -1,0 +1,273 @@
+package nbd
+
+import (
+	"bytes"
+	"errors"
+	"reflect"
+	"strings"
+	"testing"
+)
+
+func TestRequestRoundTrip(t *testing.T) {
+	r := Request{Flags: CmdFlagFUA | CmdFlagNoHole, Type: CmdWriteZeroes, Cookie: 0x0102030405060708, Offset: 1 << 40, Length: 65536}
+	var b [requestHeaderLen]byte
+	r.encode(b[:])
+	want := []byte{
+		0x25, 0x60, 0x95, 0x13, // magic
+		0x00, 0x03, // flags
+		0x00, 0x06, // type
+		1, 2, 3, 4, 5, 6, 7, 8, // cookie
+		0, 0, 1, 0, 0, 0, 0, 0, // offset
+		0, 1, 0, 0, // length
+	}
+	if !bytes.Equal(b[:], want) {
+		t.Fatalf("encoded %x, want %x", b, want)
+	}
+	got, err := parseRequest(b[:])
+	if err != nil || got != r {
+		t.Fatalf("parseRequest = %+v, %v; want %+v", got, err, r)
+	}
+	b[0] = 0
+	if _, err := parseRequest(b[:]); !isProtocolError(err) {
+		t.Fatalf("bad magic: got %v, want a protocol error", err)
+	}
+}
+
+func isProtocolError(err error) bool {
+	var pe *ProtocolError
+	return errors.As(err, &pe)
+}
+
+func TestOptionRoundTrip(t *testing.T) {
+	b := appendOption(nil, OptGo, []byte("abc"))
+	if len(b) != optionHeaderLen+3 {
+		t.Fatalf("length %d", len(b))
+	}
+	opt, n, err := parseOptionHeader(b)
+	if err != nil || opt != OptGo || n != 3 || string(b[16:]) != "abc" {
+		t.Fatalf("got %v %d %v", opt, n, err)
+	}
+	b[0] ^= 1
+	if _, _, err := parseOptionHeader(b); !isProtocolError(err) {
+		t.Fatalf("bad magic: got %v", err)
+	}
+
+	r := appendOptionReply(nil, OptXReadOnly, RepErrUnsup, []byte("no"))
+	opt, typ, length, err := parseOptionReplyHeader(r)
+	if err != nil || opt != OptXReadOnly || typ != RepErrUnsup || length != 2 {
+		t.Fatalf("reply header: %v %v %d %v", opt, typ, length, err)
+	}
+	if !typ.IsError() || RepAck.IsError() {
+		t.Fatal("IsError wrong")
+	}
+}
+
+func TestExportRequest(t *testing.T) {
+	in := ExportRequest{Name: "disk@s7", Infos: []InfoType{InfoBlockSize, InfoName}}
+	got, err := parseExportRequest(in.encode())
+	if err != nil || !reflect.DeepEqual(got, in) {
+		t.Fatalf("round trip: %+v, %v", got, err)
+	}
+	for name, data := range map[string][]byte{
+		"short":          {0, 0, 0},
+		"name too long":  append(be.AppendUint32(nil, 100), 0, 0, 0, 0),
+		"count mismatch": {0, 0, 0, 1, 'a', 0, 2, 0, 1},
+		"NUL in name":    {0, 0, 0, 1, 0, 0, 0},
+		"huge name len":  {0xff, 0xff, 0xff, 0xff, 0, 0},
+	} {
+		if _, err := parseExportRequest(data); !isProtocolError(err) {
+			t.Errorf("%s: got %v, want a protocol error", name, err)
+		}
+	}
+	long := ExportRequest{Name: strings.Repeat("x", MaxStringLen+1)}
+	if _, err := parseExportRequest(long.encode()); !isProtocolError(err) {
+		t.Errorf("4097-byte name accepted: %v", err)
+	}
+}
+
+func TestMetaContextRequest(t *testing.T) {
+	in := MetaContextRequest{Export: "disk", Queries: []string{"base:allocation", "qemu:dirty-bitmap:x"}}
+	got, err := parseMetaContextRequest(in.encode())
+	if err != nil || !reflect.DeepEqual(got, in) {
+		t.Fatalf("round trip: %+v, %v", got, err)
+	}
+	empty := MetaContextRequest{Export: ""}
+	if got, err := parseMetaContextRequest(empty.encode()); err != nil || got.Export != "" || len(got.Queries) != 0 {
+		t.Fatalf("empty: %+v %v", got, err)
+	}
+	// A query count that cannot fit must be rejected before allocating.
+	huge := be.AppendUint32(be.AppendUint32(nil, 0), 0xffffffff)
+	if _, err := parseMetaContextRequest(huge); !isProtocolError(err) {
+		t.Fatalf("huge count: %v", err)
+	}
+	trailing := append(in.encode(), 0)
+	if _, err := parseMetaContextRequest(trailing); !isProtocolError(err) {
+		t.Fatalf("trailing bytes: %v", err)
+	}
+}
+
+func TestServerReply(t *testing.T) {
+	e := ExportEntry{Name: "disk", Description: "a disk"}
+	got, err := parseServerReply(e.encode())
+	if err != nil || got != e {
+		t.Fatalf("%+v %v", got, err)
+	}
+	if _, err := parseServerReply([]byte{0, 0, 0, 9, 'a'}); !isProtocolError(err) {
+		t.Fatalf("short name: %v", err)
+	}
+}
+
+func TestInfoReplies(t *testing.T) {
+	r, err := parseInfoReply(appendInfoExport(nil, 1<<30, FlagHasFlags|FlagReadOnly))
+	if err != nil || r.Type != InfoExport || r.Size != 1<<30 || r.Flags != FlagHasFlags|FlagReadOnly {
+		t.Fatalf("export: %+v %v", r, err)
+	}
+	r, err = parseInfoReply(appendInfoText(nil, InfoName, "disk@s3"))
+	if err != nil || r.Text != "disk@s3" {
+		t.Fatalf("name: %+v %v", r, err)
+	}
+	bs := BlockSize{512, 4096, 32 << 20}
+	r, err = parseInfoReply(appendInfoBlockSize(nil, bs))
+	if err != nil || r.BlockSize != bs || bs.validate() != nil {
+		t.Fatalf("block size: %+v %v", r, err)
+	}
+	r, err = parseInfoReply([]byte{0, 99, 1, 2, 3})
+	if err != nil || !r.unknownType {
+		t.Fatalf("unknown type must be ignored, got %+v %v", r, err)
+	}
+	for name, d := range map[string][]byte{
+		"empty":            {},
+		"export too short": {0, 0, 1, 2},
+		"block too long":   append(appendInfoBlockSize(nil, bs), 0),
+	} {
+		if _, err := parseInfoReply(d); !isProtocolError(err) {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+	for _, bad := range []BlockSize{{0, 4096, 1 << 20}, {3, 4096, 1 << 20}, {512, 256, 1 << 20}, {4096, 4096, 1024}, {128 << 10, 128 << 10, 1 << 20}} {
+		if bad.validate() == nil {
+			t.Errorf("block size %+v accepted", bad)
+		}
+	}
+}
+
+func TestChunkPayloads(t *testing.T) {
+	p := appendErrorChunkPayload(nil, EIO, "disk on fire", 4096)
+	e, err := parseErrorChunk(ChunkErrorOffset, p)
+	if err != nil || e.errno != EIO || e.msg != "disk on fire" || !e.hasOffset || e.offset != 4096 {
+		t.Fatalf("%+v %v", e, err)
+	}
+	p = appendErrorChunkPayload(nil, EPERM, "", -1)
+	e, err = parseErrorChunk(ChunkError, p)
+	if err != nil || e.errno != EPERM || e.hasOffset {
+		t.Fatalf("%+v %v", e, err)
+	}
+	for name, c := range map[string]struct {
+		typ ChunkType
+		p   []byte
+	}{
+		"errno 0":       {ChunkError, appendErrorChunkPayload(nil, 0, "", -1)},
+		"msg too long":  {ChunkError, []byte{0, 0, 0, 5, 0, 9, 'a'}},
+		"offset extra":  {ChunkError, appendErrorChunkPayload(nil, EIO, "", 7)},
+		"offset absent": {ChunkErrorOffset, appendErrorChunkPayload(nil, EIO, "x", -1)},
+		"too short":     {ChunkError, []byte{0, 0, 0}},
+	} {
+		if _, err := parseErrorChunk(c.typ, c.p); !isProtocolError(err) {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+
+	ext := []WireExtent{{65536, 0}, {1 << 20, StateHole | StateZero}}
+	id, got, err := parseBlockStatusPayload(appendBlockStatusPayload(nil, 7, ext))
+	if err != nil || id != 7 || !reflect.DeepEqual(got, ext) {
+		t.Fatalf("block status: %d %v %v", id, got, err)
+	}
+	for name, p := range map[string][]byte{
+		"no extents":  be.AppendUint32(nil, 1),
+		"odd length":  append(appendBlockStatusPayload(nil, 1, ext), 0),
+		"zero length": appendBlockStatusPayload(nil, 1, []WireExtent{{0, 0}}),
+	} {
+		if _, _, err := parseBlockStatusPayload(p); !isProtocolError(err) {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+}
+
+func TestReplyHeaders(t *testing.T) {
+	var hb [chunkHeaderLen]byte
+	h, err := readReplyHeader(bytes.NewReader(appendSimpleReply(nil, EINVAL, 42)), &hb)
+	if err != nil || h.structured || h.errno != EINVAL || h.cookie != 42 {
+		t.Fatalf("simple: %+v %v", h, err)
+	}
+	h, err = readReplyHeader(bytes.NewReader(appendChunkHeader(nil, ReplyFlagDone, ChunkOffsetHole, 9, 12)), &hb)
+	if err != nil || !h.structured || h.typ != ChunkOffsetHole || h.flags != ReplyFlagDone || h.cookie != 9 || h.length != 12 {
+		t.Fatalf("chunk: %+v %v", h, err)
+	}
+	if _, err := readReplyHeader(bytes.NewReader(make([]byte, 20)), &hb); !isProtocolError(err) {
+		t.Fatalf("zero magic: %v", err)
+	}
+}
+
+func TestNames(t *testing.T) {
+	if s := (FlagHasFlags | FlagReadOnly | FlagCanMultiConn).String(); s != "HAS_FLAGS|READ_ONLY|CAN_MULTI_CONN" {
+		t.Errorf("flags: %s", s)
+	}
+	if s := OptXReadOnly.String(); s != "NBD_OPT_X_READ_ONLY" {
+		t.Errorf("option: %s", s)
+	}
+	if uint32(OptXReadOnly) != 0x534E5001 || OptXReadOnly&(1<<31) != 0 {
+		t.Errorf("OptXReadOnly = %#x", uint32(OptXReadOnly))
+	}
+	if s := RepErrUnsup.String(); s != "NBD_REP_ERR_UNSUP" {
+		t.Errorf("reply: %s", s)
+	}
+	if s := CmdBlockStatus.String(); s != "NBD_CMD_BLOCK_STATUS" {
+		t.Errorf("cmd: %s", s)
+	}
+	for _, c := range []Cmd{CmdWrite, CmdTrim, CmdWriteZeroes, CmdResize} {
+		if !c.IsWrite() {
+			t.Errorf("%s must count as a write", c)
+		}
+	}
+	for _, c := range []Cmd{CmdRead, CmdFlush, CmdBlockStatus, CmdCache, CmdDisc} {
+		if c.IsWrite() {
+			t.Errorf("%s must not count as a write", c)
+		}
+	}
+	if Errno(99).Syscall() != 22 || EIO.Syscall() != 5 {
+		t.Errorf("unknown errno must map to EINVAL")
+	}
+}
+
+func TestSpans(t *testing.T) {
+	var s spans
+	for _, c := range []struct {
+		start, n uint64
+		ok       bool
+	}{{100, 50, true}, {0, 50, true}, {50, 50, true}, {150, 10, true}, {120, 5, false}, {49, 2, false}, {300, 1, true}, {160, 140, true}} {
+		if got := s.add(c.start, c.n); got != c.ok {
+			t.Fatalf("add(%d, %d) = %v, want %v (list %v)", c.start, c.n, got, c.ok, s.list)
+		}
+	}
+	if s.total != 301 || len(s.list) != 1 || s.list[0] != (span{0, 301}) {
+		t.Fatalf("total %d list %v", s.total, s.list)
+	}
+}
+
+func TestScatter(t *testing.T) {
+	a, b, c := make([]byte, 4), make([]byte, 4), make([]byte, 4)
+	s := scatter{a, b, c}
+	if err := s.readFrom(bytes.NewReader([]byte("12345678")), 2, 8); err != nil {
+		t.Fatal(err)
+	}
+	if string(a[2:]) != "12" || string(b) != "3456" || string(c[:2]) != "78" {
+		t.Fatalf("%q %q %q", a, b, c)
+	}
+	s.zero(3, 6)
+	if string(a[2:]) != "1\x00" || string(b) != "\x00\x00\x00\x00" || string(c[:2]) != "\x008" {
+		t.Fatalf("after zero %q %q %q", a, b, c)
+	}
+	if err := s.readFrom(bytes.NewReader(make([]byte, 20)), 10, 5); !isProtocolError(err) {
+		t.Fatalf("overrun: %v", err)
+	}
+}
