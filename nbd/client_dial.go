@@ -59,7 +59,7 @@ func Negotiate(ctx context.Context, u *URI, opt DialOptions) (*Negotiator, error
 		if isTimeout(err) {
 			return nil, fmt.Errorf("nbd: %s did not complete the handshake within %v", u.Address, timeout)
 		}
-		return nil, explainOptionError(err, u)
+		return nil, ExplainOptionError(err, u)
 	}
 	return n, nil
 }
@@ -121,7 +121,7 @@ func Dial(ctx context.Context, u *URI, opt DialOptions) (*Conn, error) {
 		if isTimeout(err) {
 			return nil, fmt.Errorf("nbd: %s did not complete the handshake in time", u.Address)
 		}
-		return nil, explainOptionError(err, u)
+		return nil, ExplainOptionError(err, u)
 	}
 	_ = n.conn.SetDeadline(time.Time{})
 	return newConn(n.conn, n.br, info), nil

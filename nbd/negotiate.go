@@ -78,6 +78,9 @@ func Greet(conn net.Conn) (*Negotiator, error) {
 // FixedNewstyle reports whether options besides EXPORT_NAME may be sent.
 func (n *Negotiator) FixedNewstyle() bool { return n.fixed }
 
+// Promised reports whether the server accepted NBD_OPT_X_READ_ONLY.
+func (n *Negotiator) Promised() bool { return n.promise }
+
 // Conn returns the connection, which is a *tls.Conn after StartTLS.
 func (n *Negotiator) Conn() net.Conn { return n.conn }
 
@@ -472,10 +475,10 @@ func noEOF(err error) error {
 	return err
 }
 
-// explainOptionError turns a handshake error into a line a user can act
+// ExplainOptionError turns a handshake error into a line a user can act
 // on, naming the export and what to do. The result still unwraps to the
 // *OptionError.
-func explainOptionError(err error, u *URI) error {
+func ExplainOptionError(err error, u *URI) error {
 	var oe *OptionError
 	if !errors.As(err, &oe) {
 		return err

@@ -163,13 +163,17 @@ func parseURIBool(v string) (bool, error) {
 	return false, fmt.Errorf("want true or false")
 }
 
-// String rebuilds the URI (without secrets; there are none in NBD URIs
-// but a path to certificates).
+// String rebuilds the URI. Paths in the query keep their slashes, as
+// libnbd prints them.
 func (u *URI) String() string {
 	v := url.URL{Scheme: u.Scheme, Path: "/" + u.Export}
-	q := url.Values{}
+	var q []string
+	add := func(k, val string) {
+		val = strings.NewReplacer("%2F", "/", "%40", "@").Replace(url.QueryEscape(val))
+		q = append(q, k+"="+val)
+	}
 	if u.Network == "unix" {
-		q.Set("socket", u.Address)
+		add("socket", u.Address)
 	} else {
 		v.Host = u.Address
 	}
@@ -177,15 +181,15 @@ func (u *URI) String() string {
 		v.User = url.User(u.User)
 	}
 	if u.TLSCertDir != "" {
-		q.Set("tls-certificates", u.TLSCertDir)
+		add("tls-certificates", u.TLSCertDir)
 	}
 	if !u.TLSVerify {
-		q.Set("tls-verify-peer", "false")
+		add("tls-verify-peer", "false")
 	}
 	if u.NoPromise {
-		q.Set("x-ro-promise", "0")
+		add("x-ro-promise", "0")
 	}
-	v.RawQuery = q.Encode()
+	v.RawQuery = strings.Join(q, "&")
 	return v.String()
 }
 

@@ -259,24 +259,40 @@ func readChunk(ctx context.Context, client *nbd.Client, c *chunk, out *os.File, 
 		c.err = err
 		return
 	}
-	if sparse && !allZero(c.buf) {
-		if _, err := out.WriteAt(c.buf, c.off); err != nil {
+	if sparse {
+		if err := writeSparse(out, c.buf, c.off); err != nil {
 			c.err = fmt.Errorf("writing: %w", err)
 		}
 	}
 }
 
-var zeroPage [64 << 10]byte
+// zeroBlock is the granularity of zero detection: runs of all-zero
+// 64 KiB blocks are left as holes in a sparse destination.
+var zeroBlock [64 << 10]byte
 
-func allZero(b []byte) bool {
-	for len(b) > 0 {
-		n := min(len(b), len(zeroPage))
-		if !bytes.Equal(b[:n], zeroPage[:n]) {
-			return false
+// writeSparse writes buf at off, skipping all-zero blocks so a file
+// truncated to size beforehand keeps them as holes.
+func writeSparse(f *os.File, buf []byte, off int64) error {
+	start := -1 // start of the current run of non-zero blocks
+	flush := func(end int) error {
+		if start < 0 {
+			return nil
 		}
-		b = b[n:]
+		_, err := f.WriteAt(buf[start:end], off+int64(start))
+		start = -1
+		return err
 	}
-	return true
+	for pos := 0; pos < len(buf); pos += len(zeroBlock) {
+		end := min(pos+len(zeroBlock), len(buf))
+		if bytes.Equal(buf[pos:end], zeroBlock[:end-pos]) {
+			if err := flush(pos); err != nil {
+				return err
+			}
+		} else if start < 0 {
+			start = pos
+		}
+	}
+	return flush(len(buf))
 }
 
 // progress prints one updating line on a terminal.

@@ -133,11 +133,13 @@ func reportExport(u *nbd.URI, info *nbd.ExportInfo) exportReport {
 	return r
 }
 
-// inquire asks about one export on a negotiated connection without
-// entering transmission: SET_META_CONTEXT then INFO. A server without
-// NBD_OPT_INFO is asked with GO (or EXPORT_NAME), which ends the
+// inquire asks about one export. On a server that took the read-only
+// promise (a snapmount server) it uses SET_META_CONTEXT and INFO, which
+// stay in the handshake and create no snapshot. Everywhere else it uses
+// GO (or EXPORT_NAME) like nbdinfo, because stock servers are not all
+// reliable about INFO: nbd-server 3.24 reports size 0 there. GO ends the
 // connection's handshake: done reports that.
-func inquire(n *nbd.Negotiator, export string) (info *nbd.ExportInfo, done bool, err error) {
+func inquire(n *nbd.Negotiator, export string, promised bool) (info *nbd.ExportInfo, done bool, err error) {
 	if n.FixedNewstyle() {
 		if _, err := n.SetMetaContext(export, nbd.ContextBaseAllocation); err != nil {
 			var oe *nbd.OptionError
@@ -145,10 +147,12 @@ func inquire(n *nbd.Negotiator, export string) (info *nbd.ExportInfo, done bool,
 				return nil, false, err
 			}
 		}
-		info, err = n.Info(export)
-		var oe *nbd.OptionError
-		if err == nil || !errors.As(err, &oe) || oe.Reply != nbd.RepErrUnsup {
-			return info, false, err
+		if promised {
+			info, err = n.Info(export)
+			var oe *nbd.OptionError
+			if err == nil || !errors.As(err, &oe) || oe.Reply != nbd.RepErrUnsup {
+				return info, false, err
+			}
 		}
 	}
 	info, err = n.Go(export)
@@ -188,9 +192,9 @@ func runInfo(ctx context.Context, w io.Writer, u *nbd.URI, opt nbd.DialOptions, 
 				return err
 			}
 		}
-		info, done, err := inquire(n, name)
+		info, done, err := inquire(n, name, n.Promised())
 		if err != nil {
-			return err
+			return nbd.ExplainOptionError(err, u.WithExport(name))
 		}
 		ended = done
 		rep.Structured = info.Structured

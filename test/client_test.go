@@ -1,0 +1,350 @@
+package test
+
+import (
+	"bufio"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+)
+
+// peerServer is a running NBD server the client tests talk to.
+type peerServer struct {
+	uri  string // URI of the export holding the image
+	proc *proc
+}
+
+// A stock server with the image as an export, started by one of these.
+type peerStarter func(t *testing.T, dir, image string) peerServer
+
+func nbdkitPeer(extra ...string) peerStarter {
+	return func(t *testing.T, dir, image string) peerServer {
+		sock, p := startNbdkit(t, dir, append(append([]string{}, extra...), "file", image)...)
+		return peerServer{unixURI("", sock), p}
+	}
+}
+
+func qemuNbdPeer(t *testing.T, dir, image string) peerServer {
+	requireCmd(t, "qemu-nbd")
+	sock := filepath.Join(dir, "q.sock")
+	p := startProc(t, "qemu-nbd", "-r", "-t", "-e", "0", "-k", sock, "-x", "disk", "-f", "raw", image)
+	p.waitReady("unix", sock)
+	return peerServer{unixURI("disk", sock), p}
+}
+
+func nbdServerPeer(t *testing.T, dir, image string) peerServer {
+	requireCmd(t, "nbd-server")
+	sock := filepath.Join(dir, "n.sock")
+	conf := filepath.Join(dir, "nbd.conf")
+	pidfile := filepath.Join(dir, "n.pid")
+	cfg := fmt.Sprintf("[generic]\nunixsock = %s\n[disk]\nexportname = %s\nreadonly = true\n", sock, image)
+	if err := os.WriteFile(conf, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// nbd-server daemonizes; its pidfile names the daemon, which the
+	// cleanup ends by that PID.
+	mustRun(t, "nbd-server", "-C", conf, "-p", pidfile)
+	t.Cleanup(func() { killPidfile(t, pidfile) })
+	waitDial(t, "unix", sock)
+	return peerServer{unixURI("disk", sock), nil}
+}
+
+// killPidfile ends the daemon whose PID a pidfile we asked for holds.
+func killPidfile(t testing.TB, pidfile string) {
+	b, err := os.ReadFile(pidfile)
+	if err != nil {
+		return
+	}
+	var pid int
+	if _, err := fmt.Sscan(string(b), &pid); err != nil || pid <= 1 {
+		return
+	}
+	if p, err := os.FindProcess(pid); err == nil {
+		_ = p.Kill()
+	}
+}
+
+// waitDial waits for a socket to accept connections (a daemon we cannot
+// watch as a child).
+func waitDial(t testing.TB, network, addr string) {
+	t.Helper()
+	(&proc{t: t, name: addr, exited: make(chan struct{})}).waitReady(network, addr)
+}
+
+var stockServers = []struct {
+	name  string
+	start peerStarter
+	// what the server negotiates, as `snapmount info` prints it
+	packets string
+}{
+	{"nbdkit", nbdkitPeer(), "structured packets"},
+	{"nbdkit-no-sr", nbdkitPeer("--no-sr"), "simple packets"},
+	{"nbdkit-export-name-only", nbdkitPeer("--mask-handshake=0"), "simple packets"},
+	{"qemu-nbd", qemuNbdPeer, "structured packets"},
+	{"nbd-server", nbdServerPeer, "simple packets"},
+}
+
+// Every stock server answers the read-only promise with ERR_UNSUP (or
+// cannot be sent options at all) and the client still reads the whole
+// export correctly, holes staying holes.
+func TestCopyFromStockServers(t *testing.T) {
+	for _, s := range stockServers {
+		t.Run(s.name, func(t *testing.T) {
+			t.Parallel()
+			dir := shortTempDir(t)
+			image := filepath.Join(dir, "disk.img")
+			// 24 MiB with data in three places, holes between: the
+			// copy must keep the holes.
+			writeSparseImage(t, image, 24<<20, [][2]int64{{0, 1 << 20}, {8 << 20, 3 << 20}, {23 << 20, 1 << 20}}, 7)
+			want := fileSHA256(t, image)
+			srv := s.start(t, dir, image)
+
+			info := snapmount(t, time.Minute, "info", srv.uri)
+			if info.code != 0 {
+				t.Fatalf("info: exit %d: %s", info.code, info.stderr)
+			}
+			for _, w := range []string{"export-size: 25165824", s.packets} {
+				if !strings.Contains(info.stdout, w) {
+					t.Errorf("info output lacks %q:\n%s", w, info.stdout)
+				}
+			}
+			promise := "read-only-promise: not supported by the server (NBD_REP_ERR_UNSUP)"
+			if s.name == "nbdkit-export-name-only" {
+				// Not fixed-newstyle: no option can be sent at all.
+				promise = "read-only-promise: not sent"
+			}
+			if !strings.Contains(info.stdout, promise) {
+				t.Errorf("info output lacks %q:\n%s", promise, info.stdout)
+			}
+
+			out := filepath.Join(dir, "copy.img")
+			r := snapmount(t, time.Minute, "copy", "--sha256", srv.uri, out)
+			if r.code != 0 {
+				t.Fatalf("copy: exit %d: %s", r.code, r.stderr)
+			}
+			if got := strings.Fields(r.stdout); len(got) != 2 || got[0] != want || got[1] != out {
+				t.Fatalf("copy printed %q, want %q", r.stdout, want+"  "+out)
+			}
+			if got := fileSHA256(t, out); got != want {
+				t.Fatalf("copied data differ: sha256 %s, want %s", got, want)
+			}
+			if st, _ := os.Stat(out); st.Size() != 24<<20 {
+				t.Fatalf("copy has %d bytes, want %d", st.Size(), 24<<20)
+			}
+			// 5 MiB of data; allow filesystem slack, but not the 19 MiB
+			// of holes.
+			if a := allocatedBytes(t, out); a > 6<<20 {
+				t.Errorf("copy allocates %d bytes: holes were written", a)
+			}
+		})
+	}
+}
+
+func TestCopyToStdout(t *testing.T) {
+	dir := shortTempDir(t)
+	image := filepath.Join(dir, "disk.img")
+	writeRandomImage(t, image, 5<<20+512, 3) // not a multiple of the request size
+	sock, _ := startNbdkit(t, dir, "-r", "file", image)
+	r := snapmount(t, time.Minute, "copy", "--sha256", "--conns", "2", unixURI("", sock), "-")
+	if r.code != 0 {
+		t.Fatalf("exit %d: %s", r.code, r.stderr)
+	}
+	b, _ := os.ReadFile(image)
+	if r.stdout != string(b) {
+		t.Fatalf("stdout has %d bytes, not the image's %d", len(r.stdout), len(b))
+	}
+	if want := fileSHA256(t, image); !strings.HasPrefix(r.stderr, want+"  ") {
+		t.Fatalf("stderr %q lacks the SHA-256 %s", r.stderr, want)
+	}
+}
+
+// With nbdkit's log filter recording every request, a whole session of
+// info, info --map and copy sent nothing that writes.
+func TestClientSendsNoWrites(t *testing.T) {
+	dir := shortTempDir(t)
+	image := filepath.Join(dir, "disk.img")
+	writeSparseImage(t, image, 8<<20, [][2]int64{{1 << 20, 1 << 20}}, 1)
+	logfile := filepath.Join(dir, "requests.log")
+	// A writable export: the server would accept writes, so any the
+	// client sent would show.
+	sock, p := startNbdkit(t, dir, "--filter=log", "file", image, "logfile="+logfile)
+	uri := unixURI("", sock)
+	for _, args := range [][]string{{"info", uri}, {"info", "--map", uri}, {"copy", "--sha256", uri, filepath.Join(dir, "out.img")}} {
+		if r := snapmount(t, time.Minute, args...); r.code != 0 {
+			t.Fatalf("%v: exit %d: %s", args, r.code, r.stderr)
+		}
+	}
+	p.stop() // flush the log
+	verbs := logVerbs(t, logfile)
+	for v, n := range verbs {
+		switch v {
+		case "Connect", "Disconnect", "Read", "Extents":
+		default:
+			t.Errorf("client sent %d %s request(s)", n, v)
+		}
+	}
+	if verbs["Read"] == 0 || verbs["Extents"] == 0 {
+		t.Errorf("log shows no reads or extents; is the log filter working? %v", verbs)
+	}
+}
+
+var logVerb = regexp.MustCompile(`connection=\d+ (\w+) `)
+
+// logVerbs counts the request kinds in an nbdkit log filter file.
+func logVerbs(t testing.TB, path string) map[string]int {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	verbs := map[string]int{}
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if m := logVerb.FindStringSubmatch(sc.Text()); m != nil {
+			verbs[m[1]]++
+		}
+	}
+	return verbs
+}
+
+func TestCopyTLS(t *testing.T) {
+	dir := shortTempDir(t)
+	pki := filepath.Join(dir, "pki")
+	makePKI(t, pki)
+	image := filepath.Join(dir, "disk.img")
+	writeRandomImage(t, image, 4<<20, 11)
+	sock, _ := startNbdkit(t, dir, "--tls=require", "--tls-certificates="+pki, "--tls-verify-peer", "file", image)
+
+	uri := "nbds+unix:///?socket=" + sock + "&tls-certificates=" + pki
+	r := snapmount(t, time.Minute, "copy", "--sha256", uri, filepath.Join(dir, "out.img"))
+	if r.code != 0 {
+		t.Fatalf("copy over TLS: exit %d: %s", r.code, r.stderr)
+	}
+	if want := fileSHA256(t, image); !strings.HasPrefix(r.stdout, want) {
+		t.Fatalf("TLS copy sha %q, want %s", r.stdout, want)
+	}
+	info := snapmount(t, time.Minute, "info", uri)
+	if !strings.Contains(info.stdout, "with TLS") {
+		t.Errorf("info over TLS does not say so:\n%s", info.stdout)
+	}
+
+	// Without TLS the server refuses, and the message says what to do.
+	r = snapmount(t, time.Minute, "info", unixURI("", sock))
+	if r.code != 3 || !strings.Contains(r.stderr, "requires TLS") || strings.Count(strings.TrimSpace(r.stderr), "\n") != 0 {
+		t.Errorf("plaintext to a TLS-only server: exit %d, stderr %q", r.code, r.stderr)
+	}
+	// A CA that did not sign the server's certificate is refused.
+	other := filepath.Join(dir, "other")
+	makePKI(t, other)
+	r = snapmount(t, time.Minute, "info", "nbds+unix:///?socket="+sock+"&tls-certificates="+other)
+	if r.code == 0 || !strings.Contains(r.stderr, "TLS") {
+		t.Errorf("wrong CA accepted: exit %d, stderr %q", r.code, r.stderr)
+	}
+}
+
+// nbdkit's error filter makes every read fail with EIO: the copy fails
+// with an error naming the offset, and exits non-zero.
+func TestCopyReportsServerErrors(t *testing.T) {
+	dir := shortTempDir(t)
+	image := filepath.Join(dir, "disk.img")
+	writeRandomImage(t, image, 4<<20, 5)
+	sock, _ := startNbdkit(t, dir, "--filter=error", "file", image, "error-pread=EIO", "error-pread-rate=100%")
+	r := snapmount(t, time.Minute, "copy", unixURI("", sock), filepath.Join(dir, "out.img"))
+	if r.code != 1 {
+		t.Fatalf("exit %d, want 1; stderr %q", r.code, r.stderr)
+	}
+	if !regexp.MustCompile(`offset \d+.*EIO`).MatchString(r.stderr) {
+		t.Fatalf("error does not name the offset and EIO: %q", r.stderr)
+	}
+}
+
+// Slow replies (nbdkit's delay filter) are fine within --timeout, and a
+// read the server does not answer within it fails instead of hanging.
+func TestCopySlowServer(t *testing.T) {
+	dir := shortTempDir(t)
+	image := filepath.Join(dir, "disk.img")
+	writeRandomImage(t, image, 2<<20, 9)
+	sock, _ := startNbdkit(t, dir, "--filter=delay", "file", image, "rdelay=300ms")
+	out := filepath.Join(dir, "out.img")
+	r := snapmount(t, time.Minute, "copy", "--sha256", "--request-size", "256K", unixURI("", sock), out)
+	if r.code != 0 || !strings.HasPrefix(r.stdout, fileSHA256(t, image)) {
+		t.Fatalf("slow copy: exit %d, %q %q", r.code, r.stdout, r.stderr)
+	}
+	r = snapmount(t, time.Minute, "copy", "--timeout", "100ms", unixURI("", sock), out)
+	if r.code != 1 || !strings.Contains(r.stderr, "no reply") {
+		t.Fatalf("copy with a timeout shorter than the delay: exit %d, stderr %q", r.code, r.stderr)
+	}
+}
+
+// A server killed in the middle of a copy makes the copy fail within its
+// --timeout (plus the time to notice), never hang.
+func TestCopyKilledServer(t *testing.T) {
+	dir := shortTempDir(t)
+	image := filepath.Join(dir, "disk.img")
+	writeRandomImage(t, image, 16<<20, 13)
+	logfile := filepath.Join(dir, "requests.log")
+	sock, srv := startNbdkit(t, dir, "--filter=log", "--filter=delay", "file", image, "rdelay=200ms", "logfile="+logfile)
+	copier := startProc(t, snapmountBin, "copy", "--timeout", "2s", "--request-size", "256K", unixURI("", sock), filepath.Join(dir, "out.img"))
+	// The copy is under way once the server has logged a read.
+	waitForFile(t, logfile, " Read ")
+	srv.kill()
+	if err := copier.waitExit(time.Minute); err == nil {
+		t.Fatal("copy succeeded although the server was killed")
+	} else if !strings.Contains(err.Error(), "exit status") {
+		t.Fatal(err)
+	}
+	if out := copier.out.String(); !strings.Contains(out, "EIO") && !strings.Contains(out, "input/output error") && !strings.Contains(out, "no reply") {
+		t.Errorf("copy's error does not say what happened: %q", out)
+	}
+}
+
+// waitForFile waits until a file contains substr (a log a daemon writes).
+func waitForFile(t testing.TB, path, substr string) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if b, err := os.ReadFile(path); err == nil && strings.Contains(string(b), substr) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s never contained %q", path, substr)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// Bad input: one line saying what is wrong, and the exit code of its class.
+func TestClientBadInput(t *testing.T) {
+	dir := shortTempDir(t)
+	image := filepath.Join(dir, "disk.img")
+	writeRandomImage(t, image, 1<<20, 1)
+	qsock := filepath.Join(dir, "q.sock")
+	requireCmd(t, "qemu-nbd")
+	q := startProc(t, "qemu-nbd", "-r", "-t", "-e", "0", "-k", qsock, "-x", "disk", "-f", "raw", image)
+	q.waitReady("unix", qsock)
+	for _, c := range []struct {
+		args []string
+		code int
+		want string
+	}{
+		{[]string{"info", "nbd://localhost:99999/x"}, 2, "port"},
+		{[]string{"info", "disk.img"}, 2, "no scheme"},
+		{[]string{"info"}, 2, "want URI"},
+		{[]string{"copy", "--conns", "0", unixURI("disk", qsock), "-"}, 2, "--conns"},
+		{[]string{"info", "--bogus", unixURI("disk", qsock)}, 2, "unknown flag"},
+		{[]string{"info", unixURI("disk", filepath.Join(dir, "missing.sock"))}, 3, "does not exist: is the server running?"},
+		{[]string{"info", unixURI("nosuch", qsock)}, 3, `export "nosuch" does not exist`},
+		{[]string{"copy", unixURI("disk", qsock), filepath.Join(dir, "no/such/dir/out")}, 1, "opening destination"},
+		{[]string{"frobnicate"}, 2, "unknown command"},
+	} {
+		r := snapmount(t, time.Minute, c.args...)
+		msg := strings.TrimSpace(r.stderr)
+		if r.code != c.code || !strings.Contains(msg, c.want) || strings.Contains(msg, "\n") {
+			t.Errorf("%v: exit %d, stderr %q; want exit %d and one line containing %q", c.args, r.code, msg, c.code, c.want)
+		}
+	}
+}
