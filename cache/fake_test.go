@@ -23,8 +23,9 @@ type call struct {
 type memSource struct {
 	data []byte
 
-	entered chan call     // if set, each request sends itself here first
-	gate    chan struct{} // if set, each request then waits on it
+	entered chan call            // if set, each held request sends itself here first
+	gate    chan struct{}        // if set, each held request then waits on it
+	hold    func(off int64) bool // which requests are held; nil: all
 	fail    func(off, n int64) error
 
 	// zeros lists the ranges Allocation reports as reading as zeros.
@@ -48,14 +49,16 @@ func (m *memSource) read(ctx context.Context, bufs [][]byte, off int64) error {
 	m.mu.Lock()
 	m.calls = append(m.calls, c)
 	m.mu.Unlock()
-	if m.entered != nil {
-		m.entered <- c
-	}
-	if m.gate != nil {
-		select {
-		case <-m.gate:
-		case <-ctx.Done():
-			return ctx.Err()
+	if m.hold == nil || m.hold(off) {
+		if m.entered != nil {
+			m.entered <- c
+		}
+		if m.gate != nil {
+			select {
+			case <-m.gate:
+			case <-ctx.Done():
+				return ctx.Err()
+			}
 		}
 	}
 	if m.fail != nil {
