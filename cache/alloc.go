@@ -38,6 +38,10 @@ type allocMap struct {
 	inflight map[int64]chan struct{} // queries running, by window start
 	failures int                     // consecutive failed queries
 	off      bool                    // stopped asking (unsupported, or failing)
+
+	// hookWait, if set (by tests only, before any read), is called when
+	// a lookup starts waiting on another's query.
+	hookWait func()
 }
 
 func newAllocMap(src Allocator, size int64) *allocMap {
@@ -67,6 +71,9 @@ func (m *allocMap) ensure(ctx context.Context, start, end int64) error {
 		key := alignDown(q, allocWindow)
 		if ch, busy := m.inflight[key]; busy {
 			m.mu.Unlock()
+			if m.hookWait != nil {
+				m.hookWait()
+			}
 			select {
 			case <-ch:
 				continue // look again: the answer may cover q

@@ -29,9 +29,11 @@ type memSource struct {
 	fail    func(off, n int64) error
 
 	// zeros lists the ranges Allocation reports as reading as zeros.
-	zeros    []Extent
-	allocErr error
-	maxExt   int // if > 0, Allocation returns at most this many extents
+	zeros      []Extent
+	allocErr   error
+	maxExt     int           // if > 0, Allocation returns at most this many extents
+	allocEnter chan struct{} // if set, each Allocation call signals here first
+	allocGate  chan struct{} // if set, each Allocation call then waits on it
 
 	mu         sync.Mutex
 	calls      []call
@@ -94,6 +96,16 @@ func (m *memSource) allocation(ctx context.Context, off, length int64) ([]Extent
 	m.mu.Lock()
 	m.allocCalls++
 	m.mu.Unlock()
+	if m.allocEnter != nil {
+		m.allocEnter <- struct{}{}
+	}
+	if m.allocGate != nil {
+		select {
+		case <-m.allocGate:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
 	if m.allocErr != nil {
 		return nil, m.allocErr
 	}
