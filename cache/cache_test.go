@@ -2,6 +2,7 @@ package cache
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"io"
 	"math/rand/v2"
@@ -594,4 +595,92 @@ func TestPinnedBlockNotEvicted(t *testing.T) {
 		t.Fatal("the pinned block was evicted")
 	}
 	c.unpin(b)
+}
+
+// The counters marshal with snake_case names (snapmount stats prints them).
+func TestStatsJSON(t *testing.T) {
+	c := newTestCache(t, asVec(newMemSource(pattern(8192))), 8192, Options{BlockSize: 4096, MaxBytes: 1 << 20})
+	readOK(t, c, pattern(8192), 0, 100)
+	b, err := json.Marshal(c.Stats())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m map[string]int64
+	if err := json.Unmarshal(b, &m); err != nil {
+		t.Fatal(err)
+	}
+	for key, want := range map[string]int64{
+		"hits": 0, "misses": 1, "zero_hits": 0, "inflight_joins": 0, "source_reads": 1,
+		"bytes_fetched": 4096, "readahead_blocks": 0, "readahead_used": 0, "readahead_wasted": 0,
+		"evictions": 0, "cached_bytes": 4096, "max_bytes": 1 << 20, "block_size": 4096, "errors": 0,
+		"alloc_queries": 0,
+	} {
+		if got, ok := m[key]; !ok || got != want {
+			t.Errorf("%s = %d (present %v), want %d; JSON %s", key, got, ok, want, b)
+		}
+	}
+	if len(m) != 15 {
+		t.Errorf("JSON has %d fields, want 15: %s", len(m), b)
+	}
+}
+
+// Zero blocks hold no data but are still bounded in number.
+func TestZeroBlocksBounded(t *testing.T) {
+	const bs = 4096
+	const blocks = 400
+	src := newMemSource(make([]byte, blocks*bs))
+	c := newTestCache(t, asVec(src), blocks*bs, Options{BlockSize: bs, MaxBytes: 4 * bs, MaxReadahead: -1})
+	for off := int64(0); off < blocks*bs; off += 2 * bs {
+		readOK(t, c, src.data, off, 2*bs)
+	}
+	st := c.Stats()
+	if c.entries != c.maxEntries || st.Evictions != blocks-c.maxEntries {
+		t.Fatalf("%d blocks kept, %d evicted; want the bound %d kept", c.entries, st.Evictions, c.maxEntries)
+	}
+	checkStats(t, st, map[string]int64{"CachedBytes": 0, "Misses": blocks})
+}
+
+// Close while readers run: each read returns right data or ErrClosed,
+// nothing panics or races, and no memory is left.
+func TestCloseDuringReads(t *testing.T) {
+	const bs = 4096
+	data := pattern(256 * bs)
+	for _, kind := range sourceKinds {
+		t.Run(kind.name, func(t *testing.T) {
+			c := New(kind.wrap(newMemSource(data)), int64(len(data)), Options{BlockSize: bs, MaxBytes: 32 * bs})
+			var wg sync.WaitGroup
+			started := make(chan struct{}, 8)
+			for g := range 8 {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					r := rand.New(rand.NewPCG(uint64(g), 9))
+					for i := 0; ; i++ {
+						if i == 10 {
+							started <- struct{}{}
+						}
+						off := r.Int64N(int64(len(data)))
+						p := make([]byte, 1+r.IntN(4*bs))
+						n, err := c.ReadAt(p, off)
+						if errors.Is(err, ErrClosed) {
+							return
+						}
+						end := min(off+int64(len(p)), int64(len(data)))
+						if (err != nil && err != io.EOF) || string(p[:n]) != string(data[off:end]) {
+							t.Errorf("ReadAt(%d at %d) = %d, %v", len(p), off, n, err)
+							return
+						}
+					}
+				}()
+			}
+			for range 8 {
+				<-started
+			}
+			c.Close()
+			wg.Wait()
+			if c.bufs.live() != 0 {
+				t.Fatalf("%d buffers live after Close and the last reader", c.bufs.live())
+			}
+		})
+	}
 }

@@ -26,9 +26,10 @@
 // goroutines. The block index is split into 64 shards, each with its own
 // mutex; a cache hit takes one shard lock per block just long enough to
 // find the block and pin it (an atomic reference count), then copies
-// outside any lock. Eviction (CLOCK, see clock.go) and memory accounting
-// sit under one more mutex that only misses take, so hits never touch
-// shared state besides the block itself.
+// outside any lock. Eviction is CLOCK (second chance): a hit only sets
+// the block's referenced bit, and the ring, the hand and the memory
+// accounting sit under one more mutex that only misses take, so hits
+// never touch shared state besides the block itself.
 //
 // # Memory
 //
@@ -68,9 +69,39 @@
 // get the error (wrapped with the offset; errors.Is and errors.As see the
 // source's error), and the next read tries again.
 //
-// # Readahead and holes
+// # Readahead
 //
-// See readahead.go for the stream detection and window rules, and
-// alloc.go for the allocation map, which the cache asks for lazily in
-// 64 MiB windows when an Allocator is available.
+// A small table (8 entries) remembers where recent sequential streams
+// ended; a read starting there, give or take reordering, continues its
+// stream, any other read starts a new one in the least recently used
+// entry. A stream's second read opens a two-block window of prefetch
+// ahead of it; each time the reader has consumed half of what was
+// prefetched the window doubles, up to MaxReadahead (and a quarter of
+// MaxBytes). Random reads never match a stream, so they prefetch nothing.
+// Prefetches run in the background, at most two requests per stream and
+// four in all, each at most MaxRequest; beyond that they are skipped, not
+// queued. Their memory is reserved like any other, may not evict blocks
+// readahead fetched that nobody has read yet, and unread readahead data
+// never exceeds half of MaxBytes.
+//
+// # Holes
+//
+// When the source is an Allocator, the first miss in a 64 MiB window asks
+// for that window's allocation map (one query at a time per window,
+// whatever the number of readers); blocks entirely inside ranges that read
+// as zeros are then served as zeros without a transfer, and readahead
+// skips them. The map is bounded (64 Ki extents) and starts over when
+// full. A fetched block that turns out all zeros is kept as a zero block,
+// with no buffer. SeekData and SeekHole walk the same map.
+//
+// BUG(cache): More than 8 interleaved sequential streams displace each
+// other from the stream table and lose their readahead.
+//
+// BUG(cache): Memory is reserved before the data shows a block is all
+// zeros, so a single read larger than MaxBytes of a source without
+// allocation information goes partly straight to the caller even if it
+// is all zeros.
+//
+// BUG(cache): A source without ContextReaderAt or VectorReader cannot be
+// interrupted: Close waits for its reads in flight to return.
 package cache

@@ -272,3 +272,35 @@ func TestReadaheadConcurrentStreams(t *testing.T) {
 		})
 	}
 }
+
+// A read that finds its block still being prefetched waits for that
+// fetch: a join, and the readahead counts as used.
+func TestReadaheadJoined(t *testing.T) {
+	const bs = 4096
+	data := pattern(64 * bs)
+	src := newMemSource(data)
+	src.hold = func(off int64) bool { return off >= 2*bs }
+	src.entered = make(chan call, 2)
+	src.gate = make(chan struct{})
+	c := newTestCache(t, asVec(src), int64(len(data)), Options{BlockSize: bs})
+	joined := make(chan int64, 1)
+	c.hookJoined = func(idx int64) { joined <- idx }
+	readOK(t, c, data, 0, bs)
+	readOK(t, c, data, bs, bs)
+	<-src.entered // readahead of blocks 2-3 is at the source
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		readOK(t, c, data, 2*bs, bs)
+	}()
+	if idx := <-joined; idx != 2 {
+		t.Fatalf("joined block %d, want 2", idx)
+	}
+	close(src.gate)
+	<-done
+	idle(c)
+	// The read of block 2 also grew the window: blocks 4-6 were prefetched.
+	checkStats(t, c.Stats(), map[string]int64{
+		"InflightJoins": 1, "ReadaheadUsed": 1, "Misses": 2, "Hits": 0, "ReadaheadBlocks": 5,
+	})
+}

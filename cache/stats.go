@@ -10,7 +10,7 @@ import "sync/atomic"
 // BytesFetched.
 type Stats struct {
 	Hits            int64 `json:"hits"`             // blocks served from memory
-	Misses          int64 `json:"misses"`           // blocks this read fetched (or read through when memory was short)
+	Misses          int64 `json:"misses"`           // blocks a read fetched (or read through: Disabled, or no memory)
 	ZeroHits        int64 `json:"zero_hits"`        // blocks served as zeros with no transfer (known holes, all-zero blocks)
 	InflightJoins   int64 `json:"inflight_joins"`   // blocks that waited on a fetch already in flight
 	SourceReads     int64 `json:"source_reads"`     // read requests issued to the source
