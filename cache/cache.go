@@ -228,25 +228,20 @@ func (c *Cache) read(ctx context.Context, p []byte, off int64) (int, error) {
 			sh.hits++
 		}
 		sh.mu.Unlock()
-		c.touch(b)
-		c.copyOut(b, p, off, end)
+		c.copyOut(b, p, off, end, true)
 		c.unpin(b)
 	}
 	c.ra.observe(off, len(p))
 	return len(p), nil
 }
 
-// touch sets b's CLOCK bit for a hit. The read that fetched a block does
-// not set it: a block read once is the first to go, as in an LRU list.
-func (c *Cache) touch(b *block) {
-	if !b.referenced.Load() {
-		b.referenced.Store(true)
-	}
-}
-
-// copyOut copies the part of resident block b that [off, end) wants into
-// p, which holds [off, end). b must be pinned.
-func (c *Cache) copyOut(b *block, p []byte, off, end int64) {
+// copyOut copies the part of block b that [off, end) wants into p, which
+// holds [off, end). b must be pinned and no longer in flight. hit says the
+// block was resident when looked up: that sets its CLOCK bit, unless this
+// is the first read of a block readahead fetched. The read that fetched a
+// block does not set the bit either, so a block read once is the first to
+// go, as in an LRU list.
+func (c *Cache) copyOut(b *block, p []byte, off, end int64, hit bool) {
 	pOff, bOff, n := c.geo.part(b.idx, off, end)
 	if b.zero {
 		clear(p[pOff : pOff+n])
@@ -256,6 +251,10 @@ func (c *Cache) copyOut(b *block, p []byte, off, end int64) {
 	if b.readahead.Load() && b.readahead.CompareAndSwap(true, false) {
 		c.stats.readaheadUsed.Add(1)
 		c.readaheadBytes.Add(-b.cost())
+		return
+	}
+	if hit && !b.referenced.Load() {
+		b.referenced.Store(true)
 	}
 }
 

@@ -141,12 +141,11 @@ func (c *Cache) readSlow(ctx context.Context, p []byte, off, pos int64) (int, er
 				c.unpinSlots(slots[i:])
 				return c.doneUpTo(off, idx), s.f.err
 			}
-			c.copyOut(s.b, p, off, end)
+			c.copyOut(s.b, p, off, end, false)
 			c.unpin(s.b)
 			s.b = nil
 		case slotHit:
-			c.touch(s.b)
-			c.copyOut(s.b, p, off, end)
+			c.copyOut(s.b, p, off, end, true)
 			c.unpin(s.b)
 			s.b = nil
 		case slotZero:

@@ -304,3 +304,23 @@ func TestReadaheadJoined(t *testing.T) {
 		"InflightJoins": 1, "ReadaheadUsed": 1, "Misses": 2, "Hits": 0, "ReadaheadBlocks": 5,
 	})
 }
+
+// The first read of a prefetched block is its first use, not a second
+// chance: a one-pass sequential reader's blocks go before blocks read
+// twice.
+func TestReadaheadFirstUseIsNotAHit(t *testing.T) {
+	const bs = 4096
+	data := pattern(16 * bs)
+	c := newTestCache(t, asVec(newMemSource(data)), int64(len(data)), Options{BlockSize: bs, MaxBytes: 4 * bs, MaxReadahead: -1})
+	readOK(t, c, data, 0, 4*bs)
+	b := c.pinForTest(0) // pretend readahead fetched block 0
+	b.readahead.Store(true)
+	c.readaheadBytes.Add(bs)
+	c.unpin(b)
+	readOK(t, c, data, 0, 2*bs) // first use of block 0, second read of block 1
+	readOK(t, c, data, 8*bs, bs)
+	if c.resident(0) || !c.resident(1) || !c.resident(2) {
+		t.Fatal("the once-read prefetched block outlived a block read twice or a newer one")
+	}
+	checkStats(t, c.Stats(), map[string]int64{"ReadaheadUsed": 1, "ReadaheadWasted": 0, "Evictions": 1})
+}
