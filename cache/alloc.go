@@ -15,6 +15,10 @@ const (
 	// at least: one BLOCK_STATUS round trip per 64 MiB read is noise, and
 	// a whole sparse region is known after the first miss in it.
 	allocWindow = 64 << 20
+	// seekWindow is the least a seek asks for: SEEK_DATA over a large
+	// sparse image walks the map, and 1 GiB per round trip keeps a
+	// terabyte to a thousand of them.
+	seekWindow = 1 << 30
 	// maxExtents bounds the extent map (about 1.5 MiB). A fragmented
 	// image that exceeds it starts over with the latest answer: the map
 	// is a cache of what the source says, re-asked lazily.
@@ -52,10 +56,11 @@ func newAllocMap(src Allocator, size int64) *allocMap {
 var errAllocUnknown = errors.New("cache: allocation unknown")
 
 // ensure makes the map cover [start, end), asking the source as needed,
-// one query per window at a time. It returns nil when the range is known,
-// ctx's error when ctx is done, or another error when the source cannot
-// say (then the range should be treated as data).
-func (m *allocMap) ensure(ctx context.Context, start, end int64) error {
+// one query per window at a time, each for at least minQuery bytes (to
+// the end of end's window, anyway). It returns nil when the range is
+// known, ctx's error when ctx is done, or another error when the source
+// cannot say (then the range should be treated as data).
+func (m *allocMap) ensure(ctx context.Context, start, end, minQuery int64) error {
 	end = min(end, m.size)
 	for {
 		m.mu.Lock()
@@ -85,7 +90,7 @@ func (m *allocMap) ensure(ctx context.Context, start, end int64) error {
 		m.inflight[key] = ch
 		m.mu.Unlock()
 
-		err := m.query(ctx, q, min(alignUp(end, allocWindow), m.size))
+		err := m.query(ctx, q, min(max(alignUp(end, allocWindow), q+minQuery), m.size))
 
 		m.mu.Lock()
 		delete(m.inflight, key)
@@ -146,9 +151,9 @@ func (m *allocMap) isZero(start, end int64) bool {
 }
 
 // extentAt returns the known extent holding off, asking the source if
-// needed.
+// needed (for a seek: a large window).
 func (m *allocMap) extentAt(ctx context.Context, off int64) (Extent, error) {
-	if err := m.ensure(ctx, off, off+1); err != nil {
+	if err := m.ensure(ctx, off, off+1, seekWindow); err != nil {
 		return Extent{}, err
 	}
 	m.mu.Lock()

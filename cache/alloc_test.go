@@ -62,8 +62,7 @@ func TestHolesServedWithoutTransfer(t *testing.T) {
 // The allocation map is asked for in 64 MiB windows, lazily: reads in
 // one window ask once, a read in the next window asks again.
 func TestAllocQueriedPerWindow(t *testing.T) {
-	const bs = 128 * kib
-	const size = 3 * allocWindow
+	const size = 4 * allocWindow
 	src := newMemSource(make([]byte, size)) // all zeros, reported as such
 	src.zeros = []Extent{zeroExt(0, size)}
 	c := newTestCache(t, asAlloc(src), size, Options{MaxReadahead: -1})
@@ -74,6 +73,15 @@ func TestAllocQueriedPerWindow(t *testing.T) {
 		}
 	}
 	checkStats(t, c.Stats(), map[string]int64{"AllocQueries": 2, "SourceReads": 0, "ZeroHits": 5 * 8})
+	// A miss just before a window's end asks for a whole window from
+	// there, not for the sliver up to the boundary.
+	if _, err := c.ReadAt(p, 3*allocWindow-1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.ReadAt(p, 3*allocWindow+1<<20); err != nil { // known by now
+		t.Fatal(err)
+	}
+	checkStats(t, c.Stats(), map[string]int64{"AllocQueries": 3})
 }
 
 // Readers missing in one window at once share one query.
@@ -228,11 +236,12 @@ func TestSeekDataHole(t *testing.T) {
 	}
 }
 
-// Seeking across windows asks only for the windows it crosses.
+// Seeking walks the map a seek window per query.
 func TestSeekAcrossWindows(t *testing.T) {
-	const size = 4 * allocWindow
-	dataAt := int64(2*allocWindow + 12345)
-	src := newMemSource(make([]byte, size))
+	const size = 4 * seekWindow
+	const dataAt = 2*seekWindow + 12345
+	src := newMemSource(nil)
+	src.size = size
 	src.zeros = []Extent{zeroExt(0, dataAt), zeroExt(dataAt+4096, size)}
 	c := newTestCache(t, asAlloc(src), size, Options{})
 	ctx := context.Background()

@@ -22,6 +22,7 @@ type call struct {
 // itself) and gate (a request waits for a token or for gate's close).
 type memSource struct {
 	data []byte
+	size int64 // if data is nil: the size of a source that only has an allocation map
 
 	entered chan call            // if set, each held request sends itself here first
 	gate    chan struct{}        // if set, each held request then waits on it
@@ -109,8 +110,12 @@ func (m *memSource) allocation(ctx context.Context, off, length int64) ([]Extent
 	if m.allocErr != nil {
 		return nil, m.allocErr
 	}
+	size := m.size
+	if m.data != nil {
+		size = int64(len(m.data))
+	}
 	var out []Extent
-	pos, end := off, min(off+length, int64(len(m.data)))
+	pos, end := off, min(off+length, size)
 	for _, z := range m.zeros {
 		if z.End() <= pos {
 			continue

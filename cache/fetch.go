@@ -100,7 +100,7 @@ func (c *Cache) readSlow(ctx context.Context, p []byte, off, pos int64) (int, er
 				hi = c.geo.blockStart(idx) + int64(c.geo.blockLen(idx))
 			}
 		}
-		if err := c.alloc.ensure(ctx, lo, hi); err != nil && ctx.Err() != nil {
+		if err := c.alloc.ensure(ctx, lo, hi, allocWindow); err != nil && ctx.Err() != nil {
 			c.unpinSlots(slots)
 			return int(pos - off), fmt.Errorf("cache: read at offset %d: %w", pos, ctx.Err())
 		}

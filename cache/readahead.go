@@ -171,7 +171,7 @@ func (r *readahead) finished(i int, gen uint64) {
 // readahead memory rules allow.
 func (c *Cache) prefetch(from, to int64) {
 	if c.alloc != nil {
-		c.alloc.ensure(c.ctx, from, to) // on failure, fetch the data
+		c.alloc.ensure(c.ctx, from, to, allocWindow) // on failure, fetch the data
 	}
 	first, last := c.geo.blockOf(from), c.geo.blockOf(to-1)
 	var want []int64
