@@ -1,0 +1,420 @@
+package cache
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"sync/atomic"
+)
+
+// block is one cached block, resident or in flight. It sits in its
+// shard's map from the moment a reader claims it until it is evicted or
+// its fetch fails.
+type block struct {
+	idx int64
+
+	// Written by the fetch before the block is published (fetch.done
+	// closed, fetch field cleared under the shard lock); read-only after.
+	data []byte // nil for a zero block; len is the block's length, cap BlockSize
+	zero bool   // the block reads as zeros and holds no data
+
+	// fetch is non-nil while the block is in flight. Guarded by the
+	// shard's mu.
+	fetch *fetch
+
+	// refs is one for the index while the block is in it, plus one per
+	// reader about to copy out of it. Readers pin (add one) under the
+	// shard lock, so an evictor holding that lock and seeing 1 knows
+	// nobody reads the block. Whoever drops the last reference returns
+	// the buffer.
+	refs atomic.Int32
+
+	referenced atomic.Bool // CLOCK bit: read since the hand last passed
+	readahead  atomic.Bool // fetched by readahead, not yet read by a caller
+
+	// prev and next link the CLOCK ring; guarded by Cache.evictMu.
+	prev, next *block
+}
+
+// cost is what the block charges against MaxBytes.
+func (b *block) cost() int64 { return int64(cap(b.data)) }
+
+// fetch is one source request for a run of adjacent blocks, shared by
+// every reader waiting for any of them.
+type fetch struct {
+	off       int64 // offset of blocks[0]
+	length    int64 // bytes of all blocks
+	blocks    []*block
+	readahead bool
+
+	done chan struct{} // closed when err and the blocks are final
+	err  error
+}
+
+// slotKind says how a read gets one block.
+type slotKind uint8
+
+const (
+	slotMissing slotKind = iota // not resident: to classify and claim
+	slotHit                     // resident, pinned
+	slotWait                    // in flight, pinned: wait for f
+	slotZero                    // inside a known hole: zeros
+	slotDirect                  // no memory to keep it: read straight into p
+)
+
+type slot struct {
+	kind slotKind
+	b    *block
+	f    *fetch
+}
+
+// readSlow serves [pos, off+len(p)) of p, which holds [off, off+len(p)),
+// when some block is not resident:
+//
+//  1. look every block up: pin resident ones, join fetches in flight;
+//  2. for the rest, consult the allocation map: holes need no fetch;
+//  3. reserve memory and claim the still-missing blocks, grouping
+//     adjacent ones into fetches of at most MaxRequest;
+//  4. start the fetches, let readahead look at the read, read blocks
+//     there was no memory for straight into p;
+//  5. copy everything out in order, waiting where needed.
+func (c *Cache) readSlow(ctx context.Context, p []byte, off, pos int64) (int, error) {
+	end := off + int64(len(p))
+	first := c.geo.blockOf(pos)
+	slots := make([]slot, c.geo.blockOf(end-1)-first+1)
+
+	missing := 0
+	for i := range slots {
+		if !c.lookup(first+int64(i), &slots[i]) {
+			missing++
+		}
+	}
+	if missing > 0 && c.alloc != nil {
+		var lo, hi int64 = -1, 0
+		for i := range slots {
+			if slots[i].kind == slotMissing {
+				idx := first + int64(i)
+				if lo < 0 {
+					lo = c.geo.blockStart(idx)
+				}
+				hi = c.geo.blockStart(idx) + int64(c.geo.blockLen(idx))
+			}
+		}
+		if err := c.alloc.ensure(ctx, lo, hi, allocWindow); err != nil && ctx.Err() != nil {
+			c.unpinSlots(slots)
+			return int(pos - off), fmt.Errorf("cache: read at offset %d: %w", pos, ctx.Err())
+		}
+		for i := range slots {
+			idx := first + int64(i)
+			start := c.geo.blockStart(idx)
+			if slots[i].kind == slotMissing && c.alloc.isZero(start, start+int64(c.geo.blockLen(idx))) {
+				slots[i].kind = slotZero
+				c.stats.zeroHits.Add(1)
+				missing--
+			}
+		}
+	}
+	var runs []*fetch
+	if missing > 0 {
+		runs = c.claim(first, slots, missing)
+	}
+	for _, f := range runs {
+		if !c.goTracked(func() { c.runFetch(f) }) {
+			c.failFetch(f, ErrClosed)
+		}
+	}
+	c.ra.observe(off, len(p))
+	c.readDirect(ctx, p, off, first, slots)
+
+	for i := range slots {
+		s := &slots[i]
+		idx := first + int64(i)
+		switch s.kind {
+		case slotWait:
+			select {
+			case <-s.f.done:
+			case <-ctx.Done():
+				c.unpinSlots(slots[i:])
+				return c.doneUpTo(off, idx), fmt.Errorf("cache: read at offset %d: %w", max(off, c.geo.blockStart(idx)), ctx.Err())
+			}
+			if s.f.err != nil {
+				c.unpinSlots(slots[i:])
+				return c.doneUpTo(off, idx), s.f.err
+			}
+			c.copyOut(s.b, p, off, end, false)
+			c.unpin(s.b)
+			s.b = nil
+		case slotHit:
+			c.copyOut(s.b, p, off, end, true)
+			c.unpin(s.b)
+			s.b = nil
+		case slotZero:
+			pOff, _, n := c.geo.part(idx, off, end)
+			clear(p[pOff : pOff+n])
+		case slotDirect:
+			if s.f != nil && s.f.err != nil {
+				c.unpinSlots(slots[i:])
+				return c.doneUpTo(off, idx), s.f.err
+			}
+		}
+	}
+	return len(p), nil
+}
+
+// doneUpTo returns how many bytes of a read at off precede block idx.
+func (c *Cache) doneUpTo(off, idx int64) int {
+	return int(max(0, c.geo.blockStart(idx)-off))
+}
+
+// lookup finds block idx and fills s: pinned and ready (slotHit), pinned
+// and in flight (slotWait), or absent (false).
+func (c *Cache) lookup(idx int64, s *slot) bool {
+	sh := c.shardOf(idx)
+	sh.mu.Lock()
+	b := sh.blocks[idx]
+	if b == nil {
+		sh.mu.Unlock()
+		return false
+	}
+	joined := c.pinLocked(sh, b, s)
+	sh.mu.Unlock()
+	if joined && c.hookJoined != nil {
+		c.hookJoined(idx)
+	}
+	return true
+}
+
+// pinLocked pins b, present in sh, for a reader and counts the lookup. It
+// reports whether the reader joins a fetch in flight.
+func (c *Cache) pinLocked(sh *shard, b *block, s *slot) bool {
+	b.refs.Add(1)
+	s.b = b
+	if b.fetch != nil {
+		sh.joins++
+		s.kind, s.f = slotWait, b.fetch
+		return true
+	}
+	if b.zero {
+		sh.zeroHits++
+	} else {
+		sh.hits++
+	}
+	s.kind = slotHit
+	return false
+}
+
+// unpinSlots releases the blocks of slots a read gives up on.
+func (c *Cache) unpinSlots(slots []slot) {
+	for i := range slots {
+		if slots[i].b != nil {
+			c.unpin(slots[i].b)
+			slots[i].b = nil
+		}
+	}
+}
+
+// claim reserves memory for the missing slots and registers them as in
+// flight, merging adjacent ones into fetches of at most maxRunBlocks. A
+// block someone else claimed meanwhile is pinned or joined instead; blocks
+// there is no memory for become slotDirect. The fetches are returned
+// unstarted.
+func (c *Cache) claim(first int64, slots []slot, missing int) []*fetch {
+	reserved := c.reserve(missing, false)
+	var runs []*fetch
+	var cur *fetch
+	for i := range slots {
+		s := &slots[i]
+		if s.kind != slotMissing {
+			continue
+		}
+		idx := first + int64(i)
+		var buf []byte
+		if reserved > 0 {
+			buf = c.bufs.get()
+		}
+		sh := c.shardOf(idx)
+		sh.mu.Lock()
+		if b := sh.blocks[idx]; b != nil {
+			joined := c.pinLocked(sh, b, s)
+			sh.mu.Unlock()
+			c.bufs.put(buf)
+			if joined && c.hookJoined != nil {
+				c.hookJoined(idx)
+			}
+			continue
+		}
+		sh.misses++
+		if buf == nil {
+			sh.mu.Unlock()
+			s.kind = slotDirect
+			continue
+		}
+		reserved--
+		if cur == nil || cur.blocks[len(cur.blocks)-1].idx != idx-1 || len(cur.blocks) == c.maxRunBlocks {
+			cur = &fetch{off: c.geo.blockStart(idx), done: make(chan struct{})}
+			runs = append(runs, cur)
+		}
+		b := c.addToFetch(cur, idx, buf)
+		b.refs.Store(2) // the index and this reader
+		sh.blocks[idx] = b
+		sh.mu.Unlock()
+		s.kind, s.b, s.f = slotWait, b, cur
+	}
+	c.unreserve(reserved)
+	return runs
+}
+
+// addToFetch makes the in-flight block idx, with buffer buf, part of f.
+func (c *Cache) addToFetch(f *fetch, idx int64, buf []byte) *block {
+	n := c.geo.blockLen(idx)
+	b := &block{idx: idx, data: buf[:n], fetch: f}
+	f.blocks = append(f.blocks, b)
+	f.length += int64(n)
+	return b
+}
+
+// readDirect reads the slotDirect blocks, those there was no memory to
+// cache, straight into p: adjacent ones in one request. The outcome is
+// kept in each slot's f (done already closed).
+func (c *Cache) readDirect(ctx context.Context, p []byte, off int64, first int64, slots []slot) {
+	end := off + int64(len(p))
+	for i := 0; i < len(slots); {
+		if slots[i].kind != slotDirect {
+			i++
+			continue
+		}
+		j := i
+		for j < len(slots) && slots[j].kind == slotDirect {
+			j++
+		}
+		lo, _, _ := c.geo.part(first+int64(i), off, end)
+		hiOff, _, n := c.geo.part(first+int64(j-1), off, end)
+		r := &fetch{done: make(chan struct{})}
+		r.err = c.readSource(ctx, p[lo:hiOff+n], off+int64(lo))
+		close(r.done)
+		for k := i; k < j; k++ {
+			slots[k].f = r
+		}
+		i = j
+	}
+}
+
+// runFetch reads f's blocks from the source and publishes them. It runs
+// under the cache's context, not a reader's: see the package
+// documentation.
+func (c *Cache) runFetch(f *fetch) {
+	if err := c.fill(c.ctx, f); err != nil {
+		c.failFetch(f, err)
+		return
+	}
+	c.completeFetch(f)
+}
+
+// fill reads the source into f's block buffers: through VectorReader
+// straight into them, else into one scratch buffer that is then split, or,
+// when no scratch buffer is free, block by block.
+func (c *Cache) fill(ctx context.Context, f *fetch) error {
+	if c.vecSrc != nil {
+		bufs := make([][]byte, len(f.blocks))
+		for i, b := range f.blocks {
+			bufs[i] = b.data
+		}
+		return c.readSourceVec(ctx, bufs, f.off, f.length)
+	}
+	if len(f.blocks) > 1 {
+		if scratch := c.scratch.get(); scratch != nil {
+			defer c.scratch.put(scratch)
+			if err := c.readSource(ctx, scratch[:f.length], f.off); err != nil {
+				return err
+			}
+			rest := scratch[:f.length]
+			for _, b := range f.blocks {
+				rest = rest[copy(b.data, rest):]
+			}
+			return nil
+		}
+	}
+	for _, b := range f.blocks {
+		if err := c.readSource(ctx, b.data, c.geo.blockStart(b.idx)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// completeFetch publishes f's blocks: all-zero ones give their buffer
+// back and become zero blocks, all enter the CLOCK ring, then waiters are
+// released.
+func (c *Cache) completeFetch(f *fetch) {
+	var freed int64
+	for _, b := range f.blocks {
+		if isZero(b.data) {
+			freed += b.cost()
+			if b.readahead.Load() {
+				c.readaheadBytes.Add(-b.cost())
+			}
+			c.bufs.put(b.data)
+			b.data, b.zero = nil, true
+		}
+	}
+	if f.readahead {
+		c.stats.readaheadBlocks.Add(int64(len(f.blocks)))
+	}
+	c.evictMu.Lock()
+	c.used -= freed
+	for _, b := range f.blocks {
+		sh := c.shardOf(b.idx)
+		sh.mu.Lock()
+		b.fetch = nil
+		sh.mu.Unlock()
+		c.ringInsertLocked(b)
+	}
+	c.evictMu.Unlock()
+	close(f.done)
+}
+
+// failFetch drops f's blocks from the index, so a later read tries again,
+// and releases f's waiters with err. Errors are never cached.
+func (c *Cache) failFetch(f *fetch, err error) {
+	var cost int64
+	for _, b := range f.blocks {
+		sh := c.shardOf(b.idx)
+		sh.mu.Lock()
+		if sh.blocks[b.idx] == b {
+			delete(sh.blocks, b.idx)
+		}
+		sh.mu.Unlock()
+		cost += b.cost()
+		if b.readahead.CompareAndSwap(true, false) {
+			c.readaheadBytes.Add(-b.cost())
+		}
+	}
+	c.evictMu.Lock()
+	c.used -= cost
+	c.entries -= int64(len(f.blocks))
+	c.evictMu.Unlock()
+	for _, b := range f.blocks {
+		c.unpin(b) // the index's reference
+	}
+	f.err = err
+	close(f.done)
+}
+
+// zeroPage is compared against to find all-zero blocks.
+var zeroPage [4096]byte
+
+// isZero reports whether b holds only zeros. Real data almost always has
+// a non-zero first or last byte, so the full scan is rare.
+func isZero(b []byte) bool {
+	if len(b) == 0 || b[0] != 0 || b[len(b)-1] != 0 {
+		return len(b) == 0
+	}
+	for len(b) > 0 {
+		n := min(len(b), len(zeroPage))
+		if !bytes.Equal(b[:n], zeroPage[:n]) {
+			return false
+		}
+		b = b[n:]
+	}
+	return true
+}

@@ -1,0 +1,225 @@
+package cache
+
+import "sync"
+
+// Readahead recognises sequential streams by where reads start: a small
+// table remembers where each recent stream's last read ended, and a read
+// that starts there (give or take reordering) continues it. A stream's
+// second read confirms it and opens a window of initialWindowBlocks; each
+// time the reader has consumed half the prefetched data the window
+// doubles, up to the maximum, and is topped up. A read matching no stream
+// starts a new one in the least recently used slot, so random reads never
+// trigger readahead and several interleaved streams each keep their own
+// window (like nbdkit's readahead filter and Linux's, but per stream).
+//
+// Prefetches run in the background with bounded concurrency: at most
+// readaheadPerStream requests per stream and readaheadWorkers in all, each
+// at most MaxRequest. When either bound is reached the readahead is
+// skipped, not queued, so it can never delay or flood demand reads; the
+// next read of the stream tops it up.
+const (
+	numStreams          = 8
+	initialWindowBlocks = 2
+	readaheadPerStream  = 2
+	readaheadWorkers    = 4
+	// reorderReads: FUSE hands a stream's reads to several goroutines, so
+	// they can arrive slightly out of order. A read that starts within
+	// this many read lengths of a stream's end still continues it.
+	reorderReads = 2
+)
+
+type stream struct {
+	next     int64  // where the stream's furthest read ended
+	raEnd    int64  // readahead was issued up to here
+	window   int64  // bytes to keep prefetched ahead of next; 0 until confirmed
+	inflight int    // readahead requests running for this stream
+	gen      uint64 // 0: free slot; changes whenever the slot is reused
+	lastUse  uint64
+}
+
+type readahead struct {
+	c             *Cache
+	maxWindow     int64
+	initialWindow int64
+	sem           chan struct{} // one token per running readahead request
+
+	// mu guards the fields below.
+	mu      sync.Mutex
+	streams [numStreams]stream
+	tick    uint64
+	gens    uint64
+}
+
+func newReadahead(c *Cache, maxReadahead int64) *readahead {
+	bs := c.geo.blockSize
+	maxWindow := min(maxReadahead, c.maxBytes/4) &^ (bs - 1)
+	if maxWindow < bs {
+		return nil
+	}
+	return &readahead{
+		c:             c,
+		maxWindow:     maxWindow,
+		initialWindow: min(initialWindowBlocks*bs, maxWindow),
+		sem:           make(chan struct{}, readaheadWorkers),
+	}
+}
+
+// observe feeds a caller's read of n bytes at off to the stream table and
+// starts readahead when a stream asks for it. A nil readahead does
+// nothing.
+func (r *readahead) observe(off int64, n int) {
+	if r == nil {
+		return
+	}
+	end := off + int64(n)
+	slack := reorderReads * max(int64(n), r.c.geo.blockSize)
+
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.tick++
+	best := -1
+	var bestDist int64
+	for i := range r.streams {
+		s := &r.streams[i]
+		if s.gen == 0 {
+			continue
+		}
+		d := off - s.next
+		if d < 0 {
+			d = -d
+		}
+		if d <= slack && (best < 0 || d < bestDist) {
+			best, bestDist = i, d
+		}
+	}
+	if best < 0 {
+		r.startStreamLocked(end)
+		return
+	}
+	s := &r.streams[best]
+	s.lastUse = r.tick
+	s.next = max(s.next, end)
+	if s.window == 0 {
+		s.window = r.initialWindow
+	} else if s.raEnd-s.next > s.window/2 {
+		return // enough is prefetched
+	} else {
+		s.window = min(2*s.window, r.maxWindow)
+	}
+	r.issueLocked(best)
+}
+
+// startStreamLocked records a read that continues no stream, in a free
+// slot or in the least recently used one.
+func (r *readahead) startStreamLocked(end int64) {
+	slot := 0
+	for i := range r.streams {
+		if r.streams[i].gen == 0 {
+			slot = i
+			break
+		}
+		if r.streams[i].lastUse < r.streams[slot].lastUse {
+			slot = i
+		}
+	}
+	r.gens++
+	r.streams[slot] = stream{next: end, raEnd: end, gen: r.gens, lastUse: r.tick}
+}
+
+// issueLocked starts prefetches that fill stream i's window, in requests
+// of at most MaxRequest, as far as the concurrency bounds allow.
+func (r *readahead) issueLocked(i int) {
+	c := r.c
+	s := &r.streams[i]
+	start := max(s.raEnd, c.geo.alignUp(s.next))
+	target := c.geo.alignUp(min(s.next+s.window, c.geo.size))
+	for start < target && s.inflight < readaheadPerStream {
+		select {
+		case r.sem <- struct{}{}:
+		default:
+			return
+		}
+		stop := min(start+int64(c.maxRunBlocks)*c.geo.blockSize, target)
+		gen := s.gen
+		from, to := start, stop
+		if !c.goTracked(func() {
+			c.prefetch(from, to)
+			r.finished(i, gen)
+		}) {
+			<-r.sem
+			return
+		}
+		s.inflight++
+		s.raEnd = stop
+		start = stop
+	}
+}
+
+// finished accounts for the end of a readahead request of stream slot i
+// as it was in generation gen.
+func (r *readahead) finished(i int, gen uint64) {
+	r.mu.Lock()
+	if s := &r.streams[i]; s.gen == gen {
+		s.inflight--
+	}
+	r.mu.Unlock()
+	<-r.sem
+}
+
+// prefetch fetches the blocks of the block-aligned range [from, to) that
+// are neither cached, in flight, nor known holes, as far as the
+// readahead memory rules allow.
+func (c *Cache) prefetch(from, to int64) {
+	if c.alloc != nil {
+		c.alloc.ensure(c.ctx, from, to, allocWindow) // on failure, fetch the data
+	}
+	first, last := c.geo.blockOf(from), c.geo.blockOf(to-1)
+	var want []int64
+	for idx := first; idx <= last; idx++ {
+		start := c.geo.blockStart(idx)
+		if c.alloc != nil && c.alloc.isZero(start, start+int64(c.geo.blockLen(idx))) {
+			continue
+		}
+		sh := c.shardOf(idx)
+		sh.mu.Lock()
+		_, present := sh.blocks[idx]
+		sh.mu.Unlock()
+		if !present {
+			want = append(want, idx)
+		}
+	}
+	if len(want) == 0 {
+		return
+	}
+	reserved := c.reserve(len(want), true)
+	var runs []*fetch
+	var cur *fetch
+	for _, idx := range want {
+		if reserved == 0 {
+			break
+		}
+		buf := c.bufs.get()
+		sh := c.shardOf(idx)
+		sh.mu.Lock()
+		if _, present := sh.blocks[idx]; present {
+			sh.mu.Unlock()
+			c.bufs.put(buf)
+			continue
+		}
+		reserved--
+		if cur == nil || cur.blocks[len(cur.blocks)-1].idx != idx-1 {
+			cur = &fetch{off: c.geo.blockStart(idx), readahead: true, done: make(chan struct{})}
+			runs = append(runs, cur)
+		}
+		b := c.addToFetch(cur, idx, buf)
+		b.refs.Store(1) // the index only
+		b.readahead.Store(true)
+		c.readaheadBytes.Add(b.cost())
+		sh.blocks[idx] = b
+		sh.mu.Unlock()
+	}
+	c.unreserve(reserved)
+	for _, f := range runs {
+		c.runFetch(f)
+	}
+}
