@@ -505,5 +505,6 @@ func (c *Conn) BlockStatus(ctx context.Context, off, length int64) ([]Extent, er
 	return cl.extents, nil
 }
 
-// ErrNoAllocation means the server offers no base:allocation context.
-var ErrNoAllocation = errors.New("nbd: server does not report allocation (no base:allocation context)")
+// ErrNoAllocation means the server offers no base:allocation context. It
+// wraps errors.ErrUnsupported, so callers can stop asking.
+var ErrNoAllocation = fmt.Errorf("nbd: server does not report allocation (no base:allocation context): %w", errors.ErrUnsupported)
