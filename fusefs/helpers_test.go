@@ -49,12 +49,13 @@ func requireFUSE(t testing.TB) {
 // Environment of the helper processes the tests start from their own binary
 // (see TestMain).
 const (
-	helperEnv     = "SNAPMOUNT_FUSEFS_HELPER" // "mount" or "pread"
-	helperDirEnv  = "SNAPMOUNT_FUSEFS_DIR"    // mount: the mountpoint
-	helperSizeEnv = "SNAPMOUNT_FUSEFS_SIZE"   // mount: file size, default 1 MiB
-	helperDataEnv = "SNAPMOUNT_FUSEFS_DATA"   // mount: "pattern" (default) or "const"
-	helperImmEnv  = "SNAPMOUNT_FUSEFS_IMMUTABLE"
-	helperFileEnv = "SNAPMOUNT_FUSEFS_FILE" // pread: the file to read
+	helperEnv      = "SNAPMOUNT_FUSEFS_HELPER" // "mount" or "pread"
+	helperDirEnv   = "SNAPMOUNT_FUSEFS_DIR"    // mount: the mountpoint
+	helperSizeEnv  = "SNAPMOUNT_FUSEFS_SIZE"   // mount: file size, default 1 MiB
+	helperDataEnv  = "SNAPMOUNT_FUSEFS_DATA"   // mount: "pattern" (default) or "const"
+	helperImmEnv   = "SNAPMOUNT_FUSEFS_IMMUTABLE"
+	helperDelayEnv = "SNAPMOUNT_FUSEFS_DELAY" // mount: latency added to every read, e.g. 200us
+	helperFileEnv  = "SNAPMOUNT_FUSEFS_FILE"  // pread: the file to read
 )
 
 // TestMain lets the test binary double as the helper processes the tests
@@ -95,8 +96,19 @@ func helperMount() int {
 		}
 	}
 	var r io.ReaderAt = patternReader{}
-	if os.Getenv(helperDataEnv) == "const" {
+	switch os.Getenv(helperDataEnv) {
+	case "const":
 		r = constReader{}
+	case "copy":
+		r = copyReader{}
+	}
+	if d := os.Getenv(helperDelayEnv); d != "" {
+		delay, err := time.ParseDuration(d)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "bad delay:", err)
+			return 2
+		}
+		r = slowReader{r, delay}
 	}
 	server, err := Mount(dir, r, Options{
 		Name:      "file",
@@ -163,7 +175,9 @@ func alignedBuf(n int) []byte {
 // as the named helper.
 func helperCmd(bin, helper string, env ...string) *exec.Cmd {
 	cmd := exec.Command(bin)
-	cmd.Env = append(os.Environ(), helperEnv+"="+helper)
+	// A race-enabled binary sleeps a second before exiting, unless told not to.
+	gorace := strings.TrimSpace(os.Getenv("GORACE") + " atexit_sleep_ms=0")
+	cmd.Env = append(os.Environ(), helperEnv+"="+helper, "GORACE="+gorace)
 	cmd.Env = append(cmd.Env, env...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	return cmd
@@ -237,6 +251,30 @@ func (patternReader) ReadAt(p []byte, off int64) (int, error) {
 type constReader struct{}
 
 func (constReader) ReadAt(p []byte, off int64) (int, error) { return len(p), nil }
+
+// copyReader copies from a 1 MiB buffer of pattern bytes, so a read costs
+// what a cache hit costs: one memmove.
+type copyReader struct{}
+
+var copySource = patternBytes(0, 1<<20)
+
+func (copyReader) ReadAt(p []byte, off int64) (int, error) {
+	for n := 0; n < len(p); {
+		n += copy(p[n:], copySource[(off+int64(n))%int64(len(copySource)):])
+	}
+	return len(p), nil
+}
+
+// slowReader adds a fixed latency to every read, like a network round trip.
+type slowReader struct {
+	r     io.ReaderAt
+	delay time.Duration
+}
+
+func (s slowReader) ReadAt(p []byte, off int64) (int, error) {
+	time.Sleep(s.delay)
+	return s.r.ReadAt(p, off)
+}
 
 // countingReader records every request made to the reader it wraps.
 type countingReader struct {
@@ -323,26 +361,10 @@ func findMount(t testing.TB, dir string) (mountEntry, bool) {
 	}
 	for line := range strings.Lines(string(data)) {
 		f := strings.Fields(line)
-		if len(f) < 4 || unescapeMount(f[1]) != dir {
+		if len(f) < 4 || unescapeOctal(f[1]) != dir {
 			continue
 		}
-		return mountEntry{unescapeMount(f[0]), unescapeMount(f[1]), f[2], strings.Split(f[3], ",")}, true
+		return mountEntry{unescapeOctal(f[0]), unescapeOctal(f[1]), f[2], strings.Split(f[3], ",")}, true
 	}
 	return mountEntry{}, false
-}
-
-// unescapeMount undoes the octal escapes (\040 for a space) of /proc/mounts.
-func unescapeMount(s string) string {
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(v))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
 }

@@ -610,3 +610,26 @@ func TestStatfs(t *testing.T) {
 		}
 	}
 }
+
+func TestMountDevice(t *testing.T) {
+	const mountinfo = `22 1 0:21 / /proc rw,nosuid shared:12 - proc proc rw
+97 29 0:52 / /tmp/a\040b rw,nosuid,nodev,relatime shared:50 - fuse.snapmount nbd://x ro,user_id=0
+98 29 0:53 / /tmp/other rw - fuse.sshfs host: rw
+99 97 0:54 / /tmp/a\040b ro,nosuid,nodev,relatime - fuse.snapmount nbd://y ro,user_id=0
+100 29 0:55 / /tmp/c - fuse.snapmount c ro
+`
+	for _, c := range []struct {
+		dir, dev string
+		ok       bool
+	}{
+		{"/tmp/a b", "0:54", true}, // the mount on top
+		{"/tmp/other", "", false},  // not ours
+		{"/tmp/c", "0:55", true},   // no optional fields
+		{"/proc", "", false},
+		{"/tmp/none", "", false},
+	} {
+		if dev, ok := mountDevice([]byte(mountinfo), c.dir); dev != c.dev || ok != c.ok {
+			t.Errorf("mountDevice(%q) = %q, %v; want %q, %v", c.dir, dev, ok, c.dev, c.ok)
+		}
+	}
+}
