@@ -7,9 +7,8 @@
 // The mount root is a directory (mode 0555) holding exactly one regular file
 // (mode 0444) named [Options.Name], of size [Options.Size]. Both are
 // persistent inodes built once by [NewRoot]; the tree never changes, so
-// entries, attributes and failed lookups are cached by the kernel for a long
-// time (see metadataTimeout) and the steady state costs no metadata round
-// trips. [Mount] mounts the tree read-only ("ro" in /proc/mounts, type
+// entries, attributes and failed lookups are cached by the kernel for a day
+// and the steady state costs no metadata round trips. [Mount] mounts the tree read-only ("ro" in /proc/mounts, type
 // fuse.snapmount, fsname [Options.FsName]) and returns once the kernel's
 // INIT handshake has completed, i.e. once the file is readable.
 //
@@ -34,11 +33,13 @@
 // already open descriptor stay. Open also returns FOPEN_NOFLUSH: close(2)
 // has nothing to flush, so it costs no round trip.
 //
-// Requests are up to 1 MiB (MaxWrite, hence max_read): O_DIRECT reads and
-// large buffered reads arrive in one request per MiB rather than eight of
-// 128 KiB. The kernel's own readahead window is capped at 128 KiB by the
-// kernel (see [Mount] for the options chosen and the measurements behind
-// them).
+// Requests are up to 1 MiB (MaxWrite, hence max_read): an O_DIRECT read
+// arrives as one request per MiB rather than eight of 128 KiB. Buffered
+// reads arrive as kernel readahead shapes them, which the FUSE handshake
+// caps at 128 KiB; when it runs as root, [Mount] raises the mount's window
+// to 4 MiB through sysfs, so sequential reads arrive as 1 MiB requests with
+// several in flight. Non-root mounts keep 128 KiB. See mount.go and
+// readahead.go for the options chosen and the measurements behind them.
 //
 // # Errors and interrupts
 //
@@ -54,7 +55,10 @@
 // synchronously (O_DIRECT reads, the odd single-page read); readahead
 // requests are background requests and are never interrupted: a killed
 // reader leaves them to finish or fail on their own, which is why the
-// layers below must bound every request with a timeout.
+// layers below must bound every request with a timeout. (For the same
+// reason the mount does not negotiate asynchronous direct I/O: it would let
+// io_uring and libaio keep many O_DIRECT reads in flight, but it makes even
+// a synchronous O_DIRECT read wait uninterruptibly.)
 //
 // # Deadlocks
 //
