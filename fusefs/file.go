@@ -86,7 +86,7 @@ func (f *fileNode) Read(ctx context.Context, _ fs.FileHandle, dest []byte, off i
 	case errors.Is(err, io.EOF):
 		return fuse.ReadResultData(dest[:n]), 0
 	}
-	return nil, f.v.fail(ctx, "read", len(dest), off, err)
+	return nil, f.v.fail(ctx, err, "read of %d bytes at offset %d", len(dest), off)
 }
 
 func (f *fileNode) readAt(ctx context.Context, p []byte, off int64) (int, error) {
@@ -96,12 +96,16 @@ func (f *fileNode) readAt(ctx context.Context, p []byte, off int64) (int, error)
 	return f.r.ReadAt(p, off)
 }
 
-// fail maps err to an errno and logs it, unless it is an interrupt (EINTR
-// is what a signalled reader expects, not news).
-func (v *view) fail(ctx context.Context, op string, length int, off int64, err error) syscall.Errno {
+// fail maps err to an errno and logs it with what failed, unless it is an
+// interrupt (EINTR is what a signalled reader expects, not news).
+func (v *view) fail(ctx context.Context, err error, format string, args ...any) syscall.Errno {
 	errno := toErrno(ctx, err)
 	if errno != syscall.EINTR {
-		v.errs.printf("fusefs: %s of %d bytes at offset %d: %v (returning %s)", op, length, off, err, unix.ErrnoName(errno))
+		name := unix.ErrnoName(errno)
+		if name == "" {
+			name = errno.Error()
+		}
+		v.errs.printf("fusefs: "+format+": %v (returning %s)", append(args, err, name)...)
 	}
 	return errno
 }
@@ -132,7 +136,7 @@ func (f *fileNode) Lseek(ctx context.Context, _ fs.FileHandle, off uint64, whenc
 		case errors.Is(err, syscall.ENXIO):
 			return 0, syscall.ENXIO
 		case err != nil:
-			return 0, f.v.fail(ctx, "SEEK_DATA", 0, int64(off), err)
+			return 0, f.v.fail(ctx, err, "SEEK_DATA from offset %d", off)
 		case res < 0 || uint64(res) < off:
 			return off, 0
 		case uint64(res) >= size:
@@ -146,7 +150,7 @@ func (f *fileNode) Lseek(ctx context.Context, _ fs.FileHandle, off uint64, whenc
 	case errors.Is(err, syscall.ENXIO):
 		return 0, syscall.ENXIO
 	case err != nil:
-		return 0, f.v.fail(ctx, "SEEK_HOLE", 0, int64(off), err)
+		return 0, f.v.fail(ctx, err, "SEEK_HOLE from offset %d", off)
 	case res < 0 || uint64(res) < off || uint64(res) > size:
 		return size, 0
 	}

@@ -1,7 +1,6 @@
 package fusefs
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"fmt"
@@ -203,36 +202,51 @@ func (l *lockedBuffer) String() string {
 	return l.b.String()
 }
 
-// lineReader reads a helper's stdout line by line, with a deadline.
-type lineReader struct {
+// lineWriter collects a helper's stdout line by line. Set it as cmd.Stdout
+// (not StdoutPipe: Wait closes that pipe as soon as the process exits, and
+// a last line not yet read is lost) and call done once Wait has returned.
+type lineWriter struct {
 	lines chan string
+
+	mu      sync.Mutex // protects following
+	partial []byte
 }
 
-func newLineReader(r io.Reader) *lineReader {
-	l := &lineReader{lines: make(chan string, 16)}
-	go func() {
-		s := bufio.NewScanner(r)
-		for s.Scan() {
-			l.lines <- s.Text()
+func newLineWriter() *lineWriter {
+	return &lineWriter{lines: make(chan string, 64)}
+}
+
+func (w *lineWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.partial = append(w.partial, p...)
+	for {
+		i := bytes.IndexByte(w.partial, '\n')
+		if i < 0 {
+			return len(p), nil
 		}
-		close(l.lines)
-	}()
-	return l
+		select {
+		case w.lines <- string(w.partial[:i]):
+		default: // nobody reads that much; drop
+		}
+		w.partial = w.partial[i+1:]
+	}
 }
 
-// next returns the next line, or fails the test after timeout or at EOF.
-func (l *lineReader) next(t testing.TB, timeout time.Duration) string {
+// done says the process has exited and all its output was written.
+func (w *lineWriter) done() { close(w.lines) }
+
+// next returns the next line; ok is false if the process ended first. It
+// fails the test after timeout.
+func (w *lineWriter) next(t testing.TB, timeout time.Duration) (line string, ok bool) {
 	t.Helper()
 	select {
-	case line, ok := <-l.lines:
-		if !ok {
-			t.Fatalf("helper closed its output")
-		}
-		return line
+	case line, ok = <-w.lines:
+		return line, ok
 	case <-time.After(timeout):
 		t.Fatalf("no output from helper within %v", timeout)
 	}
-	return ""
+	return "", false
 }
 
 // patternByte is the content of the test files at offset off: it changes

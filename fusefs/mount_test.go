@@ -494,10 +494,8 @@ func TestMountInterrupt(t *testing.T) {
 		t.Fatal(err)
 	}
 	cmd := helperCmd(self, "pread", helperFileEnv+"="+filepath.Join(dir, "disk"))
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
+	lines := newLineWriter()
+	cmd.Stdout = lines
 	cmd.Stderr = os.Stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -506,6 +504,7 @@ func TestMountInterrupt(t *testing.T) {
 	var waitErr error
 	go func() {
 		waitErr = cmd.Wait()
+		lines.done()
 		close(exited)
 	}()
 	// Runs before testMount's unmount. A process blocked in a FUSE request
@@ -519,12 +518,11 @@ func TestMountInterrupt(t *testing.T) {
 			<-exited
 		}
 	})
-	lines := newLineReader(stdout)
-
-	line := lines.next(t, 30*time.Second)
+	line, _ := lines.next(t, 30*time.Second)
 	var tid int
 	if _, err := fmt.Sscanf(line, "tid %d", &tid); err != nil {
-		t.Fatalf("helper said %q", line)
+		<-exited
+		t.Fatalf("helper said %q (exit: %v)", line, waitErr)
 	}
 	select {
 	case <-r.started:
@@ -534,7 +532,10 @@ func TestMountInterrupt(t *testing.T) {
 	if err := unix.Tgkill(cmd.Process.Pid, tid, unix.SIGUSR1); err != nil {
 		t.Fatal(err)
 	}
-	if got := lines.next(t, 30*time.Second); got != "result EINTR" {
+	if got, ok := lines.next(t, 30*time.Second); !ok {
+		<-exited
+		t.Fatalf("helper ended without a result: %v", waitErr)
+	} else if got != "result EINTR" {
 		t.Errorf("helper: %q, want result EINTR", got)
 	}
 	select {

@@ -39,11 +39,14 @@ type rootNode struct {
 
 // NewRoot returns the root directory node holding the single read-only file,
 // which reads through r (see [ContextReaderAt] and [Seeker] for the optional
-// methods it uses). It panics if opt.Name or opt.Size is invalid; [Mount]
-// checks them first and returns an error instead.
+// methods it uses). It panics if r is nil or opt.Name or opt.Size is
+// invalid; [Mount] checks them first and returns an error instead.
 func NewRoot(r io.ReaderAt, opt Options) fs.InodeEmbedder {
 	if err := opt.check(); err != nil {
 		panic(err)
+	}
+	if r == nil {
+		panic("fusefs: nil reader")
 	}
 	v := &view{
 		name:           opt.Name,

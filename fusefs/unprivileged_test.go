@@ -58,10 +58,8 @@ func TestMountUnprivileged(t *testing.T) {
 	asUser(helper, uid, gid, base)
 	var stderr lockedBuffer
 	helper.Stderr = &stderr
-	stdout, err := helper.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
+	lines := newLineWriter()
+	helper.Stdout = lines
 	if err := helper.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -69,6 +67,7 @@ func TestMountUnprivileged(t *testing.T) {
 	var waitErr error
 	go func() {
 		waitErr = helper.Wait()
+		lines.done()
 		close(exited)
 	}()
 	t.Cleanup(func() {
@@ -89,8 +88,9 @@ func TestMountUnprivileged(t *testing.T) {
 			t.Logf("helper stderr:\n%s", stderr.String())
 		}
 	})
-	if line := newLineReader(stdout).next(t, 30*time.Second); line != "ready" {
-		t.Fatalf("helper said %q, want ready; stderr: %s", line, stderr.String())
+	if line, _ := lines.next(t, 30*time.Second); line != "ready" {
+		<-exited
+		t.Fatalf("helper said %q, want ready (exit: %v); stderr: %s", line, waitErr, stderr.String())
 	}
 
 	m, ok := findMount(t, mnt)
