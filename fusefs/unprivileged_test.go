@@ -239,3 +239,46 @@ func runAsUser(t *testing.T, uid, gid uint32, dir string, name string, args ...s
 	}
 	return out
 }
+
+// TestMountAllowOther: with AllowOther another user may read the file (the
+// modes, 0555 and 0444, are checked by the kernel: default_permissions);
+// without it the mount is the mounting user's alone.
+func TestMountAllowOther(t *testing.T) {
+	requireFUSE(t)
+	if os.Geteuid() != 0 {
+		skipOrFail(t, "must run as root to create the user %s and run a process as that user", testUser)
+	}
+	uid, gid := ensureUser(t)
+	const size = 1<<20 + 3
+	for _, allow := range []bool{true, false} {
+		// t.TempDir's parent is 0700; the other user must reach the mount.
+		base, err := os.MkdirTemp("", "snapmount-fusefs-other-")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.RemoveAll(base) })
+		if err := os.Chmod(base, 0755); err != nil {
+			t.Fatal(err)
+		}
+		server, err := Mount(base, patternReader{}, Options{Name: "disk", Size: size, AllowOther: allow})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			if err := server.Unmount(); err != nil {
+				t.Errorf("Unmount: %v", err)
+			}
+		})
+		cmd := exec.Command("cat", filepath.Join(base, "disk"))
+		asUser(cmd, uid, gid, "/")
+		var stderr bytes.Buffer
+		cmd.Stderr = &stderr
+		out, err := cmd.Output()
+		switch {
+		case allow && (err != nil || !bytes.Equal(out, patternBytes(0, size))):
+			t.Errorf("AllowOther: cat as %s: %d bytes, %v: %s", testUser, len(out), err, stderr.String())
+		case !allow && (err == nil || !strings.Contains(stderr.String(), "Permission denied")):
+			t.Errorf("without AllowOther: cat as %s: %v: %s, want permission denied", testUser, err, stderr.String())
+		}
+	}
+}
