@@ -1,0 +1,71 @@
+// Package fusefs shows one read-only file, read through an io.ReaderAt, in a
+// FUSE mount. It is the top layer of "snapmount mount": FUSE read -> file
+// node -> block cache -> NBD client.
+//
+// # Structure
+//
+// The mount root is a directory (mode 0555) holding exactly one regular file
+// (mode 0444) named [Options.Name], of size [Options.Size]. Both are
+// persistent inodes built once by [NewRoot]; the tree never changes, so
+// entries, attributes and failed lookups are cached by the kernel for a day
+// and the steady state costs no metadata round trips. [Mount] mounts the tree read-only ("ro" in /proc/mounts, type
+// fuse.snapmount, fsname [Options.FsName]) and returns once the kernel's
+// INIT handshake has completed, i.e. once the file is readable.
+//
+// # Read-only
+//
+// Every path that could change anything answers EROFS: opening for writing
+// (O_WRONLY, O_RDWR, O_TRUNC, O_APPEND, O_CREAT), Setattr (truncate, chmod,
+// chown, utimes), Write, Allocate, Create, Mkdir, Mknod, Link, Symlink,
+// Unlink, Rmdir, Rename, Setxattr and Removexattr. On the mount the kernel
+// usually answers EROFS itself because of the "ro" flag, before asking us;
+// the node methods refuse anyway so the guarantee does not rest on a mount
+// flag alone. [Options.OnWriteAttempt] hears about every refusal that does
+// reach us. Fsync and Flush succeed: there is nothing to flush.
+//
+// # Kernel caching
+//
+// File data goes through the kernel page cache. When [Options.Immutable] is
+// set (the view is a frozen snapshot) Open returns FOPEN_KEEP_CACHE, so pages
+// survive across opens and a second pass is served by the kernel at memory
+// speed. Otherwise every open drops the file's cached pages, as nbdfuse does,
+// so a new open sees what the server serves now; pages cached under an
+// already open descriptor stay. Open also returns FOPEN_NOFLUSH: close(2)
+// has nothing to flush, so it costs no round trip.
+//
+// Requests are up to 1 MiB (MaxWrite, hence max_read): an O_DIRECT read
+// arrives as one request per MiB rather than eight of 128 KiB. Buffered
+// reads arrive as kernel readahead shapes them, which the FUSE handshake
+// caps at 128 KiB; when it runs as root, [Mount] raises the mount's window
+// to 4 MiB through sysfs, so sequential reads arrive as 1 MiB requests with
+// several in flight. Non-root mounts keep 128 KiB. See mount.go and
+// readahead.go for the options chosen and the measurements behind them.
+//
+// # Errors and interrupts
+//
+// Read errors are turned into errnos in one place (errno.go): a cancelled
+// request gives EINTR, an error wrapping a syscall.Errno gives that errno
+// (the NBD client's errors unwrap to the server's errno), anything else
+// gives EIO and is logged, with offset and length, at a bounded rate.
+//
+// When the process reading the file gets a signal, the kernel sends an
+// INTERRUPT and go-fuse cancels the context passed to Read. If the reader
+// implements [ContextReaderAt] the context reaches it and the read returns
+// EINTR. The kernel only interrupts requests a process is waiting for
+// synchronously (O_DIRECT reads, the odd single-page read); readahead
+// requests are background requests and are never interrupted: a killed
+// reader leaves them to finish or fail on their own, which is why the
+// layers below must bound every request with a timeout. (For the same
+// reason the mount does not negotiate asynchronous direct I/O: it would let
+// io_uring and libaio keep many O_DIRECT reads in flight, but it makes even
+// a synchronous O_DIRECT read wait uninterruptibly.)
+//
+// # Deadlocks
+//
+// Reading the mount from the process that serves it can deadlock (see the
+// "Deadlocks" section of go-fuse's fs package): do not do it with
+// GOMAXPROCS=1, never memory-map the file in the serving process, and do not
+// start subprocesses with a working directory inside the mount. The tests
+// read from the same process only with plain read(2)/pread(2), and use
+// subprocesses where a signal or another user is needed.
+package fusefs

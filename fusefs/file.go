@@ -1,0 +1,208 @@
+package fusefs
+
+import (
+	"context"
+	"errors"
+	"io"
+	"syscall"
+
+	"github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
+)
+
+// preferredIOSize is st_blksize, the I/O size stat(2) recommends: one
+// maximal FUSE request. Tools that size their buffers from it (cp, cat)
+// then read in requests of 1 MiB.
+const preferredIOSize = maxRequest
+
+// fileNode is the one regular file. It needs no file handle: all state is
+// in the node and never changes, so concurrent calls need no lock.
+type fileNode struct {
+	fs.Inode
+	v      *view
+	r      io.ReaderAt
+	ctxr   ContextReaderAt // r, if it implements ContextReaderAt
+	seeker Seeker          // r, if it implements Seeker
+}
+
+func newFileNode(v *view, r io.ReaderAt) *fileNode {
+	f := &fileNode{v: v, r: r}
+	f.ctxr, _ = r.(ContextReaderAt)
+	f.seeker, _ = r.(Seeker)
+	return f
+}
+
+func (f *fileNode) Getattr(ctx context.Context, _ fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	f.v.fillAttr(&out.Attr, fuse.S_IFREG|0444, f.v.size)
+	out.Nlink = 1
+	return 0
+}
+
+// writeOpenFlags are the open flags that ask for a change to the file.
+const writeOpenFlags = syscall.O_TRUNC | syscall.O_APPEND | syscall.O_CREAT
+
+// Open refuses every open that could write and otherwise returns no handle.
+// FOPEN_KEEP_CACHE (immutable views only) keeps the page cache across opens;
+// FOPEN_NOFLUSH spares close(2) a FLUSH round trip, as there is nothing to
+// flush.
+func (f *fileNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
+	if flags&syscall.O_ACCMODE != syscall.O_RDONLY || flags&writeOpenFlags != 0 {
+		return nil, 0, f.v.refuse(ctx, "open-write")
+	}
+	fuseFlags := uint32(fuse.FOPEN_NOFLUSH)
+	if f.v.immutable {
+		fuseFlags |= fuse.FOPEN_KEEP_CACHE
+	}
+	return nil, fuseFlags, 0
+}
+
+// Read fills dest from the reader, clamped to the file size.
+//
+// It never returns a short read before the end of the file: the kernel takes
+// a short READ as end of file and shrinks the file it shows. So a reader that
+// fails part way fails the whole request; only io.EOF (the reader's data
+// ends) gives a short read.
+func (f *fileNode) Read(ctx context.Context, _ fs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	if off < 0 {
+		return nil, syscall.EINVAL
+	}
+	if off >= f.v.size {
+		return fuse.ReadResultData(nil), 0
+	}
+	if rest := f.v.size - off; int64(len(dest)) > rest {
+		dest = dest[:rest]
+	}
+	n, err := f.readAt(ctx, dest, off)
+	switch {
+	case n < 0 || n > len(dest):
+		f.v.errs.printf("fusefs: read of %d bytes at offset %d: reader returned %d bytes (returning EIO)", len(dest), off, n)
+		return nil, syscall.EIO
+	case err == nil && n == len(dest):
+		return fuse.ReadResultData(dest), 0
+	case err == nil:
+		f.v.errs.printf("fusefs: read of %d bytes at offset %d: reader returned %d bytes and no error (returning EIO)", len(dest), off, n)
+		return nil, syscall.EIO
+	case errors.Is(err, io.EOF):
+		return fuse.ReadResultData(dest[:n]), 0
+	}
+	return nil, f.v.fail(ctx, err, "read of %d bytes at offset %d", len(dest), off)
+}
+
+func (f *fileNode) readAt(ctx context.Context, p []byte, off int64) (int, error) {
+	if f.ctxr != nil {
+		return f.ctxr.ReadAtContext(ctx, p, off)
+	}
+	return f.r.ReadAt(p, off)
+}
+
+// fail maps err to an errno and logs it with what failed, unless it is an
+// interrupt (EINTR is what a signalled reader expects, not news).
+func (v *view) fail(ctx context.Context, err error, format string, args ...any) syscall.Errno {
+	errno := toErrno(ctx, err)
+	if errno != syscall.EINTR {
+		name := unix.ErrnoName(errno)
+		if name == "" {
+			name = errno.Error()
+		}
+		v.errs.printf("fusefs: "+format+": %v (returning %s)", append(args, err, name)...)
+	}
+	return errno
+}
+
+// Lseek answers SEEK_DATA and SEEK_HOLE, from the reader's Seeker if it has
+// one; otherwise the whole file is data. As in lseek(2), an offset at or past
+// the end gives ENXIO. Answers from the Seeker are kept in range, erring
+// towards "data": a hole reported where there is data would make sparse-aware
+// copies skip it.
+func (f *fileNode) Lseek(ctx context.Context, _ fs.FileHandle, off uint64, whence uint32) (uint64, syscall.Errno) {
+	size := uint64(f.v.size)
+	if whence != unix.SEEK_DATA && whence != unix.SEEK_HOLE {
+		return 0, syscall.EINVAL
+	}
+	if off >= size {
+		return 0, syscall.ENXIO
+	}
+	if f.seeker == nil {
+		if whence == unix.SEEK_DATA {
+			return off, 0
+		}
+		return size, 0
+	}
+
+	if whence == unix.SEEK_DATA {
+		res, err := f.seeker.SeekData(ctx, int64(off))
+		switch {
+		case errors.Is(err, syscall.ENXIO):
+			return 0, syscall.ENXIO
+		case err != nil:
+			return 0, f.v.fail(ctx, err, "SEEK_DATA from offset %d", off)
+		case res < 0 || uint64(res) < off:
+			return off, 0
+		case uint64(res) >= size:
+			return 0, syscall.ENXIO
+		}
+		return uint64(res), 0
+	}
+
+	res, err := f.seeker.SeekHole(ctx, int64(off))
+	switch {
+	case errors.Is(err, syscall.ENXIO):
+		return 0, syscall.ENXIO
+	case err != nil:
+		return 0, f.v.fail(ctx, err, "SEEK_HOLE from offset %d", off)
+	case res < 0 || uint64(res) < off || uint64(res) > size:
+		return size, 0
+	}
+	return uint64(res), 0
+}
+
+// StatsXattr is the extended attribute of the file that holds
+// Options.Stats().
+const StatsXattr = "user.snapmount.stats"
+
+// xattrSizeMax is the kernel's limit on an extended attribute value
+// (XATTR_SIZE_MAX).
+const xattrSizeMax = 64 << 10
+
+// Getxattr serves StatsXattr. As getxattr(2) asks, a dest too small for the
+// value gets ERANGE and the size needed (a zero-length dest is a size query).
+func (f *fileNode) Getxattr(ctx context.Context, attr string, dest []byte) (uint32, syscall.Errno) {
+	if attr != StatsXattr || f.v.stats == nil {
+		return 0, syscall.ENODATA
+	}
+	data := f.v.stats()
+	if len(data) > xattrSizeMax {
+		return 0, syscall.E2BIG
+	}
+	if len(dest) < len(data) {
+		return uint32(len(data)), syscall.ERANGE
+	}
+	return uint32(copy(dest, data)), 0
+}
+
+// Listxattr lists StatsXattr when there are stats.
+func (f *fileNode) Listxattr(ctx context.Context, dest []byte) (uint32, syscall.Errno) {
+	if f.v.stats == nil {
+		return 0, 0
+	}
+	const list = StatsXattr + "\x00"
+	if len(dest) < len(list) {
+		return uint32(len(list)), syscall.ERANGE
+	}
+	return uint32(copy(dest, list)), 0
+}
+
+func (f *fileNode) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errno {
+	f.v.statfs(out)
+	return 0
+}
+
+// Fsync and Flush succeed: a read-only file has nothing to write back.
+func (f *fileNode) Fsync(ctx context.Context, _ fs.FileHandle, flags uint32) syscall.Errno {
+	return 0
+}
+
+func (f *fileNode) Flush(ctx context.Context, _ fs.FileHandle) syscall.Errno {
+	return 0
+}

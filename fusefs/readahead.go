@@ -1,0 +1,86 @@
+package fusefs
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+)
+
+// readAhead is the kernel readahead window Mount asks for. The FUSE INIT
+// handshake cannot give it: the kernel offers its default of 128 KiB and
+// only accepts a smaller answer. The window of a mount's backing device can
+// be raised through sysfs, but only by root.
+//
+// Cold sequential pass, dd bs=1M over 1 GiB, medians of interleaved runs on
+// a busy 2-CPU machine: with a reader that returns at once, 128 KiB gives
+// 2.8 GB/s and 4 MiB 4.6 GB/s; with one that copies from memory, 128 KiB
+// about 2 GB/s and 1 MiB about 3.5 GB/s. With 300 µs added to every read,
+// like a network round trip, 128 KiB gives 0.2 GB/s, 1 MiB 1.4 GB/s, 2 MiB
+// and 4 MiB about 2.8 GB/s; with 1 ms, 2 MiB gives 1.9 GB/s, 4 MiB 2.2 and
+// 8 MiB 2.9. Kernel readahead only grows for sequential streams, so the
+// larger window costs random readers nothing.
+const readAhead = 4 << 20
+
+// raiseReadAhead sets the readahead window of the FUSE mount at dir to
+// readAhead, through /sys/class/bdi/MAJ:MIN/read_ahead_kb. The backing device
+// belongs to this mount alone and goes away with it. Writing there needs
+// root: for other users it fails with a permission error and the window
+// stays at 128 KiB.
+func raiseReadAhead(dir string) error {
+	mountinfo, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return err
+	}
+	dev, ok := mountDevice(mountinfo, dir)
+	if !ok {
+		return fmt.Errorf("%s is not a snapmount mount in /proc/self/mountinfo", dir)
+	}
+	f, err := os.OpenFile(filepath.Join("/sys/class/bdi", dev, "read_ahead_kb"), os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	_, err = f.WriteString(strconv.Itoa(readAhead >> 10))
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// mountDevice returns the device ("major:minor") of the last fuse.snapmount
+// mount at dir listed in mountinfo (proc(5)); the last one is the one on top.
+func mountDevice(mountinfo []byte, dir string) (dev string, ok bool) {
+	for line := range strings.Lines(string(mountinfo)) {
+		// ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - TYPE SOURCE SUPER
+		before, after, found := strings.Cut(line, " - ")
+		f, g := strings.Fields(before), strings.Fields(after)
+		if !found || len(f) < 5 || len(g) < 1 {
+			continue
+		}
+		if g[0] == "fuse.snapmount" && unescapeOctal(f[4]) == dir {
+			dev, ok = f[2], true
+		}
+	}
+	return dev, ok
+}
+
+// unescapeOctal undoes the \NNN escapes the kernel writes in mount tables for
+// space, tab, newline and backslash.
+func unescapeOctal(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(v))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
