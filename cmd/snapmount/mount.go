@@ -1,0 +1,373 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/hanwen/go-fuse/v2/fuse"
+	flag "github.com/spf13/pflag"
+
+	"snapmount/cache"
+	"snapmount/fusefs"
+	"snapmount/nbd"
+)
+
+// readyFDEnv names the file descriptor on which a background mount
+// process reports to the command that started it.
+const readyFDEnv = "SNAPMOUNT_READY_FD"
+
+func init() {
+	register(&command{
+		name:  "mount",
+		args:  "URI MOUNTPOINT",
+		short: "mount an export read-only as one file, ideally a frozen snapshot",
+		long: `Connects and negotiates before mounting (errors fail fast and nothing is
+left mounted), sends the read-only promise, and shows the export as one
+read-only file (mode 0444) in MOUNTPOINT, which must be an empty
+directory. Against snapmount serve the export name NAME (or NAME@snapshot)
+gives a new frozen snapshot that all connections of the mount share; any
+other server gives a live view that may change under the mount, which is
+said once. The command returns once the file is readable, unless
+-f/--foreground. SIGINT or SIGTERM, or 'snapmount umount MOUNTPOINT',
+unmount it. Cache counters: 'snapmount stats MOUNTPOINT'.
+
+Works as an ordinary user through fusermount3.`,
+		setup: func(fs *flag.FlagSet) func(context.Context, stdio, []string) error {
+			o := &mountOptions{cacheSize: 256 << 20, blockSize: 128 << 10, readahead: 8 << 20, conns: 4}
+			fs.StringVar(&o.name, "name", "", "name of the file in the mount (default: the export name)")
+			fs.IntVar(&o.conns, "conns", o.conns, "connections when the server allows multi-conn")
+			fs.Var(sizeFlag{&o.cacheSize}, "cache-size", "memory for cached blocks")
+			fs.Var(sizeFlag{&o.blockSize}, "block-size", "cache block size (rounded to the server's preferred size)")
+			fs.Var(sizeFlag{&o.readahead}, "readahead", "largest readahead window for sequential reads (0: off)")
+			fs.BoolVar(&o.noCache, "no-cache", false, "read through without caching (a live view then never shows stale data from this process)")
+			fs.BoolVar(&o.allowOther, "allow-other", false, "let other users read the mount (needs user_allow_other in /etc/fuse.conf unless root)")
+			fs.BoolVarP(&o.foreground, "foreground", "f", false, "stay in the foreground; unmount on SIGINT/SIGTERM")
+			fs.StringVar(&o.pidfile, "pidfile", "", "write the PID of the mount process here once it is ready")
+			fs.StringVar(&o.logFile, "log", "", "append the mount process's log here (default: stderr in the foreground, nowhere in the background)")
+			fs.BoolVarP(&o.verbose, "verbose", "v", false, "log the counters at unmount")
+			fs.BoolVar(&o.allowWritable, "allow-writable", false, "mount even if the server may count this client as a writer (writable export, read-only promise not understood)")
+			fs.BoolVar(&o.debugFuse, "debug-fuse", false, "trace every FUSE request")
+			o.cf.bind(fs)
+			return func(ctx context.Context, std stdio, args []string) error {
+				if err := wantArgs(args, 2, "URI and MOUNTPOINT"); err != nil {
+					return err
+				}
+				if err := o.check(); err != nil {
+					return err
+				}
+				u, dopt, err := o.cf.parse(args[0])
+				if err != nil {
+					return err
+				}
+				fd := os.Getenv(readyFDEnv)
+				if !o.foreground && fd == "" {
+					return spawnMount(ctx, std)
+				}
+				rep, err := newReporter(fd, std.err)
+				if err != nil {
+					return err
+				}
+				err = runMount(ctx, rep, u, dopt, args[1], o)
+				rep.done(err)
+				return err
+			}
+		},
+	})
+}
+
+type mountOptions struct {
+	cf                       clientFlags
+	name                     string
+	conns                    int
+	cacheSize, blockSize     int64
+	readahead                int64
+	noCache, allowOther      bool
+	foreground, verbose      bool
+	allowWritable, debugFuse bool
+	pidfile, logFile         string
+}
+
+func (o *mountOptions) check() error {
+	switch {
+	case o.conns < 1 || o.conns > 64:
+		return usagef("--conns must be from 1 to 64")
+	case o.blockSize < 4096 || o.blockSize > 16<<20 || o.blockSize&(o.blockSize-1) != 0:
+		return usagef("--block-size must be a power of two from 4K to 16M")
+	case o.cacheSize < o.blockSize*4 && !o.noCache:
+		return usagef("--cache-size must hold at least 4 blocks")
+	case o.readahead < 0:
+		return usagef("--readahead cannot be negative")
+	case strings.ContainsAny(o.name, "/\x00") || o.name == "." || o.name == "..":
+		return usagef("--name must be a plain file name")
+	}
+	return nil
+}
+
+// spawnMount starts this command again as a background process and waits
+// until it reports that the mount is ready, or why it failed.
+func spawnMount(ctx context.Context, std stdio) error {
+	r, w, err := os.Pipe()
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	self, err := os.Executable()
+	if err != nil {
+		self = "/proc/self/exe"
+	}
+	cmd := exec.Command(self, os.Args[1:]...)
+	cmd.Env = append(os.Environ(), readyFDEnv+"=3")
+	cmd.ExtraFiles = []*os.File{w}
+	// A session of its own: the mount outlives the terminal and is not
+	// hit by the shell's ^C meant for this command.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		w.Close()
+		return withCode(exitMount, fmt.Errorf("starting the mount process: %w", err))
+	}
+	w.Close()
+	go func() { _ = cmd.Wait() }() // reap it if it dies while we wait
+
+	sc := bufio.NewScanner(r)
+	for sc.Scan() {
+		kind, msg, _ := strings.Cut(sc.Text(), " ")
+		switch kind {
+		case "warn":
+			fmt.Fprintf(std.err, "snapmount mount: warning: %s\n", msg)
+		case "ready":
+			return nil
+		case "error":
+			codeStr, text, _ := strings.Cut(msg, " ")
+			code, _ := strconv.Atoi(codeStr)
+			if code == 0 {
+				code = exitFailure
+			}
+			return withCode(code, errors.New(text))
+		}
+	}
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	return withCode(exitMount, errors.New("the mount process ended without reporting; run with -f to see why"))
+}
+
+// reporter tells the starting command how the mount went: through the
+// ready pipe for a background process, on stderr in the foreground.
+type reporter struct {
+	pipe   *os.File // nil in the foreground
+	stderr io.Writer
+}
+
+func newReporter(fd string, stderr io.Writer) (*reporter, error) {
+	if fd == "" {
+		return &reporter{stderr: stderr}, nil
+	}
+	n, err := strconv.Atoi(fd)
+	if err != nil || n < 3 {
+		return nil, fmt.Errorf("bad %s=%q", readyFDEnv, fd)
+	}
+	return &reporter{pipe: os.NewFile(uintptr(n), "ready-pipe"), stderr: stderr}, nil
+}
+
+func (r *reporter) warn(msg string) {
+	if r.pipe != nil {
+		fmt.Fprintf(r.pipe, "warn %s\n", oneLine(msg))
+		return
+	}
+	fmt.Fprintf(r.stderr, "snapmount mount: warning: %s\n", msg)
+}
+
+func (r *reporter) ready() {
+	if r.pipe != nil {
+		fmt.Fprintln(r.pipe, "ready")
+		r.pipe.Close()
+		r.pipe = nil
+	}
+}
+
+// done reports a failure before the mount was ready (after that there is
+// no one to tell but the log).
+func (r *reporter) done(err error) {
+	if r.pipe == nil {
+		return
+	}
+	if err != nil {
+		code := exitFailure
+		var ee *exitError
+		if errors.As(err, &ee) {
+			code = ee.code
+		}
+		fmt.Fprintf(r.pipe, "error %d %s\n", code, oneLine(err.Error()))
+	}
+	r.pipe.Close()
+	r.pipe = nil
+}
+
+func oneLine(s string) string { return strings.ReplaceAll(strings.TrimSpace(s), "\n", "; ") }
+
+// fileName is the name of the file in the mount: the export's name
+// without a snapshot suffix, as nbdfuse's "nbd" when the name is empty.
+func fileName(export string) string {
+	name := export
+	if i := strings.LastIndexByte(name, '@'); i >= 0 {
+		name = name[:i]
+	}
+	name = filepath.Base(strings.Trim(name, "/"))
+	if name == "" || name == "." || name == "/" {
+		return "nbd"
+	}
+	return name
+}
+
+// mountStats is what 'snapmount stats' shows, read from the file's xattr.
+type mountStats struct {
+	PID       int             `json:"pid"`
+	URI       string          `json:"uri"`
+	Export    string          `json:"export"`
+	Frozen    bool            `json:"frozen_snapshot"`
+	Size      int64           `json:"size"`
+	MountedAt time.Time       `json:"mounted_at"`
+	Client    nbd.ClientStats `json:"nbd"`
+	Cache     cache.Stats     `json:"cache"`
+}
+
+func runMount(ctx context.Context, rep *reporter, u *nbd.URI, dopt nbd.DialOptions, mountpoint string, o *mountOptions) error {
+	logw := io.Writer(io.Discard)
+	switch {
+	case o.logFile != "":
+		f, err := os.OpenFile(o.logFile, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
+		if err != nil {
+			return withCode(exitUsage, fmt.Errorf("opening --log: %w", err))
+		}
+		defer f.Close()
+		logw = f
+	case rep.pipe == nil:
+		logw = rep.stderr
+	}
+	logger := log.New(logw, "snapmount: ", log.LstdFlags)
+
+	dir, err := prepareMountpoint(mountpoint)
+	if err != nil {
+		return withCode(exitMount, err)
+	}
+	client, err := nbd.Open(ctx, u, nbd.ClientOptions{Dial: dopt, Conns: o.conns, Timeout: o.cf.timeout, Logf: logger.Printf})
+	if err != nil {
+		return withCode(exitConnect, err)
+	}
+	defer client.Close()
+	info := client.Info()
+	if !info.Promise && !info.ReadOnly() && !o.allowWritable {
+		return withCode(exitConnect, fmt.Errorf("server %s exports %q writable and does not know the read-only promise, so it may count this mount as a writer: use a read-only export (e.g. qemu-nbd -r, nbdkit -r, NAME@snapshot on snapmount serve) or pass --allow-writable", u.Address, u.Export))
+	}
+	frozen := isFrozen(info)
+	if !frozen {
+		why := "the server has no snapshots"
+		if info.Promise {
+			why = "this export name is not a snapshot"
+		}
+		if o.noCache {
+			rep.warn(fmt.Sprintf("the view of %q is live and may change under the mount (%s)", u.Export, why))
+		} else {
+			rep.warn(fmt.Sprintf("the view of %q is live and may change under the mount (%s); caching anyway (--no-cache to bypass)", u.Export, why))
+		}
+	}
+
+	blockSize := o.blockSize
+	if pref := int64(info.BlockSize.Preferred); blockSize%pref != 0 {
+		blockSize = (blockSize/pref + 1) * pref
+	}
+	readahead := o.readahead
+	if readahead == 0 {
+		readahead = -1 // the cache's way to say off
+	}
+	c := cache.New(cacheSource(client), client.Size(), cache.Options{
+		BlockSize:    int(blockSize),
+		MaxBytes:     o.cacheSize,
+		MaxRequest:   int(min(int64(info.BlockSize.Max), 4<<20)),
+		MaxReadahead: readahead,
+		Disabled:     o.noCache,
+	})
+	defer c.Close()
+
+	name := o.name
+	if name == "" {
+		name = fileName(u.Export)
+	}
+	mounted := time.Now()
+	statsOf := func() mountStats {
+		return mountStats{
+			PID: os.Getpid(), URI: u.String(), Export: info.CanonicalName, Frozen: frozen,
+			Size: client.Size(), MountedAt: mounted, Client: client.Stats(), Cache: c.Stats(),
+		}
+	}
+	srv, err := fusefs.Mount(dir, c, fusefs.Options{
+		Name:       name,
+		Size:       client.Size(),
+		Immutable:  frozen,
+		Mtime:      mounted,
+		AllowOther: o.allowOther,
+		FsName:     u.Display(),
+		Debug:      o.debugFuse,
+		Logger:     logger,
+		Stats: func() []byte {
+			b, _ := json.Marshal(statsOf())
+			return b
+		},
+		OnWriteAttempt: func(op string, pid, uid uint32) {
+			logger.Printf("refused %s by pid %d (uid %d): the mount is read-only", op, pid, uid)
+		},
+	})
+	if err != nil {
+		return withCode(exitMount, fmt.Errorf("mounting on %s: %w", dir, err))
+	}
+	if o.pidfile != "" {
+		if err := os.WriteFile(o.pidfile, []byte(strconv.Itoa(os.Getpid())+"\n"), 0o644); err != nil {
+			unmount(srv, dir, logger)
+			return withCode(exitMount, fmt.Errorf("writing --pidfile: %w", err))
+		}
+		defer os.Remove(o.pidfile)
+	}
+	logger.Printf("mounted %s (%s, %d bytes) on %s as %s", u.Display(), info.CanonicalName, client.Size(), dir, name)
+	rep.ready()
+
+	unmounted := make(chan struct{})
+	go func() {
+		srv.Wait()
+		close(unmounted)
+	}()
+	select {
+	case <-unmounted:
+	case <-ctx.Done():
+		unmount(srv, dir, logger)
+		<-unmounted
+	}
+	logger.Printf("unmounted %s", dir)
+	if o.verbose {
+		b, _ := json.MarshalIndent(statsOf(), "", "  ")
+		logger.Printf("counters: %s", b)
+	}
+	return nil
+}
+
+// unmount unmounts the server's mount; if the file is still open
+// somewhere, it detaches lazily so the process can still end.
+func unmount(srv *fuse.Server, dir string, logger *log.Logger) {
+	if err := srv.Unmount(); err != nil {
+		logger.Printf("unmount %s: %v; detaching lazily", dir, err)
+		if err := fusermount("-u", "-z", dir); err != nil {
+			logger.Printf("lazy unmount %s: %v", dir, err)
+		}
+	}
+}

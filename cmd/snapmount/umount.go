@@ -1,0 +1,186 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	flag "github.com/spf13/pflag"
+	"golang.org/x/sys/unix"
+
+	"snapmount/fusefs"
+)
+
+func init() {
+	register(&command{
+		name:  "umount",
+		args:  "MOUNTPOINT",
+		short: "unmount a snapmount mount and wait for its process to finish",
+		setup: func(fs *flag.FlagSet) func(context.Context, stdio, []string) error {
+			var lazy bool
+			var wait time.Duration
+			fs.BoolVarP(&lazy, "lazy", "z", false, "detach now even if files in the mount are still open")
+			fs.DurationVar(&wait, "wait", 30*time.Second, "how long to wait for the mount process to exit")
+			return func(ctx context.Context, std stdio, args []string) error {
+				if err := wantArgs(args, 1, "MOUNTPOINT"); err != nil {
+					return err
+				}
+				dir, err := filepath.Abs(args[0])
+				if err != nil {
+					return err
+				}
+				typ, ok := mountAt(dir)
+				if !ok {
+					return withCode(exitMount, fmt.Errorf("%s is not mounted", dir))
+				}
+				if !strings.HasPrefix(typ, "fuse") {
+					return withCode(exitMount, fmt.Errorf("%s is a %s mount, not snapmount's", dir, typ))
+				}
+				// Learn the mount process before it goes, to wait for it.
+				pid := 0
+				if st, err := readStats(dir); err == nil {
+					pid = st.PID
+				}
+				fmArgs := []string{"-u", dir}
+				if lazy {
+					fmArgs = []string{"-u", "-z", dir}
+				}
+				if err := fusermount(fmArgs...); err != nil {
+					if strings.Contains(err.Error(), "busy") {
+						return withCode(exitMount, fmt.Errorf("%s is busy (a file in it is open); close it, or use --lazy", dir))
+					}
+					return withCode(exitMount, fmt.Errorf("unmounting %s: %v", dir, err))
+				}
+				if pid > 0 {
+					if err := waitExit(pid, wait); err != nil {
+						return withCode(exitMount, err)
+					}
+				}
+				return nil
+			}
+		},
+	})
+	register(&command{
+		name:  "stats",
+		args:  "MOUNTPOINT",
+		short: "print a mount's cache and connection counters and its snapshot name",
+		setup: func(fs *flag.FlagSet) func(context.Context, stdio, []string) error {
+			var asJSON bool
+			fs.BoolVar(&asJSON, "json", false, "print the raw JSON")
+			return func(ctx context.Context, std stdio, args []string) error {
+				if err := wantArgs(args, 1, "MOUNTPOINT"); err != nil {
+					return err
+				}
+				raw, err := readStatsRaw(args[0])
+				if err != nil {
+					return err
+				}
+				if asJSON {
+					fmt.Fprintf(std.out, "%s\n", raw)
+					return nil
+				}
+				var st mountStats
+				if err := json.Unmarshal(raw, &st); err != nil {
+					return fmt.Errorf("reading counters: %w", err)
+				}
+				printStats(std, &st)
+				return nil
+			}
+		},
+	})
+}
+
+// readStatsRaw reads the counters of the mount at dir from its file.
+func readStatsRaw(dir string) ([]byte, error) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %v", dir, err)
+	}
+	if len(entries) != 1 {
+		return nil, fmt.Errorf("%s does not look like a snapmount mount (it has %d entries, not one file)", dir, len(entries))
+	}
+	path := filepath.Join(dir, entries[0].Name())
+	buf := make([]byte, 4096)
+	for {
+		n, err := unix.Getxattr(path, fusefs.StatsXattr, buf)
+		if errors.Is(err, syscall.ERANGE) {
+			buf = make([]byte, len(buf)*4)
+			continue
+		}
+		if errors.Is(err, syscall.ENODATA) || errors.Is(err, syscall.ENOTSUP) {
+			return nil, fmt.Errorf("%s is not a snapmount mount (no %s)", dir, fusefs.StatsXattr)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("%s: %v", path, err)
+		}
+		return buf[:n], nil
+	}
+}
+
+func readStats(dir string) (*mountStats, error) {
+	raw, err := readStatsRaw(dir)
+	if err != nil {
+		return nil, err
+	}
+	var st mountStats
+	return &st, json.Unmarshal(raw, &st)
+}
+
+func printStats(std stdio, st *mountStats) {
+	w := std.out
+	view := "live (may change under the mount)"
+	if st.Frozen {
+		view = "frozen snapshot"
+	}
+	c, n := st.Cache, st.Client
+	lookups := c.Hits + c.Misses + c.ZeroHits + c.InflightJoins
+	hitRate := 0.0
+	if lookups > 0 {
+		hitRate = float64(c.Hits+c.ZeroHits+c.InflightJoins) * 100 / float64(lookups)
+	}
+	fmt.Fprintf(w, "export:         %s (%s)\n", st.Export, view)
+	fmt.Fprintf(w, "uri:            %s\n", st.URI)
+	fmt.Fprintf(w, "size:           %d (%s)\n", st.Size, humanSize(uint64(st.Size)))
+	fmt.Fprintf(w, "pid:            %d, mounted %s\n", st.PID, st.MountedAt.Format(time.RFC3339))
+	fmt.Fprintf(w, "connections:    %d of %d alive, %d reconnects, %d retries, %d timeouts\n", n.Conns, n.Slots, n.Reconnects, n.Retries, n.Timeouts)
+	fmt.Fprintf(w, "requests:       %d (%s read from the server)\n", n.Requests, humanSize(uint64(n.BytesRead)))
+	fmt.Fprintf(w, "cache:          %s of %s in %s blocks\n", humanSize(uint64(c.CachedBytes)), humanSize(uint64(c.MaxBytes)), humanSize(uint64(c.BlockSize)))
+	fmt.Fprintf(w, "block lookups:  %d hits, %d zero (holes, no transfer), %d joined a fetch, %d misses (%.1f%% served without a new fetch)\n", c.Hits, c.ZeroHits, c.InflightJoins, c.Misses, hitRate)
+	fmt.Fprintf(w, "fetched:        %s in %d requests, %d errors\n", humanSize(uint64(c.BytesFetched)), c.SourceReads, c.Errors)
+	fmt.Fprintf(w, "readahead:      %d blocks, %d used, %d wasted\n", c.ReadaheadBlocks, c.ReadaheadUsed, c.ReadaheadWasted)
+	fmt.Fprintf(w, "evictions:      %d\n", c.Evictions)
+}
+
+// waitExit waits for a process to exit, without polling: a pidfd becomes
+// readable when its process ends.
+func waitExit(pid int, timeout time.Duration) error {
+	fd, err := unix.PidfdOpen(pid, 0)
+	if errors.Is(err, syscall.ESRCH) {
+		return nil // already gone
+	}
+	if err != nil {
+		return nil // cannot watch it; the unmount itself succeeded
+	}
+	defer unix.Close(fd)
+	fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+	deadline := time.Now().Add(timeout)
+	for {
+		left := time.Until(deadline)
+		if left <= 0 {
+			return fmt.Errorf("unmounted, but the mount process %d is still running after %v", pid, timeout)
+		}
+		n, err := unix.Poll(fds, int(left.Milliseconds())+1)
+		if errors.Is(err, syscall.EINTR) {
+			continue
+		}
+		if err != nil || n > 0 {
+			return nil
+		}
+	}
+}
