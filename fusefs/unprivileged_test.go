@@ -172,6 +172,7 @@ func ensureUser(t *testing.T) (uid, gid uint32) {
 // desktop distributions ship it (0666), and restores its mode afterwards.
 func devFuseWorldWritable(t *testing.T) {
 	t.Helper()
+	lockDevFuse(t)
 	st, err := os.Stat("/dev/fuse")
 	if err != nil {
 		t.Fatal(err)
@@ -188,6 +189,23 @@ func devFuseWorldWritable(t *testing.T) {
 			t.Errorf("restoring the mode of /dev/fuse: %v", err)
 		}
 	})
+}
+
+// lockDevFuse serialises tests that change the mode of /dev/fuse across
+// packages (test/ does the same with the same lock file): go test runs
+// packages in parallel, and two tests saving and restoring the mode at
+// once could leave it world-writable.
+func lockDevFuse(t *testing.T) {
+	t.Helper()
+	f, err := os.OpenFile(filepath.Join(os.TempDir(), "snapmount-dev-fuse.lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
+		t.Fatal(err)
+	}
+	// Registered first, so it runs after the mode is restored.
+	t.Cleanup(func() { f.Close() })
 }
 
 // copyExecutable copies the running test binary to dst, where another user

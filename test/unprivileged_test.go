@@ -48,6 +48,17 @@ func testUserIDs(t *testing.T) (uint32, uint32) {
 // the old mode back afterwards.
 func openDevFuse(t *testing.T) {
 	t.Helper()
+	// go test runs packages in parallel and fusefs's tests change the
+	// mode too: the same lock file keeps the save and restore pairs from
+	// interleaving.
+	lock, err := os.OpenFile(filepath.Join(os.TempDir(), "snapmount-dev-fuse.lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { lock.Close() }) // runs last: after the mode is back
 	st, err := os.Stat("/dev/fuse")
 	if err != nil {
 		skipOrFail(t, "/dev/fuse is missing")
