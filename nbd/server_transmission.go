@@ -1,0 +1,379 @@
+package nbd
+
+// The transmission phase of one connection: one reader (this goroutine)
+// parses request headers and WRITE payloads, up to Workers handlers run at
+// once, and one writer sends replies, several per writev when they queue
+// up. A reply is queued only when it is complete, so no success header
+// ever goes out before its data exists, and the chunks of one structured
+// reply are never interleaved with another's.
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+)
+
+// srvReply is one complete reply, ready for the writer.
+type srvReply struct {
+	bufs net.Buffers // header(s) and payload, in wire order
+	buf  []byte      // pooled payload buffer to give back once written
+	cost int64       // in-flight budget to give back once written
+}
+
+// srvBudget is a counting semaphore of payload bytes.
+type srvBudget struct {
+	mu    sync.Mutex
+	cond  sync.Cond
+	avail int64
+}
+
+func newSrvBudget(n int64) *srvBudget {
+	b := &srvBudget{avail: n}
+	b.cond.L = &b.mu
+	return b
+}
+
+func (b *srvBudget) acquire(n int64) {
+	b.mu.Lock()
+	for b.avail < n {
+		b.cond.Wait()
+	}
+	b.avail -= n
+	b.mu.Unlock()
+}
+
+func (b *srvBudget) release(n int64) {
+	b.mu.Lock()
+	b.avail += n
+	b.cond.Broadcast()
+	b.mu.Unlock()
+}
+
+// transmit serves requests until DISC, EOF, a protocol violation or
+// shutdown, then waits for the handlers and the writer. It returns the
+// number of requests and why the connection ended (nil for DISC).
+func (c *serverConn) transmit() (int, error) {
+	workers := c.srv.cfg.Workers
+	slots := make(chan struct{}, workers) // a slot is held from request header to written reply
+	budget := newSrvBudget(srvMaxInFlightBytes)
+	replies := make(chan *srvReply, workers)
+	writerDone := make(chan struct{})
+	go c.writeReplies(replies, slots, budget, writerDone)
+
+	br := bufio.NewReaderSize(c.conn, 64<<10)
+	var handlers sync.WaitGroup
+	var hdr [requestHeaderLen]byte
+	var reason error
+	n := 0
+	for ; ; n++ {
+		if _, err := io.ReadFull(br, hdr[:]); err != nil {
+			reason = c.readEnded(err)
+			break
+		}
+		req, err := parseRequest(hdr[:])
+		if err != nil {
+			reason = err
+			break
+		}
+		if req.Type == CmdDisc {
+			break
+		}
+		if req.Type == CmdWrite && req.Length > MaxPayload {
+			reason = protoErrorf("WRITE of %d bytes exceeds the %d-byte maximum payload", req.Length, MaxPayload)
+			break
+		}
+		slots <- struct{}{}
+		var cost int64
+		var payload []byte
+		if req.Type == CmdWrite || req.Type == CmdRead && req.Length <= MaxPayload {
+			cost = int64(req.Length)
+			budget.acquire(cost)
+		}
+		if req.Type == CmdWrite && req.Length > 0 {
+			payload = srvGetBuf(int(req.Length))
+			if _, err := io.ReadFull(br, payload); err != nil {
+				srvPutBuf(payload)
+				budget.release(cost)
+				<-slots
+				reason = c.readEnded(err)
+				break
+			}
+		}
+		handlers.Add(1)
+		go func() {
+			defer handlers.Done()
+			r := c.handle(req, payload)
+			r.cost = cost
+			replies <- r
+		}()
+	}
+	handlers.Wait()
+	close(replies)
+	<-writerDone
+	return n, reason
+}
+
+// readEnded explains why reading a request failed.
+func (c *serverConn) readEnded(err error) error {
+	switch {
+	case c.srv.inShut.Load():
+		return errors.New("server shutting down")
+	case errors.Is(err, io.EOF):
+		return errors.New("client hung up without NBD_CMD_DISC")
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		return errors.New("client hung up in the middle of a request")
+	}
+	return err
+}
+
+// writeReplies is the connection's only writer. It sends replies as they
+// come, gathering those already queued into one writev, and gives back
+// each reply's buffer, budget and slot once it is written. After a write
+// error it closes the connection (which stops the reader) and only
+// drains.
+func (c *serverConn) writeReplies(replies <-chan *srvReply, slots <-chan struct{}, budget *srvBudget, done chan<- struct{}) {
+	defer close(done)
+	var batch []*srvReply
+	var bufs net.Buffers
+	failed := false
+	for r := range replies {
+		batch = append(batch[:0], r)
+	gather:
+		for len(batch) < 32 {
+			select {
+			case r, ok := <-replies:
+				if !ok {
+					break gather
+				}
+				batch = append(batch, r)
+			default:
+				break gather
+			}
+		}
+		if !failed {
+			bufs = bufs[:0]
+			for _, r := range batch {
+				bufs = append(bufs, r.bufs...)
+			}
+			out := bufs
+			if _, err := out.WriteTo(c.conn); err != nil {
+				failed = true
+				c.log.Debug("writing replies failed", "err", err)
+				c.raw.Close()
+			}
+		}
+		for _, r := range batch {
+			if r.buf != nil {
+				srvPutBuf(r.buf)
+			}
+			budget.release(r.cost)
+			<-slots
+		}
+	}
+}
+
+// ---- request handling ----
+
+// flags each command accepts (more are refused with EINVAL).
+func (c *serverConn) allowedFlags(t Cmd) CmdFlags {
+	var f CmdFlags = CmdFlagFUA // proto.md: FUA is valid on any command
+	switch t {
+	case CmdRead:
+		if c.structured {
+			f |= CmdFlagDF
+		}
+	case CmdWriteZeroes:
+		f |= CmdFlagNoHole | CmdFlagFastZero
+	case CmdBlockStatus:
+		f |= CmdFlagReqOne
+	}
+	return f
+}
+
+// handle runs one request and returns its reply. It never fails: errors
+// become error replies.
+func (c *serverConn) handle(req Request, payload []byte) *srvReply {
+	v := c.view
+	size := v.exp.size
+	off, length := int64(req.Offset), int64(req.Length)
+	inRange := req.Offset <= uint64(size) && length <= size-off
+	fua := req.Flags&CmdFlagFUA != 0 && v.writable
+
+	if bad := req.Flags &^ c.allowedFlags(req.Type); bad != 0 {
+		if payload != nil {
+			srvPutBuf(payload)
+		}
+		return c.errorReply(req, fmt.Errorf("flags %#x are not valid for %s: %w", uint16(bad), req.Type, EINVAL))
+	}
+	switch req.Type {
+	case CmdRead:
+		return c.handleRead(req, inRange)
+	case CmdWrite:
+		defer func() {
+			if payload != nil {
+				srvPutBuf(payload)
+			}
+		}()
+		switch {
+		case !v.writable:
+			return c.errorReply(req, errReadOnlyView)
+		case !inRange:
+			return c.errorReply(req, fmt.Errorf("write of %d bytes at offset %d goes past the end of the export (%d bytes): %w", length, off, size, ENOSPC))
+		}
+		return c.result(req, v.write(payload, off, fua))
+	case CmdFlush:
+		if req.Offset != 0 || req.Length != 0 {
+			return c.errorReply(req, fmt.Errorf("FLUSH with offset or length set: %w", EINVAL))
+		}
+		return c.result(req, v.flush())
+	case CmdTrim:
+		switch {
+		case !v.writable:
+			return c.errorReply(req, errReadOnlyView)
+		case !inRange:
+			return c.errorReply(req, fmt.Errorf("trim of %d bytes at offset %d goes past the end of the export: %w", length, off, EINVAL))
+		}
+		return c.result(req, v.trim(off, length, fua))
+	case CmdWriteZeroes:
+		switch {
+		case !v.writable:
+			return c.errorReply(req, errReadOnlyView)
+		case !inRange:
+			return c.errorReply(req, fmt.Errorf("write zeroes of %d bytes at offset %d goes past the end of the export: %w", length, off, ENOSPC))
+		}
+		return c.result(req, v.writeZeroes(off, length, req.Flags&CmdFlagNoHole != 0, req.Flags&CmdFlagFastZero != 0, fua))
+	case CmdCache:
+		if !inRange {
+			return c.errorReply(req, fmt.Errorf("cache of %d bytes at offset %d goes past the end of the export: %w", length, off, EINVAL))
+		}
+		return c.result(req, v.cache(off, length))
+	case CmdBlockStatus:
+		return c.handleBlockStatus(req, inRange)
+	case CmdResize:
+		if !v.writable {
+			return c.errorReply(req, errReadOnlyView)
+		}
+		return c.errorReply(req, fmt.Errorf("this server never resizes an image: %w", EINVAL))
+	}
+	return c.errorReply(req, fmt.Errorf("unknown command %d: %w", uint16(req.Type), EINVAL))
+}
+
+var errReadOnlyView = fmt.Errorf("this connection is read-only: %w", EPERM)
+
+func (c *serverConn) handleRead(req Request, inRange bool) *srvReply {
+	off, length := int64(req.Offset), int64(req.Length)
+	switch {
+	case length > MaxPayload:
+		return c.errorReply(req, fmt.Errorf("read of %d bytes exceeds the %d-byte maximum: %w", length, MaxPayload, EINVAL))
+	case !inRange:
+		return c.errorReply(req, fmt.Errorf("read of %d bytes at offset %d goes past the end of the export (%d bytes): %w", length, off, c.view.exp.size, EINVAL))
+	case length == 0:
+		return c.result(req, nil)
+	}
+	buf := srvGetBuf(int(length))
+	holes := c.structured && req.Flags&CmdFlagDF == 0
+	ext, err := c.view.read(buf, off, holes)
+	if err != nil {
+		srvPutBuf(buf)
+		return c.errorReply(req, err)
+	}
+	r := &srvReply{buf: buf}
+	if !c.structured {
+		r.bufs = net.Buffers{appendSimpleReply(make([]byte, 0, simpleReplyLen), 0, req.Cookie), buf}
+		return r
+	}
+	if len(ext) == 0 {
+		ext = []srvExtent{{off: off, length: length}}
+	}
+	// Headers go into one slice sized up front, so the slices of it in
+	// r.bufs stay valid.
+	hdr := make([]byte, 0, len(ext)*(chunkHeaderLen+12))
+	r.bufs = make(net.Buffers, 0, 2*len(ext))
+	for i, x := range ext {
+		var flags uint16
+		if i == len(ext)-1 {
+			flags = ReplyFlagDone
+		}
+		start := len(hdr)
+		if x.hole {
+			hdr = appendChunkHeader(hdr, flags, ChunkOffsetHole, req.Cookie, 12)
+			hdr = be.AppendUint64(hdr, uint64(x.off))
+			hdr = be.AppendUint32(hdr, uint32(x.length))
+			r.bufs = append(r.bufs, hdr[start:])
+			continue
+		}
+		hdr = appendChunkHeader(hdr, flags, ChunkOffsetData, req.Cookie, uint32(8+x.length))
+		hdr = be.AppendUint64(hdr, uint64(x.off))
+		r.bufs = append(r.bufs, hdr[start:], buf[x.off-off:x.off-off+x.length])
+	}
+	return r
+}
+
+// srvMaxStatusExtents bounds the extents of one BLOCK_STATUS reply.
+const srvMaxStatusExtents = 2048
+
+func (c *serverConn) handleBlockStatus(req Request, inRange bool) *srvReply {
+	off, length := int64(req.Offset), int64(req.Length)
+	switch {
+	case !c.structured || !c.metaAlloc:
+		return c.errorReply(req, fmt.Errorf("BLOCK_STATUS needs structured replies and base:allocation selected for this export: %w", EINVAL))
+	case length == 0 || !inRange:
+		return c.errorReply(req, fmt.Errorf("block status of %d bytes at offset %d is outside the export: %w", length, off, EINVAL))
+	}
+	maxExt := srvMaxStatusExtents
+	if req.Flags&CmdFlagReqOne != 0 {
+		maxExt = 1
+	}
+	ext, err := c.view.blockStatus(off, length, maxExt)
+	if err != nil {
+		return c.errorReply(req, err)
+	}
+	wire := make([]WireExtent, 0, len(ext))
+	for _, x := range ext {
+		if len(wire) == maxExt {
+			break
+		}
+		var st uint32
+		if x.hole {
+			st = StateHole | StateZero
+		}
+		wire = append(wire, WireExtent{Length: uint32(x.length), Flags: st})
+	}
+	payload := appendBlockStatusPayload(nil, 1, wire)
+	b := appendChunkHeader(make([]byte, 0, chunkHeaderLen+len(payload)), ReplyFlagDone, ChunkBlockStatus, req.Cookie, uint32(len(payload)))
+	return &srvReply{bufs: net.Buffers{append(b, payload...)}}
+}
+
+// result is the reply to a command without reply payload.
+func (c *serverConn) result(req Request, err error) *srvReply {
+	if err != nil {
+		return c.errorReply(req, err)
+	}
+	if c.structured && req.Type == CmdRead {
+		b := appendChunkHeader(nil, ReplyFlagDone, ChunkNone, req.Cookie, 0)
+		return &srvReply{bufs: net.Buffers{b}}
+	}
+	return &srvReply{bufs: net.Buffers{appendSimpleReply(nil, 0, req.Cookie)}}
+}
+
+// errorReply reports err for one request: an ERROR chunk with a message
+// for READ and BLOCK_STATUS under structured replies, else a simple reply.
+func (c *serverConn) errorReply(req Request, err error) *srvReply {
+	errno := ErrnoOf(err)
+	if errno == EIO || errors.Is(err, os.ErrClosed) {
+		c.log.Warn("request failed", "cmd", req.Type, "offset", req.Offset, "length", req.Length, "err", err)
+		errno = EIO
+	} else {
+		c.log.Debug("request refused", "cmd", req.Type, "offset", req.Offset, "length", req.Length, "err", err)
+	}
+	if c.structured && (req.Type == CmdRead || req.Type == CmdBlockStatus) {
+		p := appendErrorChunkPayload(nil, errno, err.Error(), -1)
+		b := appendChunkHeader(make([]byte, 0, chunkHeaderLen+len(p)), ReplyFlagDone, ChunkError, req.Cookie, uint32(len(p)))
+		return &srvReply{bufs: net.Buffers{append(b, p...)}}
+	}
+	return &srvReply{bufs: net.Buffers{appendSimpleReply(nil, errno, req.Cookie)}}
+}
