@@ -15,6 +15,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"time"
 )
 
 // srvReply is one complete reply, ready for the writer.
@@ -70,7 +71,7 @@ func (c *serverConn) transmit() (int, error) {
 	var reason error
 	n := 0
 	for ; ; n++ {
-		if _, err := io.ReadFull(br, hdr[:]); err != nil {
+		if err := c.readRequestBytes(br, hdr[:]); err != nil {
 			reason = c.readEnded(err)
 			break
 		}
@@ -95,7 +96,7 @@ func (c *serverConn) transmit() (int, error) {
 		}
 		if req.Type == CmdWrite && req.Length > 0 {
 			payload = srvGetBuf(int(req.Length))
-			if _, err := io.ReadFull(br, payload); err != nil {
+			if err := c.readRequestBytes(br, payload); err != nil {
 				srvPutBuf(payload)
 				budget.release(cost)
 				<-slots
@@ -114,7 +115,41 @@ func (c *serverConn) transmit() (int, error) {
 	handlers.Wait()
 	close(replies)
 	<-writerDone
+	if reason == nil || c.srv.inShut.Load() {
+		c.closeGracefully()
+	}
 	return n, reason
+}
+
+// srvShutdownGrace bounds how long shutdown waits for a request already
+// begun to arrive whole, and for the client to read its last replies.
+const srvShutdownGrace = 5 * time.Second
+
+// readRequestBytes reads a request header or payload. A shutdown stops
+// the reader with an expired read deadline; a request of which some bytes
+// already arrived still gets srvShutdownGrace to arrive whole.
+func (c *serverConn) readRequestBytes(br *bufio.Reader, p []byte) error {
+	n, err := io.ReadFull(br, p)
+	var ne net.Error
+	if err != nil && n > 0 && errors.As(err, &ne) && ne.Timeout() && c.srv.inShut.Load() {
+		c.raw.SetReadDeadline(time.Now().Add(srvShutdownGrace))
+		_, err = io.ReadFull(br, p[n:])
+		c.raw.SetReadDeadline(time.Now())
+	}
+	return err
+}
+
+// closeGracefully sends FIN after the last reply and swallows what the
+// client still sends until it hangs up, so that closing with unread bytes
+// (requests that came too late) does not reset the connection and
+// destroy replies the client has not read yet.
+func (c *serverConn) closeGracefully() {
+	cw, ok := c.conn.(interface{ CloseWrite() error })
+	if !ok || cw.CloseWrite() != nil {
+		return
+	}
+	c.raw.SetReadDeadline(time.Now().Add(srvShutdownGrace))
+	io.Copy(io.Discard, io.LimitReader(c.conn, 2*MaxPayload))
 }
 
 // readEnded explains why reading a request failed.

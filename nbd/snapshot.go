@@ -55,7 +55,7 @@ type snapshot struct {
 	storeMu   sync.RWMutex // protects following; store I/O holds it shared
 	store     *os.File     // nil once released
 	storePath string
-	used      int64 // bytes written to the store, counted in Server.storeUsed
+	used      atomic.Int64 // bytes written to the store, counted in Server.storeUsed
 
 	// Guarded by exp.mu.
 	refs      int // connections using the snapshot
@@ -220,13 +220,14 @@ func (s *snapshot) releaseStore() int64 {
 	s.storeMu.Lock()
 	defer s.storeMu.Unlock()
 	if s.store == nil {
-		return s.used
+		return s.used.Load()
 	}
 	s.store.Close()
 	os.Remove(s.storePath)
 	s.store = nil
-	s.exp.srv.storeUsed.Add(-s.used)
-	return s.used
+	used := s.used.Load()
+	s.exp.srv.storeUsed.Add(-used)
+	return used
 }
 
 // check returns EIO for a broken or dropped snapshot.
@@ -525,7 +526,7 @@ func (s *snapshot) reserve(n int64) error {
 	} else {
 		srv.storeUsed.Add(n)
 	}
-	s.used += n
+	s.used.Add(n)
 	return nil
 }
 
