@@ -304,3 +304,7 @@ func (r *rawClient) expectClosed() {
 		r.t.Fatal("server kept the connection open")
 	}
 }
+
+func testLoggerTo(w io.Writer) *slog.Logger {
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelError}))
+}
