@@ -67,6 +67,9 @@ type export struct {
 	file        *os.File
 	size        int64
 	readOnly    bool // opened read-only: no view is ever writable
+	// mapping maps the image only to ask which pages are cached (see
+	// exportResident); nil when the image cannot be mapped.
+	mapping []byte
 
 	blockShift uint // log2 of the copy-before-write granularity
 	locks      blockLocks
@@ -123,6 +126,7 @@ func openExport(s *Server, ec ExportConfig) (*export, error) {
 		readOnly:    s.cfg.ReadOnly,
 		snapshots:   map[uint64]*snapshot{},
 	}
+	e.mapping = exportMap(f, size)
 	for 1<<e.blockShift < s.cfg.SnapshotBlock {
 		e.blockShift++
 	}
@@ -152,6 +156,9 @@ func (e *export) close() error {
 		if err = exportFdatasync(e.file); err != nil {
 			err = fmt.Errorf("nbd: flushing image %s: %w", e.path, err)
 		}
+	}
+	if e.mapping != nil {
+		syscall.Munmap(e.mapping)
 	}
 	if cerr := e.file.Close(); err == nil && cerr != nil {
 		err = fmt.Errorf("nbd: closing image %s: %w", e.path, cerr)

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"os"
 	"syscall"
+	"unsafe"
 )
 
 // Values from <linux/falloc.h>, <linux/fs.h> and <linux/fadvise.h>.
@@ -87,4 +88,84 @@ func exportFadviseWillNeed(f *os.File, off, length int64) error {
 		}
 		return nil
 	})
+}
+
+// exportMap maps the image read-only so that exportResident can ask the
+// kernel which pages are cached. The mapping is never read through (a
+// file shortened by another process would fault); it only feeds mincore.
+func exportMap(f *os.File, size int64) []byte {
+	if size <= 0 || int64(int(size)) != size {
+		return nil
+	}
+	var m []byte
+	storeRawConn(f, func(fd int) error {
+		var err error
+		m, err = syscall.Mmap(fd, 0, int(size), syscall.PROT_READ, syscall.MAP_SHARED)
+		return err
+	})
+	return m
+}
+
+// exportResident reports whether every page of [off, off+n) of the
+// mapping is in the page cache, so that sending it costs no disk I/O.
+func exportResident(m []byte, off, n int64) bool {
+	if m == nil || n <= 0 || off < 0 || off+n > int64(len(m)) {
+		return false
+	}
+	const page = 4096
+	start := off &^ (page - 1)
+	pages := (off + n - start + page - 1) / page
+	var small [256]byte
+	vec := small[:]
+	if pages > int64(len(small)) {
+		vec = make([]byte, pages)
+	}
+	vec = vec[:pages]
+	_, _, e := syscall.Syscall(syscall.SYS_MINCORE, uintptr(unsafe.Pointer(&m[start])), uintptr(min(pages*page, int64(len(m))-start)), uintptr(unsafe.Pointer(&vec[0])))
+	if e != 0 {
+		return false
+	}
+	for _, v := range vec {
+		if v&1 == 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// srvSendfile sends n bytes of f from off on conn with sendfile(2): the
+// data goes from the page cache to the socket without a copy through the
+// process. It returns how many bytes it sent; fewer than n without an
+// error means the file ended early.
+func srvSendfile(conn syscall.RawConn, f *os.File, off, n int64) (int64, error) {
+	var sent int64
+	err := storeRawConn(f, func(in int) error {
+		var opErr error
+		err := conn.Write(func(out uintptr) bool {
+			for sent < n {
+				o := off + sent
+				m, err := syscall.Sendfile(int(out), in, &o, int(min(n-sent, 1<<30)))
+				if m > 0 {
+					sent += int64(m)
+				}
+				switch {
+				case errors.Is(err, syscall.EAGAIN):
+					return false // wait until the socket is writable
+				case errors.Is(err, syscall.EINTR):
+					continue
+				case err != nil:
+					opErr = err
+					return true
+				case m == 0:
+					return true // end of file
+				}
+			}
+			return true
+		})
+		if err != nil {
+			return err
+		}
+		return opErr
+	})
+	return sent, err
 }

@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -51,6 +52,9 @@ type serverConn struct {
 
 	view      *exportView
 	metaAlloc bool // BLOCK_STATUS allowed: base:allocation set for the export opened
+	// sendfile is the socket for sendfile(2), nil under TLS (the data
+	// must pass through the process to be encrypted).
+	sendfile syscall.RawConn
 
 	mu           sync.Mutex // protects following
 	transmitting bool
@@ -104,6 +108,9 @@ func (c *serverConn) serve() {
 	c.transmitting = true
 	c.raw.SetDeadline(time.Time{})
 	c.mu.Unlock()
+	if sc, ok := c.conn.(syscall.Conn); ok && !c.tls {
+		c.sendfile, _ = sc.SyscallConn()
+	}
 
 	c.log.Info("connection", "export", view.name, "mode", view.mode, "tls", c.tls,
 		"structured_replies", c.structured, "promised_read_only", c.promised)

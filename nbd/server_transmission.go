@@ -2,8 +2,8 @@ package nbd
 
 // The transmission phase of one connection: one reader (this goroutine)
 // parses request headers and WRITE payloads, up to Workers handlers run at
-// once, and one writer sends replies, several per writev when they queue
-// up. A reply is queued only when it is complete, so no success header
+// once, and one writer at a time sends replies, several per writev when
+// they queue up. A reply is queued only when it is complete, so no success header
 // ever goes out before its data exists, and the chunks of one structured
 // reply are never interleaved with another's.
 
@@ -23,6 +23,18 @@ type srvReply struct {
 	bufs net.Buffers // header(s) and payload, in wire order
 	buf  []byte      // pooled payload buffer to give back once written
 	cost int64       // in-flight budget to give back once written
+
+	// A READ of cached live data is sent from the image with sendfile:
+	// then pieces replace bufs.
+	file   *os.File
+	pieces []srvPiece
+}
+
+// srvPiece is part of a reply: bytes, or (b == nil) n bytes of the
+// reply's file at off.
+type srvPiece struct {
+	b      []byte
+	off, n int64
 }
 
 // srvBudget is a counting semaphore of payload bytes.
@@ -61,9 +73,7 @@ func (c *serverConn) transmit() (int, error) {
 	workers := c.srv.cfg.Workers
 	slots := make(chan struct{}, workers) // a slot is held from request header to written reply
 	budget := newSrvBudget(srvMaxInFlightBytes)
-	replies := make(chan *srvReply, workers)
-	writerDone := make(chan struct{})
-	go c.writeReplies(replies, slots, budget, writerDone)
+	w := &srvReplyWriter{c: c, slots: slots, budget: budget}
 
 	br := bufio.NewReaderSize(c.conn, 64<<10)
 	var handlers sync.WaitGroup
@@ -104,17 +114,20 @@ func (c *serverConn) transmit() (int, error) {
 				break
 			}
 		}
+		if r := c.handleInline(req, payload); r != nil {
+			r.cost = cost
+			w.send(r)
+			continue
+		}
 		handlers.Add(1)
 		go func() {
 			defer handlers.Done()
 			r := c.handle(req, payload)
 			r.cost = cost
-			replies <- r
+			w.send(r)
 		}()
 	}
-	handlers.Wait()
-	close(replies)
-	<-writerDone
+	handlers.Wait() // every reply is written once its handler is done
 	if reason == nil || c.srv.inShut.Load() {
 		c.closeGracefully()
 	}
@@ -165,50 +178,97 @@ func (c *serverConn) readEnded(err error) error {
 	return err
 }
 
-// writeReplies is the connection's only writer. It sends replies as they
-// come, gathering those already queued into one writev, and gives back
-// each reply's buffer, budget and slot once it is written. After a write
-// error it closes the connection (which stops the reader) and only
-// drains.
-func (c *serverConn) writeReplies(replies <-chan *srvReply, slots <-chan struct{}, budget *srvBudget, done chan<- struct{}) {
-	defer close(done)
-	var batch []*srvReply
-	var bufs net.Buffers
-	failed := false
-	for r := range replies {
-		batch = append(batch[:0], r)
-	gather:
-		for len(batch) < 32 {
-			select {
-			case r, ok := <-replies:
-				if !ok {
-					break gather
-				}
-				batch = append(batch, r)
-			default:
-				break gather
-			}
+// srvReplyWriter serialises replies onto the connection. A handler with a
+// finished reply queues it and, if no other handler is writing, becomes
+// the writer: it sends everything queued (one writev) until the queue is
+// empty. So a reply goes out without a hop to another goroutine, replies
+// that pile up while one writev runs leave together, and only one
+// goroutine writes at a time. After a write error it closes the
+// connection (which stops the reader) and only gives back resources.
+type srvReplyWriter struct {
+	c      *serverConn
+	slots  <-chan struct{}
+	budget *srvBudget
+
+	writing sync.Mutex // held by the goroutine that writes
+
+	mu     sync.Mutex // protects following
+	queue  []*srvReply
+	failed bool
+}
+
+// send queues r and writes the queue unless another goroutine is writing.
+// The writer re-checks the queue after unlocking: a reply queued while it
+// wrote, whose handler found the lock taken, is never left behind.
+func (w *srvReplyWriter) send(r *srvReply) {
+	w.mu.Lock()
+	w.queue = append(w.queue, r)
+	w.mu.Unlock()
+	for w.writing.TryLock() {
+		w.mu.Lock()
+		batch := w.queue
+		w.queue = nil
+		failed := w.failed
+		w.mu.Unlock()
+		if len(batch) == 0 {
+			w.writing.Unlock()
+			return
 		}
 		if !failed {
-			bufs = bufs[:0]
-			for _, r := range batch {
-				bufs = append(bufs, r.bufs...)
-			}
-			out := bufs
-			if _, err := out.WriteTo(c.conn); err != nil {
-				failed = true
-				c.log.Debug("writing replies failed", "err", err)
-				c.raw.Close()
+			if err := w.write(batch); err != nil {
+				w.mu.Lock()
+				w.failed = true
+				w.mu.Unlock()
+				w.c.log.Debug("writing replies failed", "err", err)
+				w.c.raw.Close()
 			}
 		}
 		for _, r := range batch {
 			if r.buf != nil {
 				srvPutBuf(r.buf)
 			}
-			budget.release(r.cost)
-			<-slots
+			w.budget.release(r.cost)
+			<-w.slots
+		}
+		w.writing.Unlock()
+	}
+}
+
+// write sends a batch of replies: bytes with writev, file data with
+// sendfile in between.
+func (w *srvReplyWriter) write(batch []*srvReply) error {
+	var bufs net.Buffers
+	flush := func() error {
+		_, err := bufs.WriteTo(w.c.conn)
+		bufs = bufs[:0]
+		return err
+	}
+	for _, r := range batch {
+		if r.file == nil {
+			bufs = append(bufs, r.bufs...)
+			continue
+		}
+		for _, p := range r.pieces {
+			if p.b != nil {
+				bufs = append(bufs, p.b)
+				continue
+			}
+			if err := flush(); err != nil {
+				return err
+			}
+			sent, err := srvSendfile(w.c.sendfile, r.file, p.off, p.n)
+			if err != nil {
+				// The header has gone out; the data cannot follow.
+				return fmt.Errorf("sendfile of %d bytes at %d: %w", p.n, p.off, err)
+			}
+			if sent < p.n {
+				// Another process shortened the image: past its end it
+				// reads as zeros.
+				bufs = append(bufs, make([]byte, p.n-sent))
+			}
 		}
 	}
+	return flush()
 }
 
 // ---- request handling ----
@@ -297,6 +357,34 @@ func (c *serverConn) handle(req Request, payload []byte) *srvReply {
 	return c.errorReply(req, fmt.Errorf("unknown command %d: %w", uint16(req.Type), EINVAL))
 }
 
+// handleInline runs the requests that cost little and never wait for a
+// disk in the reader goroutine itself, and returns nil for the others. It
+// saves a goroutine and a thread handoff per request where the kernel
+// copy is the whole cost: a READ of cached live data (sent with sendfile)
+// and a plain WRITE into the page cache while no snapshot needs
+// copy-before-write. FUA writes, snapshot I/O and uncached reads go to the
+// handlers, which run in parallel.
+func (c *serverConn) handleInline(req Request, payload []byte) *srvReply {
+	v := c.view
+	off, length := int64(req.Offset), int64(req.Length)
+	if req.Flags&^c.allowedFlags(req.Type) != 0 || req.Offset > uint64(v.exp.size) || length > v.exp.size-off || length == 0 {
+		return nil
+	}
+	switch req.Type {
+	case CmdRead:
+		return c.sendfileRead(req, c.structured && req.Flags&CmdFlagDF == 0)
+	case CmdWrite:
+		if !v.writable || req.Flags&CmdFlagFUA != 0 {
+			return nil
+		}
+		if live := v.exp.live.Load(); live != nil && len(*live) > 0 {
+			return nil
+		}
+		return c.handle(req, payload)
+	}
+	return nil
+}
+
 var errReadOnlyView = fmt.Errorf("this connection is read-only: %w", EPERM)
 
 func (c *serverConn) handleRead(req Request, inRange bool) *srvReply {
@@ -309,8 +397,11 @@ func (c *serverConn) handleRead(req Request, inRange bool) *srvReply {
 	case length == 0:
 		return c.result(req, nil)
 	}
-	buf := srvGetBuf(int(length))
 	holes := c.structured && req.Flags&CmdFlagDF == 0
+	if r := c.sendfileRead(req, holes); r != nil {
+		return r
+	}
+	buf := srvGetBuf(int(length))
 	ext, err := c.view.read(buf, off, holes)
 	if err != nil {
 		srvPutBuf(buf)
@@ -344,6 +435,52 @@ func (c *serverConn) handleRead(req Request, inRange bool) *srvReply {
 		hdr = appendChunkHeader(hdr, flags, ChunkOffsetData, req.Cookie, uint32(8+x.length))
 		hdr = be.AppendUint64(hdr, uint64(x.off))
 		r.bufs = append(r.bufs, hdr[start:], buf[x.off-off:x.off-off+x.length])
+	}
+	return r
+}
+
+// srvSendfileMin is the smallest READ sent with sendfile: below it a copy
+// through the process costs less than the extra system calls.
+const srvSendfileMin = 32 << 10
+
+// sendfileRead builds the reply to a READ of live data that is all in the
+// page cache, to be sent with sendfile. It returns nil when the READ must
+// take the ordinary path: snapshots (read under block locks), TLS, small
+// or uncached ranges (read in parallel by the handlers rather than by the
+// one writer).
+func (c *serverConn) sendfileRead(req Request, holes bool) *srvReply {
+	v := c.view
+	off, length := int64(req.Offset), int64(req.Length)
+	if v.snap != nil || c.sendfile == nil || length < srvSendfileMin || !exportResident(v.exp.mapping, off, length) {
+		return nil
+	}
+	r := &srvReply{file: v.exp.file}
+	if !c.structured {
+		r.pieces = []srvPiece{{b: appendSimpleReply(nil, 0, req.Cookie)}, {off: off, n: length}}
+		return r
+	}
+	ext := []srvExtent{{off: off, length: length}}
+	if holes {
+		ext = imageExtents(v.exp.file, off, off+length, make([]srvExtent, 0, 4), maxReadExtents)
+	}
+	hdr := make([]byte, 0, len(ext)*(chunkHeaderLen+12))
+	r.pieces = make([]srvPiece, 0, 2*len(ext))
+	for i, x := range ext {
+		var flags uint16
+		if i == len(ext)-1 {
+			flags = ReplyFlagDone
+		}
+		start := len(hdr)
+		if x.hole {
+			hdr = appendChunkHeader(hdr, flags, ChunkOffsetHole, req.Cookie, 12)
+			hdr = be.AppendUint64(hdr, uint64(x.off))
+			hdr = be.AppendUint32(hdr, uint32(x.length))
+			r.pieces = append(r.pieces, srvPiece{b: hdr[start:]})
+			continue
+		}
+		hdr = appendChunkHeader(hdr, flags, ChunkOffsetData, req.Cookie, uint32(8+x.length))
+		hdr = be.AppendUint64(hdr, uint64(x.off))
+		r.pieces = append(r.pieces, srvPiece{b: hdr[start:]}, srvPiece{off: x.off, n: x.length})
 	}
 	return r
 }
