@@ -138,6 +138,10 @@ func (c *serverConn) transmit() (int, error) {
 // begun to arrive whole, and for the client to read its last replies.
 const srvShutdownGrace = 5 * time.Second
 
+// srvDrainGrace bounds how long a closing connection waits for the client
+// to hang up after the server's FIN.
+const srvDrainGrace = 2 * time.Second
+
 // readRequestBytes reads a request header or payload. A shutdown stops
 // the reader with an expired read deadline; a request of which some bytes
 // already arrived still gets srvShutdownGrace to arrive whole.
@@ -161,7 +165,9 @@ func (c *serverConn) closeGracefully() {
 	if !ok || cw.CloseWrite() != nil {
 		return
 	}
-	c.raw.SetReadDeadline(time.Now().Add(srvShutdownGrace))
+	// Clients that read replies all the time (libnbd, qemu, snapmount
+	// mount) see the FIN and hang up at once; a silent one is cut off.
+	c.raw.SetReadDeadline(time.Now().Add(srvDrainGrace))
 	io.Copy(io.Discard, io.LimitReader(c.conn, 2*MaxPayload))
 }
 

@@ -5,6 +5,7 @@ package test
 // reference peer for point-in-time NBD views).
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -12,6 +13,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"snapmount/nbd"
 )
 
 // pySnapshotReader opens the reader URI (argv 1), then a second
@@ -215,5 +218,63 @@ h.shutdown()
 	}
 	if entries, _ := os.ReadDir(snapDir); len(entries) != 0 {
 		t.Errorf("store files left in --snapshot-dir: %v", entries)
+	}
+}
+
+// TestServeSigtermCleansUp: SIGTERM with a lingering snapshot and a
+// connected writer ends the server with exit 0, the writer's acknowledged
+// data in the image and no store left behind.
+func TestServeSigtermCleansUp(t *testing.T) {
+	img := filepath.Join(t.TempDir(), "disk.img")
+	writeRandomImage(t, img, 4<<20, 14)
+	snapDir := t.TempDir()
+	sock, p := startServe(t, "--snapshot-dir", snapDir, "--snapshot-linger", "1h", "disk="+img)
+	pyLibnbd(t, `
+import nbd, sys
+s = nbd.NBD(); s.connect_uri(sys.argv[1] % "disk@snapshot")
+w = nbd.NBD(); w.connect_uri(sys.argv[1] % "disk")
+w.pwrite(b"\x44" * 65536, 0)
+`, strings.Replace(unixURI("disk", sock), "disk", "%s", 1))
+	if entries, _ := os.ReadDir(snapDir); len(entries) != 1 {
+		t.Fatalf("want one store file while the snapshot lingers, got %v", entries)
+	}
+	w := dialRawNBD(t, sock) // a client still connected at SIGTERM
+	w.goExport("disk")
+	p.stop()
+	if p.err != nil {
+		t.Errorf("serve after SIGTERM: %v, want exit 0\n%s", p.err, p.out.String())
+	}
+	if entries, _ := os.ReadDir(snapDir); len(entries) != 0 {
+		t.Errorf("store files left after SIGTERM: %v", entries)
+	}
+	if !bytes.Equal(readFileRange(t, img, 0, 65536), bytes.Repeat([]byte{0x44}, 65536)) {
+		t.Error("the acknowledged write is not in the image")
+	}
+	if _, err := os.Stat(sock); err == nil {
+		t.Error("the socket was left behind")
+	}
+}
+
+// TestServeReadOnlyFlag: with --readonly nobody is a writer.
+func TestServeReadOnlyFlag(t *testing.T) {
+	requireCmd(t, "nbdinfo", "qemu-io")
+	img := filepath.Join(t.TempDir(), "disk.img")
+	writeRandomImage(t, img, 4<<20, 15)
+	before := fileSHA256(t, img)
+	if err := os.Chmod(img, 0o444); err != nil {
+		t.Fatal(err)
+	}
+	sock, _ := startServe(t, "--readonly", "disk="+img)
+	if r := runCmd(t, time.Minute, "nbdinfo", "--is", "read-only", unixURI("disk", sock)); r.code != 0 {
+		t.Errorf("nbdinfo --is read-only with --readonly: exit %d", r.code)
+	}
+	w := dialRawNBD(t, sock)
+	w.goExport("disk")
+	if errno, _ := w.request(nbd.CmdWrite, 0, 4, []byte{1, 2, 3, 4}); errno != 1 {
+		t.Errorf("WRITE with --readonly: errno %d, want EPERM", errno)
+	}
+	mustRun(t, "qemu-io", "-r", "-f", "raw", "-c", "read 0 64k", unixURI("disk@snapshot", sock))
+	if fileSHA256(t, img) != before {
+		t.Error("the image changed under --readonly")
 	}
 }
