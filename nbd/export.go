@@ -325,8 +325,14 @@ func appendExtent(dst []srvExtent, off, length int64, hole bool) []srvExtent {
 // data, which is always a safe answer; so is everything on a file system
 // that cannot tell.
 func imageExtents(f *os.File, off, end int64, dst []srvExtent, maxExtents int) []srvExtent {
-	pos := off
-	for n := 0; pos < end && n < maxExtents; n++ {
+	pos, n := off, 0
+	// Most ranges of most images are all data: one SEEK_HOLE tells.
+	if hole, err := exportSeek(f, pos, seekHole); err == nil && hole > pos {
+		hole = min(hole, end)
+		dst = appendExtent(dst, pos, hole-pos, false)
+		pos, n = hole, 1
+	}
+	for ; pos < end && n < maxExtents; n++ {
 		data, err := exportSeek(f, pos, seekData)
 		if errors.Is(err, syscall.ENXIO) {
 			data = end // no data after pos: the rest is a hole (or past EOF)
