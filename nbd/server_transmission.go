@@ -75,7 +75,9 @@ func (c *serverConn) transmit() (int, error) {
 	budget := newSrvBudget(srvMaxInFlightBytes)
 	w := &srvReplyWriter{c: c, slots: slots, budget: budget}
 
-	br := bufio.NewReaderSize(c.conn, 64<<10)
+	// Small: it batches request headers; WRITE payloads mostly bypass it
+	// (a bigger buffer only copies more of each payload twice).
+	br := bufio.NewReaderSize(c.conn, 8<<10)
 	var handlers sync.WaitGroup
 	var hdr [requestHeaderLen]byte
 	var reason error
