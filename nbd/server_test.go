@@ -613,3 +613,145 @@ func TestServerShutdown(t *testing.T) {
 	}
 	t.Logf("%d of %d writes acknowledged before shutdown", len(acked), len(cookies))
 }
+
+// TestServerPipelined sends many requests without waiting, structured
+// READs over holes (several chunks each) mixed with WRITEs, and checks
+// every chunk arrives whole and every reply once, with the right data.
+func TestServerPipelined(t *testing.T) {
+	path := testImage(t, testSize, 11)
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Holes every other 64 KiB in the first MiB: reads there have many chunks.
+	for off := int64(0); off < 1<<20; off += 128 << 10 {
+		if err := exportFallocate(f, fallocPunchHole|fallocKeepSize, off, 64<<10); err != nil {
+			t.Skipf("cannot punch holes: %v", err)
+		}
+	}
+	f.Close()
+	want, _ := os.ReadFile(path)
+	_, addr := startTestServer(t, ServerConfig{Workers: 4}, path)
+	c := dialRaw(t, addr)
+	if got := final(c.option(OptStructuredReply, nil)); got != RepAck {
+		t.Fatal(got)
+	}
+	c.mustGo("disk")
+
+	type pending struct {
+		read   bool
+		off    uint64
+		length uint32
+		data   []byte
+		done   bool
+	}
+	reqs := map[uint64]*pending{}
+	var out []byte
+	for i := 0; i < 96; i++ {
+		c.cookie++
+		var r Request
+		p := &pending{}
+		switch i % 3 {
+		case 0, 1: // reads: half over the holes, half anywhere
+			p.read = true
+			p.off = uint64(i%8) * (96 << 10)
+			if i%3 == 1 {
+				p.off = uint64(1<<20) + uint64(i)*4096
+			}
+			p.length = 256 << 10
+			p.data = make([]byte, p.length)
+			r = Request{Type: CmdRead, Cookie: c.cookie, Offset: p.off, Length: p.length}
+		case 2: // writes to the last MiB, disjoint
+			p.off = uint64(testSize-(1<<20)) + uint64(i/3)*4096
+			p.length = 4096
+			r = Request{Type: CmdWrite, Cookie: c.cookie, Offset: p.off, Length: p.length}
+		}
+		reqs[c.cookie] = p
+		hdr := make([]byte, requestHeaderLen)
+		r.encode(hdr)
+		out = append(out, hdr...)
+		if !p.read {
+			out = append(out, bytes.Repeat([]byte{byte(i)}, int(p.length))...)
+			copy(want[p.off:], bytes.Repeat([]byte{byte(i)}, int(p.length)))
+		}
+	}
+	go c.c.Write(out) // the server replies while we still send
+	for left := len(reqs); left > 0; {
+		var b [chunkHeaderLen]byte
+		h, err := readReplyHeader(c.c, &b)
+		if err != nil {
+			t.Fatalf("with %d replies outstanding: %v", left, err)
+		}
+		p := reqs[h.cookie]
+		if p == nil || p.done {
+			t.Fatalf("reply for unknown or finished cookie %d", h.cookie)
+		}
+		if !h.structured {
+			if h.errno != 0 || p.read {
+				t.Fatalf("cookie %d: simple reply errno %s (read %v)", h.cookie, h.errno, p.read)
+			}
+			p.done = true
+			left--
+			continue
+		}
+		payload := make([]byte, h.length)
+		c.readFull(payload)
+		switch h.typ {
+		case ChunkOffsetData:
+			o := be.Uint64(payload) - p.off
+			copy(p.data[o:], payload[8:])
+		case ChunkOffsetHole:
+			o, n := be.Uint64(payload)-p.off, be.Uint32(payload[8:])
+			clear(p.data[o : o+uint64(n)])
+		default:
+			t.Fatalf("cookie %d: chunk %s", h.cookie, h.typ)
+		}
+		if h.flags&ReplyFlagDone != 0 {
+			p.done = true
+			left--
+		}
+	}
+	for ck, p := range reqs {
+		if p.read && !bytes.Equal(p.data, want[p.off:p.off+uint64(p.length)]) {
+			// Reads of the written area race with the writes; none go there.
+			t.Errorf("cookie %d: read %d@%d returned wrong data", ck, p.length, p.off)
+		}
+	}
+	got, _ := os.ReadFile(path)
+	if !bytes.Equal(got[testSize-(1<<20):], want[testSize-(1<<20):]) {
+		t.Error("pipelined writes did not all land")
+	}
+}
+
+// TestServerCanonicalNameUnasked: GO on a snapshot sends NBD_INFO_NAME
+// even to a client that did not ask, so every client learns the name to
+// rejoin; a writer's GO without the request carries no name.
+func TestServerCanonicalNameUnasked(t *testing.T) {
+	img := testImage(t, testSize, 12)
+	_, addr := startTestServer(t, ServerConfig{}, img)
+	names := func(name string, promise bool) []string {
+		c := dialRaw(t, addr)
+		if promise {
+			c.option(OptXReadOnly, nil)
+		}
+		req := ExportRequest{Name: name}
+		var got []string
+		for _, r := range c.option(OptGo, req.encode()) {
+			if r.typ == RepInfo {
+				if ir, err := parseInfoReply(r.data); err == nil && ir.Type == InfoName {
+					got = append(got, ir.Text)
+				}
+			}
+		}
+		return got
+	}
+	if got := names("disk@snapshot", false); len(got) != 1 || got[0] != "disk@s1" {
+		t.Errorf("GO disk@snapshot without asking: names %q, want [disk@s1]", got)
+	}
+	if got := names("disk", true); len(got) != 1 || got[0] != "disk@s2" {
+		t.Errorf("GO disk after the promise: names %q, want [disk@s2]", got)
+	}
+	if got := names("disk", false); len(got) != 0 {
+		t.Errorf("writer GO without asking: names %q, want none", got)
+	}
+}
