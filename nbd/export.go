@@ -71,8 +71,9 @@ type export struct {
 	// exportResident); nil when the image cannot be mapped.
 	mapping []byte
 
-	blockShift uint // log2 of the copy-before-write granularity
-	locks      blockLocks
+	blockShift  uint // log2 of the copy-before-write granularity
+	locks       blockLocks
+	noCopyRange atomic.Bool // copy_file_range failed once: copy through memory
 
 	// snapMu orders changes of the image against snapshot creation: every
 	// change holds it shared for its whole duration, creating a snapshot

@@ -169,3 +169,43 @@ func srvSendfile(conn syscall.RawConn, f *os.File, off, n int64) (int64, error) 
 	})
 	return sent, err
 }
+
+// errNoCopyRange says copy_file_range cannot copy between these files
+// (other file systems, an old kernel): copy through memory instead.
+var errNoCopyRange = errors.New("copy_file_range unsupported")
+
+// exportCopyRange copies n bytes at off from src to the same offset of
+// dst inside the kernel (one page-cache copy, or shared extents where the
+// file system can). It returns how many bytes it copied; fewer than n
+// without an error means src ended early.
+func exportCopyRange(src, dst *os.File, off, n int64) (int64, error) {
+	if sysCopyFileRange < 0 {
+		return 0, errNoCopyRange
+	}
+	var done int64
+	err := storeRawConn(src, func(in int) error {
+		return storeRawConn(dst, func(out int) error {
+			for done < n {
+				roff, woff := off+done, off+done
+				m, _, e := syscall.Syscall6(uintptr(sysCopyFileRange), uintptr(in), uintptr(unsafe.Pointer(&roff)),
+					uintptr(out), uintptr(unsafe.Pointer(&woff)), uintptr(n-done), 0)
+				switch {
+				case e == syscall.EINTR:
+					continue
+				case e == syscall.EXDEV || e == syscall.EOPNOTSUPP || e == syscall.ENOSYS || e == syscall.EINVAL:
+					if done == 0 {
+						return errNoCopyRange
+					}
+					return e
+				case e != 0:
+					return e
+				case m == 0:
+					return nil // end of src
+				}
+				done += int64(m)
+			}
+			return nil
+		})
+	})
+	return done, err
+}

@@ -20,7 +20,9 @@ package nbd
 // snapshot reads those blocks from the image any more.
 //
 // Several snapshots of one export may be alive; each has its own store and
-// bitmap, and one read of the old data serves all that lack a block. When
+// bitmap. The copy runs inside the kernel (copy_file_range: one page-cache
+// copy, none for blocks in holes of the image) where the file systems
+// allow, else one read of the old data serves every snapshot lacking it. When
 // a copy fails or the stores reach --snapshot-max, the snapshot breaks (its
 // readers get EIO, never newer data) and the writer goes on, or with
 // FailWriter the write fails and the snapshot stays whole.
@@ -421,9 +423,107 @@ func (e *export) preserve(snaps []*snapshot, b0, b1 int64) error {
 	return nil
 }
 
-// copyRun reads blocks [first, last] from the image once and saves them in
-// every snapshot that lacks them.
+// copyRun saves blocks [first, last] in every snapshot that lacks them:
+// inside the kernel with copy_file_range where the file systems allow,
+// else through memory.
 func (e *export) copyRun(snaps []*snapshot, first, last int64) error {
+	if !e.noCopyRange.Load() {
+		err := e.copyRunInKernel(snaps, first, last)
+		if !errors.Is(err, errNoCopyRange) {
+			return err
+		}
+		e.noCopyRange.Store(true)
+		e.srv.log.Info("copy-before-write copies through memory: copy_file_range cannot copy from the image to the snapshot store", "export", e.name)
+	}
+	return e.copyRunBuffered(snaps, first, last)
+}
+
+// copyRunInKernel copies with copy_file_range, one page-cache copy
+// instead of a read and a write through the process; blocks that lie in
+// a hole of the image need no copy at all (the sparse store reads as
+// zeros there too).
+func (e *export) copyRunInKernel(snaps []*snapshot, first, last int64) error {
+	shift := e.blockShift
+	off, end := first<<shift, min((last+1)<<shift, e.size)
+	ext := imageExtents(e.file, off, end, nil, 64)
+	hole := make([]bool, last-first+1)
+	for i := range hole {
+		bs, be := (first+int64(i))<<shift, min((first+int64(i)+1)<<shift, e.size)
+		for _, x := range ext {
+			if x.hole && x.off <= bs && be <= x.off+x.length {
+				hole[i] = true
+			}
+		}
+	}
+	for _, s := range snaps {
+		if s.broken.Load() != nil {
+			continue
+		}
+		if err := s.saveInKernel(first, last, hole); err != nil {
+			if errors.Is(err, errNoCopyRange) {
+				return err
+			}
+			if err := e.cbwFailed(s, err); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// saveInKernel is save for copyRunInKernel.
+func (s *snapshot) saveInKernel(first, last int64, hole []bool) error {
+	s.storeMu.RLock()
+	defer s.storeMu.RUnlock()
+	if s.store == nil {
+		return nil // dropped or broken meanwhile
+	}
+	shift, size := s.exp.blockShift, s.exp.size
+	runStart := int64(-1)
+	flush := func(to int64) error { // copy blocks [runStart, to)
+		if runStart < 0 {
+			return nil
+		}
+		from := runStart << shift
+		n := min(to<<shift, size) - from
+		runStart = -1
+		if err := s.reserve(n); err != nil {
+			return err
+		}
+		if _, err := exportCopyRange(s.exp.file, s.store, from, n); err != nil {
+			s.unreserve(n)
+			if errors.Is(err, errNoCopyRange) {
+				return err
+			}
+			return fmt.Errorf("copying old data to the snapshot store: %w", err)
+		}
+		// A short copy means another process shortened the image: the
+		// rest of the range reads as zeros in the store, as in the image.
+		for b := from >> shift; b < to; b++ {
+			s.setPreserved(b)
+		}
+		return nil
+	}
+	for b := first; b <= last; b++ {
+		if s.isPreserved(b) || hole[b-first] {
+			if err := flush(b); err != nil {
+				return err
+			}
+			if hole[b-first] {
+				s.setPreserved(b)
+			}
+			continue
+		}
+		if runStart < 0 {
+			runStart = b
+		}
+	}
+	return flush(last + 1)
+}
+
+// copyRunBuffered reads blocks [first, last] from the image once and
+// saves them in every snapshot that lacks them.
+func (e *export) copyRunBuffered(snaps []*snapshot, first, last int64) error {
 	off := first << e.blockShift
 	end := min((last+1)<<e.blockShift, e.size)
 	buf := srvGetBuf(int(end - off))
@@ -528,6 +628,12 @@ func (s *snapshot) reserve(n int64) error {
 	}
 	s.used.Add(n)
 	return nil
+}
+
+// unreserve gives back a reservation whose copy failed.
+func (s *snapshot) unreserve(n int64) {
+	s.exp.srv.storeUsed.Add(-n)
+	s.used.Add(-n)
 }
 
 var zeroBlock [64 << 10]byte

@@ -29,6 +29,18 @@ func newTestExport(t testing.TB, cfg ServerConfig, size int64) (*Server, *export
 	return srv, srv.exports[0], img
 }
 
+// copyModes runs a test with copy-before-write inside the kernel
+// (copy_file_range) and through memory.
+func copyModes(t *testing.T, test func(t *testing.T, buffered bool)) {
+	for _, buffered := range []bool{false, true} {
+		name := "copy_file_range"
+		if buffered {
+			name = "buffered"
+		}
+		t.Run(name, func(t *testing.T) { test(t, buffered) })
+	}
+}
+
 func mustView(t testing.TB, srv *Server, name string, promised bool) *exportView {
 	t.Helper()
 	v, _, err := srv.openView(name, promised, true)
@@ -111,237 +123,255 @@ func TestParseExportArg(t *testing.T) {
 }
 
 func TestSnapshotFrozenAtItsInstant(t *testing.T) {
-	const size = 1<<20 + 1000 // not a multiple of the block size
-	srv, e, img := newTestExport(t, ServerConfig{SnapshotBlock: 4096, SnapshotLinger: time.Hour}, size)
-	orig, _ := os.ReadFile(img)
-	w := mustView(t, srv, "disk", false)
-	s1 := mustView(t, srv, "disk@snapshot", false)
-	if s1.name != "disk@s1" || s1.writable {
-		t.Fatalf("first snapshot: %+v", s1)
-	}
-	// Change: a write crossing blocks, one at the unaligned tail, a trim
-	// and a zeroing.
-	p := bytes.Repeat([]byte{0xab}, 10000)
-	if err := w.write(p, 3000, false); err != nil {
-		t.Fatal(err)
-	}
-	if err := w.write([]byte{1, 2, 3}, size-3, true); err != nil {
-		t.Fatal(err)
-	}
-	if err := w.trim(64<<10, 64<<10, false); err != nil {
-		t.Fatal(err)
-	}
-	if err := w.writeZeroes(256<<10, 8192, true, false, false); err != nil {
-		t.Fatal(err)
-	}
-	mid, _ := os.ReadFile(img)
-	s2 := mustView(t, srv, "disk@snapshot", true)
-	if s2.name != "disk@s2" {
-		t.Fatalf("second snapshot named %q", s2.name)
-	}
-	if err := w.write(bytes.Repeat([]byte{0xcd}, size), 0, false); err != nil {
-		t.Fatal(err)
-	}
-	for _, holes := range []bool{false, true} {
-		if got := readView(t, s1, 0, size, holes); !bytes.Equal(got, orig) {
-			t.Errorf("snapshot 1 (holes %v) is not the image at its instant", holes)
+	copyModes(t, func(t *testing.T, buffered bool) {
+		const size = 1<<20 + 1000 // not a multiple of the block size
+		srv, e, img := newTestExport(t, ServerConfig{SnapshotBlock: 4096, SnapshotLinger: time.Hour}, size)
+		e.noCopyRange.Store(buffered)
+		orig, _ := os.ReadFile(img)
+		w := mustView(t, srv, "disk", false)
+		s1 := mustView(t, srv, "disk@snapshot", false)
+		if s1.name != "disk@s1" || s1.writable {
+			t.Fatalf("first snapshot: %+v", s1)
 		}
-		if got := readView(t, s2, 0, size, holes); !bytes.Equal(got, mid) {
-			t.Errorf("snapshot 2 (holes %v) is not the image at its instant", holes)
+		// Change: a write crossing blocks, one at the unaligned tail, a trim
+		// and a zeroing.
+		p := bytes.Repeat([]byte{0xab}, 10000)
+		if err := w.write(p, 3000, false); err != nil {
+			t.Fatal(err)
 		}
-		// Unaligned pieces.
-		if got := readView(t, s1, 4095, 5000, holes); !bytes.Equal(got, orig[4095:9095]) {
-			t.Errorf("unaligned read of snapshot 1 (holes %v) differs", holes)
+		if err := w.write([]byte{1, 2, 3}, size-3, true); err != nil {
+			t.Fatal(err)
 		}
-	}
-	// A join sees the same instant; a third snapshot sees the present.
-	j := mustView(t, srv, "disk@s1", false)
-	if got := readView(t, j, 0, size, true); !bytes.Equal(got, orig) {
-		t.Error("joined snapshot differs")
-	}
-	now, _ := os.ReadFile(img)
-	s3 := mustView(t, srv, "disk@snapshot", false)
-	if got := readView(t, s3, 0, size, true); !bytes.Equal(got, now) {
-		t.Error("newest snapshot is not the current image")
-	}
-	// Snapshot block status: everything the writer touched is data.
-	ext, err := s1.blockStatus(0, size, 1000)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var total int64
-	for _, x := range ext {
-		total += x.length
-		if x.hole {
-			t.Errorf("snapshot 1 reports a hole at %d+%d; the image was all data at its instant", x.off, x.length)
+		if err := w.trim(64<<10, 64<<10, false); err != nil {
+			t.Fatal(err)
 		}
-	}
-	if total != size {
-		t.Errorf("block status covers %d bytes, want %d", total, size)
-	}
-	if e.srv.storeUsed.Load() == 0 {
-		t.Error("no bytes counted in the snapshot stores")
-	}
-	for _, v := range []*exportView{w, s1, s2, s3, j} {
-		v.release()
-	}
+		if err := w.writeZeroes(256<<10, 8192, true, false, false); err != nil {
+			t.Fatal(err)
+		}
+		mid, _ := os.ReadFile(img)
+		s2 := mustView(t, srv, "disk@snapshot", true)
+		if s2.name != "disk@s2" {
+			t.Fatalf("second snapshot named %q", s2.name)
+		}
+		if err := w.write(bytes.Repeat([]byte{0xcd}, size), 0, false); err != nil {
+			t.Fatal(err)
+		}
+		for _, holes := range []bool{false, true} {
+			if got := readView(t, s1, 0, size, holes); !bytes.Equal(got, orig) {
+				t.Errorf("snapshot 1 (holes %v) is not the image at its instant", holes)
+			}
+			if got := readView(t, s2, 0, size, holes); !bytes.Equal(got, mid) {
+				t.Errorf("snapshot 2 (holes %v) is not the image at its instant", holes)
+			}
+			// Unaligned pieces.
+			if got := readView(t, s1, 4095, 5000, holes); !bytes.Equal(got, orig[4095:9095]) {
+				t.Errorf("unaligned read of snapshot 1 (holes %v) differs", holes)
+			}
+		}
+		// A join sees the same instant; a third snapshot sees the present.
+		j := mustView(t, srv, "disk@s1", false)
+		if got := readView(t, j, 0, size, true); !bytes.Equal(got, orig) {
+			t.Error("joined snapshot differs")
+		}
+		now, _ := os.ReadFile(img)
+		s3 := mustView(t, srv, "disk@snapshot", false)
+		if got := readView(t, s3, 0, size, true); !bytes.Equal(got, now) {
+			t.Error("newest snapshot is not the current image")
+		}
+		// Snapshot block status: everything the writer touched is data.
+		ext, err := s1.blockStatus(0, size, 1000)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var total int64
+		for _, x := range ext {
+			total += x.length
+			if x.hole {
+				t.Errorf("snapshot 1 reports a hole at %d+%d; the image was all data at its instant", x.off, x.length)
+			}
+		}
+		if total != size {
+			t.Errorf("block status covers %d bytes, want %d", total, size)
+		}
+		if e.srv.storeUsed.Load() == 0 {
+			t.Error("no bytes counted in the snapshot stores")
+		}
+		if !buffered && e.noCopyRange.Load() {
+			t.Log("copy_file_range cannot copy here; the buffered path ran instead")
+		}
+		for _, v := range []*exportView{w, s1, s2, s3, j} {
+			v.release()
+		}
+	})
 }
 
 func TestSnapshotZeroBlocksTakeNoSpace(t *testing.T) {
-	srv, e, img := newTestExport(t, ServerConfig{SnapshotLinger: -1}, 1<<20)
-	f, _ := os.OpenFile(img, os.O_RDWR, 0)
-	if err := exportFallocate(f, fallocPunchHole|fallocKeepSize, 0, 512<<10); err != nil {
-		t.Skipf("cannot punch holes: %v", err)
-	}
-	f.Close()
-	s := mustView(t, srv, "disk@snapshot", false)
-	w := mustView(t, srv, "disk", false)
-	if err := w.write(bytes.Repeat([]byte{1}, 1<<20), 0, false); err != nil {
-		t.Fatal(err)
-	}
-	if got, want := srv.storeUsed.Load(), int64(512<<10); got != want {
-		t.Errorf("store holds %d bytes, want %d (zero blocks need no copy)", got, want)
-	}
-	if got := readView(t, s, 0, 512<<10, true); !bytes.Equal(got, make([]byte, 512<<10)) {
-		t.Error("a preserved hole does not read as zeros")
-	}
-	s.release()
-	w.release()
-	if _, err := e.joinSnapshot(1, false); err == nil {
-		t.Error("snapshot with linger < 0 survived its last connection")
-	}
-	if got := srv.storeUsed.Load(); got != 0 {
-		t.Errorf("dropped snapshot still counts %d bytes", got)
-	}
+	copyModes(t, func(t *testing.T, buffered bool) {
+		srv, e, img := newTestExport(t, ServerConfig{SnapshotLinger: -1}, 1<<20)
+		e.noCopyRange.Store(buffered)
+		f, _ := os.OpenFile(img, os.O_RDWR, 0)
+		if err := exportFallocate(f, fallocPunchHole|fallocKeepSize, 0, 512<<10); err != nil {
+			t.Skipf("cannot punch holes: %v", err)
+		}
+		f.Close()
+		s := mustView(t, srv, "disk@snapshot", false)
+		w := mustView(t, srv, "disk", false)
+		if err := w.write(bytes.Repeat([]byte{1}, 1<<20), 0, false); err != nil {
+			t.Fatal(err)
+		}
+		if got, want := srv.storeUsed.Load(), int64(512<<10); got != want {
+			t.Errorf("store holds %d bytes, want %d (zero blocks need no copy)", got, want)
+		}
+		if got := readView(t, s, 0, 512<<10, true); !bytes.Equal(got, make([]byte, 512<<10)) {
+			t.Error("a preserved hole does not read as zeros")
+		}
+		s.release()
+		w.release()
+		if _, err := e.joinSnapshot(1, false); err == nil {
+			t.Error("snapshot with linger < 0 survived its last connection")
+		}
+		if got := srv.storeUsed.Load(); got != 0 {
+			t.Errorf("dropped snapshot still counts %d bytes", got)
+		}
+	})
 }
 
 // TestSnapshotNoTornReads runs writers that fill ranges with one byte
 // value per write against readers of a snapshot taken before: every
 // snapshot read must be exactly the original data. Run it with -race.
 func TestSnapshotNoTornReads(t *testing.T) {
-	const size = 2 << 20
-	srv, _, img := newTestExport(t, ServerConfig{SnapshotBlock: 4096, SnapshotLinger: time.Hour}, size)
-	orig, _ := os.ReadFile(img)
-	w := mustView(t, srv, "disk", false)
-	s := mustView(t, srv, "disk@snapshot", false)
-	var wg sync.WaitGroup
-	stop := make(chan struct{})
-	for i := 0; i < 4; i++ {
-		wg.Add(1)
-		go func(seed int64) {
-			defer wg.Done()
-			r := rand.New(rand.NewSource(seed))
-			for n := 0; n < 200; n++ {
-				off := r.Int63n(size - 64<<10)
-				p := bytes.Repeat([]byte{byte(n)}, 1+r.Intn(64<<10))
-				if err := w.write(p, off, false); err != nil {
-					t.Error(err)
-					return
-				}
-			}
-		}(int64(i))
-	}
-	errs := make(chan error, 4)
-	for i := 0; i < 4; i++ {
-		go func(seed int64) {
-			r := rand.New(rand.NewSource(seed))
-			for {
-				select {
-				case <-stop:
-					errs <- nil
-					return
-				default:
-				}
-				off := r.Int63n(size - 128<<10)
-				n := 1 + r.Int63n(128<<10)
-				p := make([]byte, n)
-				ext, err := s.read(p, off, r.Intn(2) == 0)
-				if err != nil {
-					errs <- err
-					return
-				}
-				for _, x := range ext {
-					if x.hole {
-						clear(p[x.off-off : x.off-off+x.length])
+	copyModes(t, func(t *testing.T, buffered bool) {
+		const size = 2 << 20
+		srv, _, img := newTestExport(t, ServerConfig{SnapshotBlock: 4096, SnapshotLinger: time.Hour}, size)
+		srv.exports[0].noCopyRange.Store(buffered)
+		orig, _ := os.ReadFile(img)
+		w := mustView(t, srv, "disk", false)
+		s := mustView(t, srv, "disk@snapshot", false)
+		var wg sync.WaitGroup
+		stop := make(chan struct{})
+		for i := 0; i < 4; i++ {
+			wg.Add(1)
+			go func(seed int64) {
+				defer wg.Done()
+				r := rand.New(rand.NewSource(seed))
+				for n := 0; n < 200; n++ {
+					off := r.Int63n(size - 64<<10)
+					p := bytes.Repeat([]byte{byte(n)}, 1+r.Intn(64<<10))
+					if err := w.write(p, off, false); err != nil {
+						t.Error(err)
+						return
 					}
 				}
-				if !bytes.Equal(p, orig[off:off+n]) {
-					errs <- fmt.Errorf("snapshot read %d@%d saw data written after the snapshot", n, off)
-					return
-				}
-			}
-		}(int64(100 + i))
-	}
-	wg.Wait()
-	close(stop)
-	for i := 0; i < 4; i++ {
-		if err := <-errs; err != nil {
-			t.Error(err)
+			}(int64(i))
 		}
-	}
-	if got := readView(t, s, 0, size, true); !bytes.Equal(got, orig) {
-		t.Error("snapshot differs from the original after the writes")
-	}
+		errs := make(chan error, 4)
+		for i := 0; i < 4; i++ {
+			go func(seed int64) {
+				r := rand.New(rand.NewSource(seed))
+				for {
+					select {
+					case <-stop:
+						errs <- nil
+						return
+					default:
+					}
+					off := r.Int63n(size - 128<<10)
+					n := 1 + r.Int63n(128<<10)
+					p := make([]byte, n)
+					ext, err := s.read(p, off, r.Intn(2) == 0)
+					if err != nil {
+						errs <- err
+						return
+					}
+					for _, x := range ext {
+						if x.hole {
+							clear(p[x.off-off : x.off-off+x.length])
+						}
+					}
+					if !bytes.Equal(p, orig[off:off+n]) {
+						errs <- fmt.Errorf("snapshot read %d@%d saw data written after the snapshot", n, off)
+						return
+					}
+				}
+			}(int64(100 + i))
+		}
+		wg.Wait()
+		close(stop)
+		for i := 0; i < 4; i++ {
+			if err := <-errs; err != nil {
+				t.Error(err)
+			}
+		}
+		if got := readView(t, s, 0, size, true); !bytes.Equal(got, orig) {
+			t.Error("snapshot differs from the original after the writes")
+		}
+	})
 }
 
 func TestSnapshotStoreFullBreaksSnapshot(t *testing.T) {
-	srv, _, img := newTestExport(t, ServerConfig{SnapshotMax: 256 << 10, SnapshotLinger: time.Hour}, 1<<20)
-	w := mustView(t, srv, "disk", false)
-	s := mustView(t, srv, "disk@snapshot", false)
-	p := bytes.Repeat([]byte{0x5a}, 1<<20)
-	if err := w.write(p, 0, false); err != nil {
-		t.Fatalf("the writer failed although the policy is break-snapshot: %v", err)
-	}
-	now, _ := os.ReadFile(img)
-	if !bytes.Equal(now, p) {
-		t.Error("the write did not reach the image")
-	}
-	_, err := s.read(make([]byte, 4096), 0, true)
-	if ErrnoOf(err) != EIO {
-		t.Errorf("reading a broken snapshot: %v, want EIO", err)
-	}
-	if err := s.flush(); ErrnoOf(err) != EIO {
-		t.Errorf("FLUSH of a broken snapshot: %v, want EIO", err)
-	}
-	if _, _, err := srv.openView("disk@s1", false, true); err == nil {
-		t.Error("a broken snapshot can still be joined")
-	}
-	if got := srv.storeUsed.Load(); got != 0 {
-		t.Errorf("a broken snapshot's store still counts %d bytes", got)
-	}
-	// The next snapshot works again.
-	s2 := mustView(t, srv, "disk@snapshot", false)
-	if err := w.write(bytes.Repeat([]byte{1}, 4096), 0, false); err != nil {
-		t.Fatal(err)
-	}
-	if got := readView(t, s2, 0, 4096, true); !bytes.Equal(got, p[:4096]) {
-		t.Error("the snapshot after a broken one does not hold its instant")
-	}
+	copyModes(t, func(t *testing.T, buffered bool) {
+		srv, _, img := newTestExport(t, ServerConfig{SnapshotMax: 256 << 10, SnapshotLinger: time.Hour}, 1<<20)
+		srv.exports[0].noCopyRange.Store(buffered)
+		w := mustView(t, srv, "disk", false)
+		s := mustView(t, srv, "disk@snapshot", false)
+		p := bytes.Repeat([]byte{0x5a}, 1<<20)
+		if err := w.write(p, 0, false); err != nil {
+			t.Fatalf("the writer failed although the policy is break-snapshot: %v", err)
+		}
+		now, _ := os.ReadFile(img)
+		if !bytes.Equal(now, p) {
+			t.Error("the write did not reach the image")
+		}
+		_, err := s.read(make([]byte, 4096), 0, true)
+		if ErrnoOf(err) != EIO {
+			t.Errorf("reading a broken snapshot: %v, want EIO", err)
+		}
+		if err := s.flush(); ErrnoOf(err) != EIO {
+			t.Errorf("FLUSH of a broken snapshot: %v, want EIO", err)
+		}
+		if _, _, err := srv.openView("disk@s1", false, true); err == nil {
+			t.Error("a broken snapshot can still be joined")
+		}
+		if got := srv.storeUsed.Load(); got != 0 {
+			t.Errorf("a broken snapshot's store still counts %d bytes", got)
+		}
+		// The next snapshot works again.
+		s2 := mustView(t, srv, "disk@snapshot", false)
+		if err := w.write(bytes.Repeat([]byte{1}, 4096), 0, false); err != nil {
+			t.Fatal(err)
+		}
+		if got := readView(t, s2, 0, 4096, true); !bytes.Equal(got, p[:4096]) {
+			t.Error("the snapshot after a broken one does not hold its instant")
+		}
+	})
 }
 
 func TestSnapshotStoreFullFailsWriter(t *testing.T) {
-	srv, _, img := newTestExport(t, ServerConfig{SnapshotMax: 256 << 10, OnSnapshotFull: FailWriter, SnapshotLinger: time.Hour}, 1<<20)
-	orig, _ := os.ReadFile(img)
-	w := mustView(t, srv, "disk", false)
-	s := mustView(t, srv, "disk@snapshot", false)
-	if err := w.write(bytes.Repeat([]byte{1}, 128<<10), 0, false); err != nil {
-		t.Fatalf("a write within the budget failed: %v", err)
-	}
-	err := w.write(bytes.Repeat([]byte{2}, 512<<10), 512<<10, false)
-	if ErrnoOf(err) != ENOSPC {
-		t.Fatalf("write beyond the budget: %v, want ENOSPC", err)
-	}
-	now, _ := os.ReadFile(img)
-	if !bytes.Equal(now[512<<10:], orig[512<<10:]) {
-		t.Error("the refused write changed the image")
-	}
-	if got := readView(t, s, 0, 1<<20, true); !bytes.Equal(got, orig) {
-		t.Error("the snapshot did not stay whole under fail-writer")
-	}
-	// Rewriting blocks the snapshot already holds costs nothing.
-	if err := w.write(bytes.Repeat([]byte{3}, 128<<10), 0, false); err != nil {
-		t.Errorf("rewriting preserved blocks failed: %v", err)
-	}
+	copyModes(t, func(t *testing.T, buffered bool) {
+		srv, _, img := newTestExport(t, ServerConfig{SnapshotMax: 256 << 10, OnSnapshotFull: FailWriter, SnapshotLinger: time.Hour}, 1<<20)
+		srv.exports[0].noCopyRange.Store(buffered)
+		orig, _ := os.ReadFile(img)
+		w := mustView(t, srv, "disk", false)
+		s := mustView(t, srv, "disk@snapshot", false)
+		if err := w.write(bytes.Repeat([]byte{1}, 128<<10), 0, false); err != nil {
+			t.Fatalf("a write within the budget failed: %v", err)
+		}
+		err := w.write(bytes.Repeat([]byte{2}, 512<<10), 512<<10, false)
+		if ErrnoOf(err) != ENOSPC {
+			t.Fatalf("write beyond the budget: %v, want ENOSPC", err)
+		}
+		now, _ := os.ReadFile(img)
+		if !bytes.Equal(now[512<<10:], orig[512<<10:]) {
+			t.Error("the refused write changed the image")
+		}
+		if got := readView(t, s, 0, 1<<20, true); !bytes.Equal(got, orig) {
+			t.Error("the snapshot did not stay whole under fail-writer")
+		}
+		// Rewriting blocks the snapshot already holds costs nothing.
+		if err := w.write(bytes.Repeat([]byte{3}, 128<<10), 0, false); err != nil {
+			t.Errorf("rewriting preserved blocks failed: %v", err)
+		}
+	})
 }
 
 func TestSnapshotLingerThenDrop(t *testing.T) {
