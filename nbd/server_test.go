@@ -755,3 +755,39 @@ func TestServerCanonicalNameUnasked(t *testing.T) {
 		t.Errorf("writer GO without asking: names %q, want none", got)
 	}
 }
+
+func TestServerMaxConns(t *testing.T) {
+	img := testImage(t, testSize, 13)
+	_, addr := startTestServer(t, ServerConfig{MaxConns: 1}, img)
+	first := dialRaw(t, addr)
+	first.mustGo("disk@live")
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	(&rawClient{t: t, c: c}).expectClosed()
+	if _, e := first.readSimple(0, 4096); e != 0 {
+		t.Errorf("the first connection suffered from the refused one: %s", e)
+	}
+	first.request(CmdDisc, 0, 0, 0, nil)
+	first.expectClosed()
+	// The slot comes back once the server has seen the first one go.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		var g [greetingLen]byte
+		_, err = io.ReadFull(c, g[:])
+		c.Close()
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no connection accepted after the only one left")
+		}
+	}
+}
