@@ -130,7 +130,9 @@ func (c *serverConn) transmit() (int, error) {
 		}()
 	}
 	handlers.Wait() // every reply is written once its handler is done
-	if reason == nil || c.srv.inShut.Load() {
+	// After DISC every request was read, so closing at once resets
+	// nothing; a shutdown may leave requests unread.
+	if c.srv.inShut.Load() {
 		c.closeGracefully()
 	}
 	return n, reason
