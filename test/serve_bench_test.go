@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -38,12 +39,15 @@ func BenchmarkServeNbdcopy(b *testing.B) {
 	copyFile(b, src, kimg)
 	copyFile(b, src, simg)
 	ksock, kp := startNbdkit(b, shortTempDir(b), "file", kimg)
-	ssock, sp := startServe(b, "s.img="+simg)
+	ssock, sp := startServe(b, "--snapshot-linger", "0", "s.img="+simg)
 	kuri, suri := unixURI("", ksock), unixURI("s.img", ssock)
 
 	// Wall-clock MB/s, and the server's CPU time per GiB, which neighbours
 	// on a shared machine disturb less.
 	timeIt := func(p *proc, cpu *time.Duration, args ...string) float64 {
+		// Start each run with no dirty pages, so that one run's writeback
+		// does not slow the next.
+		syscall.Sync()
 		c0 := procCPU(b, p)
 		start := time.Now()
 		mustRun(b, "nbdcopy", args...)
