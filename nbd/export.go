@@ -245,6 +245,9 @@ func (s *Server) openView(name string, promised, create bool) (*exportView, Repl
 			return v, 0, nil
 		}
 		snap, err := e.newSnapshot()
+		if errors.Is(err, ESHUTDOWN) {
+			return nil, RepErrShutdown, err
+		}
 		if err != nil {
 			return nil, RepErrPlatform, err
 		}
