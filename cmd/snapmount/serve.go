@@ -1,0 +1,363 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	flag "github.com/spf13/pflag"
+
+	"snapmount/nbd"
+)
+
+func init() {
+	register(&command{
+		name:  "serve",
+		args:  "[NAME=]IMAGE...",
+		short: "serve images over NBD: read-write to writers, point-in-time snapshots to readers",
+		long: `Serves each IMAGE (a file or block device) as an NBD export named NAME,
+by default the image's base name. For export "disk" clients may open:
+
+  disk           read-write, live (a writer); a client that sent the
+                 read-only promise (snapmount mount does) gets a new
+                 snapshot instead, or the live image with --reader-view=live
+  disk@snapshot  a new point-in-time snapshot, read-only (any client)
+  disk@sN        join snapshot N, e.g. to reconnect (error once it is gone)
+  disk@live      read-only, live
+
+A snapshot's canonical name (disk@s7) is sent in NBD_INFO_NAME. Snapshots
+are kept by copy-before-write: before a writer changes a block a snapshot
+still needs, the old block is copied to a store under --snapshot-dir. A
+snapshot lives while a connection uses it, plus --snapshot-linger.
+
+Only writes that go through this server are seen by snapshots: if another
+process changes the image file, snapshots of it are not point-in-time.
+
+Listens on TCP (--listen, default 127.0.0.1:10809; --listen "" or --no-tcp
+turns TCP off) and/or a Unix socket (--socket). Prints one line when ready.
+SIGINT/SIGTERM stop it cleanly: requests in flight finish, images are
+flushed, snapshot stores are deleted.
+
+Examples:
+  snapmount serve --socket /tmp/nbd.sock vm.img
+  snapmount serve --max-writers 1 --busy refuse disk=/dev/vg/vm1
+  nbdcopy nbd://127.0.0.1/vm.img@snapshot backup.img`,
+		setup: setupServe,
+	})
+}
+
+type serveFlags struct {
+	listen, socket           string
+	noTCP                    bool
+	tlsMode, tlsCert, tlsKey string
+	tlsCA                    string
+	readOnly                 bool
+	maxWriters               int
+	busy                     string
+	snapDir                  string
+	snapMax                  string
+	snapLinger               time.Duration
+	onFull                   string
+	snapBlock                string
+	readerView               string
+	maxConns                 int
+	handshakeTimeout         time.Duration
+	workers                  int
+	descriptions             []string
+	verbose                  bool
+}
+
+func setupServe(fs *flag.FlagSet) func(ctx context.Context, io stdio, args []string) error {
+	var f serveFlags
+	fs.StringVar(&f.listen, "listen", "127.0.0.1:10809", "listen on TCP at `HOST:PORT` (\"\" for no TCP)")
+	fs.BoolVar(&f.noTCP, "no-tcp", false, "do not listen on TCP (same as --listen \"\")")
+	fs.StringVar(&f.socket, "socket", "", "also listen on the Unix socket at `PATH`")
+	fs.StringVar(&f.tlsMode, "tls", "off", "`MODE`: off, on (offered) or require")
+	fs.StringVar(&f.tlsCert, "tls-cert", "", "server certificate `FILE` (PEM)")
+	fs.StringVar(&f.tlsKey, "tls-key", "", "server private key `FILE` (PEM)")
+	fs.StringVar(&f.tlsCA, "tls-ca", "", "require client certificates signed by the CA in `FILE` (PEM)")
+	fs.BoolVar(&f.readOnly, "readonly", false, "serve every image read-only (no writers)")
+	fs.IntVar(&f.maxWriters, "max-writers", 0, "`N` writer connections per export at most, 0 for unlimited")
+	fs.StringVar(&f.busy, "busy", "readonly", "what a writer over --max-writers gets (`POLICY`): readonly (a live read-only view) or refuse")
+	fs.StringVar(&f.snapDir, "snapshot-dir", "", "`DIR` for snapshot stores (default: a private directory under $TMPDIR)")
+	fs.StringVar(&f.snapMax, "snapshot-max", "0", "`SIZE` all snapshot stores may hold together, e.g. 512M or 4G (0: no limit)")
+	fs.DurationVar(&f.snapLinger, "snapshot-linger", nbd.DefaultSnapshotLinger, "keep an unused snapshot this long for reconnects")
+	fs.StringVar(&f.onFull, "on-snapshot-full", "break-snapshot", "`POLICY` when a snapshot cannot keep a block: break-snapshot (its readers get EIO) or fail-writer (the write fails)")
+	fs.StringVar(&f.snapBlock, "snapshot-block", "64K", "copy-before-write granularity (`SIZE`), a power of two from 4K to 16M")
+	fs.StringVar(&f.readerView, "reader-view", "snapshot", "`VIEW` a client that promised to read only gets for NAME: snapshot or live")
+	fs.IntVar(&f.maxConns, "max-conns", nbd.DefaultMaxConns, "at most `N` open connections")
+	fs.DurationVar(&f.handshakeTimeout, "handshake-timeout", nbd.DefaultHandshakeTimeout, "time a client has to choose an export")
+	fs.IntVar(&f.workers, "workers", nbd.DefaultWorkers, "`N` requests of one connection handled at once")
+	fs.StringArrayVar(&f.descriptions, "description", nil, "describe an export: `NAME=TEXT` (repeatable)")
+	fs.BoolVarP(&f.verbose, "verbose", "v", false, "log refused options and requests too")
+	return func(ctx context.Context, std stdio, args []string) error {
+		return runServe(ctx, std, &f, args, fs.Changed("listen"))
+	}
+}
+
+// serveConfig turns flags and arguments into a server configuration.
+func serveConfig(f *serveFlags, args []string) (nbd.ServerConfig, error) {
+	var cfg nbd.ServerConfig
+	if len(args) == 0 {
+		return cfg, usagef("want at least one [NAME=]IMAGE")
+	}
+	for _, a := range args {
+		ec, err := nbd.ParseExportArg(a)
+		if err != nil {
+			return cfg, usagef("%v", strings.TrimPrefix(err.Error(), "nbd: "))
+		}
+		cfg.Exports = append(cfg.Exports, ec)
+	}
+	for _, d := range f.descriptions {
+		name, text, ok := strings.Cut(d, "=")
+		i := exportIndex(cfg.Exports, name)
+		if !ok || i < 0 {
+			return cfg, usagef("--description %q: want NAME=TEXT with the NAME of an export", d)
+		}
+		cfg.Exports[i].Description = text
+	}
+	cfg.ReadOnly = f.readOnly
+	switch f.tlsMode {
+	case "off":
+		cfg.TLSMode = nbd.TLSOff
+	case "on":
+		cfg.TLSMode = nbd.TLSOn
+	case "require":
+		cfg.TLSMode = nbd.TLSRequire
+	default:
+		return cfg, usagef("--tls=%q: want off, on or require", f.tlsMode)
+	}
+	if cfg.TLSMode != nbd.TLSOff {
+		if f.tlsCert == "" || f.tlsKey == "" {
+			return cfg, usagef("--tls=%s needs --tls-cert and --tls-key", f.tlsMode)
+		}
+		tc, err := serverTLSConfig(f.tlsCert, f.tlsKey, f.tlsCA)
+		if err != nil {
+			return cfg, err
+		}
+		cfg.TLSConfig = tc
+	} else if f.tlsCert != "" || f.tlsKey != "" || f.tlsCA != "" {
+		return cfg, usagef("--tls-cert, --tls-key and --tls-ca need --tls=on or --tls=require")
+	}
+	if f.maxWriters < 0 {
+		return cfg, usagef("--max-writers %d: want 0 (unlimited) or more", f.maxWriters)
+	}
+	cfg.MaxWriters = f.maxWriters
+	switch f.busy {
+	case "readonly":
+		cfg.Busy = nbd.BusyReadOnly
+	case "refuse":
+		cfg.Busy = nbd.BusyRefuse
+	default:
+		return cfg, usagef("--busy=%q: want readonly or refuse", f.busy)
+	}
+	cfg.SnapshotDir = f.snapDir
+	max, err := parseSize(f.snapMax)
+	if err != nil {
+		return cfg, usagef("--snapshot-max: %v", err)
+	}
+	cfg.SnapshotMax = max
+	switch {
+	case f.snapLinger < 0:
+		return cfg, usagef("--snapshot-linger %v: want 0 or more", f.snapLinger)
+	case f.snapLinger == 0:
+		cfg.SnapshotLinger = -1 // drop as soon as unused
+	default:
+		cfg.SnapshotLinger = f.snapLinger
+	}
+	switch f.onFull {
+	case "break-snapshot":
+		cfg.OnSnapshotFull = nbd.BreakSnapshot
+	case "fail-writer":
+		cfg.OnSnapshotFull = nbd.FailWriter
+	default:
+		return cfg, usagef("--on-snapshot-full=%q: want break-snapshot or fail-writer", f.onFull)
+	}
+	block, err := parseSize(f.snapBlock)
+	if err != nil || block < 4096 || block > 16<<20 || block&(block-1) != 0 {
+		return cfg, usagef("--snapshot-block %q: want a power of two from 4K to 16M", f.snapBlock)
+	}
+	cfg.SnapshotBlock = int(block)
+	switch f.readerView {
+	case "snapshot":
+		cfg.ReaderView = nbd.ReaderViewSnapshot
+	case "live":
+		cfg.ReaderView = nbd.ReaderViewLive
+	default:
+		return cfg, usagef("--reader-view=%q: want snapshot or live", f.readerView)
+	}
+	if f.maxConns <= 0 {
+		return cfg, usagef("--max-conns %d: want at least 1", f.maxConns)
+	}
+	cfg.MaxConns = f.maxConns
+	if f.handshakeTimeout <= 0 {
+		return cfg, usagef("--handshake-timeout %v: want more than 0", f.handshakeTimeout)
+	}
+	cfg.HandshakeTimeout = f.handshakeTimeout
+	if f.workers <= 0 || f.workers > 1024 {
+		return cfg, usagef("--workers %d: want 1 to 1024", f.workers)
+	}
+	cfg.Workers = f.workers
+	return cfg, nil
+}
+
+func exportIndex(exports []nbd.ExportConfig, name string) int {
+	for i, e := range exports {
+		if e.Name == name {
+			return i
+		}
+	}
+	return -1
+}
+
+// parseSize parses a byte count with an optional binary suffix: 4096,
+// 64K, 512M, 4G, 1T (also KiB, MB, ...: all powers of 1024).
+func parseSize(s string) (int64, error) {
+	t := strings.TrimSpace(strings.ToUpper(s))
+	t = strings.TrimSuffix(strings.TrimSuffix(t, "B"), "I")
+	shift := 0
+	if n := len(t); n > 0 {
+		switch t[n-1] {
+		case 'K':
+			shift = 10
+		case 'M':
+			shift = 20
+		case 'G':
+			shift = 30
+		case 'T':
+			shift = 40
+		}
+		if shift > 0 {
+			t = t[:n-1]
+		}
+	}
+	v, err := strconv.ParseInt(t, 10, 64)
+	if err != nil || v < 0 || v > (1<<62)>>shift {
+		return 0, fmt.Errorf("%q is not a size (want bytes, or a number with K, M, G or T)", s)
+	}
+	return v << shift, nil
+}
+
+func serverTLSConfig(certFile, keyFile, caFile string) (*tls.Config, error) {
+	cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+	if err != nil {
+		return nil, fmt.Errorf("loading the TLS certificate: %w", err)
+	}
+	tc := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	if caFile != "" {
+		pem, err := os.ReadFile(caFile)
+		if err != nil {
+			return nil, fmt.Errorf("reading --tls-ca: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("--tls-ca %s holds no PEM certificate", caFile)
+		}
+		tc.ClientCAs, tc.ClientAuth = pool, tls.RequireAndVerifyClientCert
+	}
+	return tc, nil
+}
+
+func runServe(ctx context.Context, std stdio, f *serveFlags, args []string, listenSet bool) error {
+	cfg, err := serveConfig(f, args)
+	if err != nil {
+		return err
+	}
+	tcpAddr := f.listen
+	if f.noTCP {
+		if listenSet && f.listen != "" {
+			return usagef("--no-tcp and --listen %q contradict each other", f.listen)
+		}
+		tcpAddr = ""
+	}
+	if tcpAddr == "" && f.socket == "" {
+		return usagef("nothing to listen on: give --socket PATH or a --listen address")
+	}
+	level := slog.LevelInfo
+	if f.verbose {
+		level = slog.LevelDebug
+	}
+	cfg.Logger = slog.New(slog.NewTextHandler(std.err, &slog.HandlerOptions{Level: level}))
+
+	srv, err := nbd.NewServer(cfg)
+	if err != nil {
+		return err
+	}
+	var listeners []net.Listener
+	var where []string
+	fail := func(err error) error {
+		for _, l := range listeners {
+			l.Close()
+		}
+		srv.Close()
+		return withCode(exitConnect, err)
+	}
+	if f.socket != "" {
+		l, err := listenUnix(f.socket)
+		if err != nil {
+			return fail(err)
+		}
+		listeners = append(listeners, l)
+		where = append(where, "unix:"+f.socket)
+	}
+	if tcpAddr != "" {
+		l, err := net.Listen("tcp", tcpAddr)
+		if err != nil {
+			return fail(fmt.Errorf("listening on %s: %w (another server there? pick one with --listen)", tcpAddr, err))
+		}
+		listeners = append(listeners, l)
+		where = append(where, "tcp:"+l.Addr().String())
+	}
+
+	errc := make(chan error, len(listeners))
+	for _, l := range listeners {
+		go func() { errc <- srv.Serve(l) }()
+	}
+	fmt.Fprintf(std.out, "snapmount serve: listening on %s (exports: %s)\n", strings.Join(where, ", "), strings.Join(srv.Exports(), ", "))
+
+	var serveErr error
+	select {
+	case <-ctx.Done():
+		cfg.Logger.Info("shutting down: finishing requests in flight")
+	case serveErr = <-errc:
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	shutErr := srv.Shutdown(sctx)
+	if f.socket != "" {
+		os.Remove(f.socket)
+	}
+	if serveErr != nil && !errors.Is(serveErr, nbd.ErrServerClosed) {
+		return serveErr
+	}
+	return shutErr
+}
+
+// listenUnix listens on a Unix socket, replacing a stale socket file left
+// by a crashed server but never one a live server still answers on.
+func listenUnix(path string) (net.Listener, error) {
+	if st, err := os.Lstat(path); err == nil {
+		if st.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("--socket %s exists and is not a socket", path)
+		}
+		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("--socket %s: another server is listening there", path)
+		}
+		os.Remove(path)
+	}
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("listening on %s: %w", path, err)
+	}
+	l.(*net.UnixListener).SetUnlinkOnClose(false) // removed by runServe, after shutdown
+	return l, nil
+}

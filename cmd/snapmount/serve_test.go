@@ -1,0 +1,114 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func TestParseSize(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want int64
+		bad  bool
+	}{
+		{"0", 0, false},
+		{"4096", 4096, false},
+		{"64K", 64 << 10, false},
+		{"512M", 512 << 20, false},
+		{"4G", 4 << 30, false},
+		{"1T", 1 << 40, false},
+		{"4GiB", 4 << 30, false},
+		{"16mb", 16 << 20, false},
+		{"", 0, true},
+		{"-1", 0, true},
+		{"1.5G", 0, true},
+		{"G", 0, true},
+		{"99999999999T", 0, true},
+	} {
+		got, err := parseSize(tc.in)
+		if (err != nil) != tc.bad || got != tc.want {
+			t.Errorf("parseSize(%q) = %d, %v; want %d, error %v", tc.in, got, err, tc.want, tc.bad)
+		}
+	}
+}
+
+// TestServeUsageErrors: every mistake on the command line is one line on
+// stderr and exit code 2, before anything listens.
+func TestServeUsageErrors(t *testing.T) {
+	img := filepath.Join(t.TempDir(), "disk.img")
+	if err := os.WriteFile(img, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(t.TempDir(), "s.sock")
+	for _, tc := range []struct {
+		args []string
+		code int
+		want string
+	}{
+		{[]string{"serve"}, exitUsage, "want at least one"},
+		{[]string{"serve", "--no-tcp", "--socket", sock, "a@b=" + img}, exitUsage, "'@'"},
+		{[]string{"serve", "--no-tcp", "--socket", sock, "--busy", "maybe", img}, exitUsage, "--busy"},
+		{[]string{"serve", "--no-tcp", "--socket", sock, "--tls", "sometimes", img}, exitUsage, "--tls"},
+		{[]string{"serve", "--no-tcp", "--socket", sock, "--tls", "on", img}, exitUsage, "--tls-cert"},
+		{[]string{"serve", "--no-tcp", "--socket", sock, "--snapshot-max", "lots", img}, exitUsage, "--snapshot-max"},
+		{[]string{"serve", "--no-tcp", "--socket", sock, "--snapshot-block", "1000", img}, exitUsage, "--snapshot-block"},
+		{[]string{"serve", "--no-tcp", "--socket", sock, "--on-snapshot-full", "panic", img}, exitUsage, "--on-snapshot-full"},
+		{[]string{"serve", "--no-tcp", "--socket", sock, "--reader-view", "x", img}, exitUsage, "--reader-view"},
+		{[]string{"serve", "--no-tcp", "--socket", sock, "--max-writers", "-1", img}, exitUsage, "--max-writers"},
+		{[]string{"serve", "--no-tcp", "--socket", sock, "--description", "nope=x", img}, exitUsage, "--description"},
+		{[]string{"serve", "--no-tcp", img}, exitUsage, "nothing to listen on"},
+		{[]string{"serve", "--bogus-flag", img}, exitUsage, "bogus-flag"},
+		{[]string{"serve", "--no-tcp", "--socket", sock, img + ".missing"}, exitFailure, "no such file"},
+		{[]string{"serve", "--no-tcp", "--socket", sock, img, img}, exitFailure, "given twice"},
+	} {
+		var stdout, stderr bytes.Buffer
+		code := run(context.Background(), tc.args, &stdout, &stderr)
+		msg := stderr.String()
+		if code != tc.code || !strings.Contains(msg, tc.want) || strings.Count(msg, "\n") != 1 {
+			t.Errorf("snapmount %s: exit %d, stderr %q; want exit %d and one line containing %q",
+				strings.Join(tc.args, " "), code, msg, tc.code, tc.want)
+		}
+	}
+	if _, err := os.Stat(sock); err == nil {
+		t.Error("a failed start left a socket behind")
+	}
+}
+
+// TestServeRunsUntilCancelled starts the server in-process on a Unix
+// socket, waits for its ready line and stops it through the context.
+func TestServeRunsUntilCancelled(t *testing.T) {
+	dir := t.TempDir()
+	img := filepath.Join(dir, "disk.img")
+	if err := os.WriteFile(img, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(shortDir(t), "s.sock")
+	ctx, cancel := context.WithCancel(context.Background())
+	var stdout, stderr syncBuffer
+	done := make(chan int, 1)
+	go func() {
+		done <- run(ctx, []string{"serve", "--no-tcp", "--socket", sock, "vm=" + img}, &stdout, &stderr)
+	}()
+	for !strings.Contains(stdout.String(), "listening on unix:"+sock) {
+		select {
+		case code := <-done:
+			t.Fatalf("serve exited %d early: %s", code, stderr.String())
+		default:
+			syncYield()
+		}
+	}
+	if !strings.Contains(stdout.String(), "exports: vm") {
+		t.Errorf("ready line %q does not name the export", stdout.String())
+	}
+	cancel()
+	if code := <-done; code != exitOK {
+		t.Errorf("serve exited %d after cancel, want 0; stderr: %s", code, stderr.String())
+	}
+	if _, err := os.Stat(sock); err == nil {
+		t.Error("the socket was not removed at exit")
+	}
+}

@@ -1,0 +1,432 @@
+package nbd
+
+// The server: net/http-shaped. NewServer opens the images, Serve runs an
+// accept loop per listener, Shutdown stops accepting, lets requests in
+// flight finish, flushes the images and deletes the snapshot stores. Each
+// connection has one reader (the handshake, then request headers and
+// payloads), a bounded set of handlers and one writer of replies.
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+// TLSMode says whether the server offers or requires TLS.
+type TLSMode int
+
+const (
+	TLSOff     TLSMode = iota // STARTTLS is refused with ERR_POLICY
+	TLSOn                     // STARTTLS is offered; plaintext is allowed
+	TLSRequire                // everything but STARTTLS and ABORT needs TLS first (FORCEDTLS)
+)
+
+// BusyPolicy is what a client that did not promise to read only gets when
+// every writer slot of an export is taken.
+type BusyPolicy int
+
+const (
+	BusyReadOnly BusyPolicy = iota // a read-only live view
+	BusyRefuse                     // NBD_REP_ERR_POLICY
+)
+
+// SnapshotFullPolicy is what happens when copy-before-write cannot save a
+// block for a snapshot (its store is full or the copy failed).
+type SnapshotFullPolicy int
+
+const (
+	BreakSnapshot SnapshotFullPolicy = iota // the snapshot breaks (its readers get EIO), the write goes on
+	FailWriter                              // the write fails (ENOSPC or EIO), the snapshot stays intact
+)
+
+// ReaderView is what a client that sent NBD_OPT_X_READ_ONLY sees when it
+// opens a plain export name.
+type ReaderView int
+
+const (
+	ReaderViewSnapshot ReaderView = iota // a new point-in-time snapshot
+	ReaderViewLive                       // the live image, read-only
+)
+
+// ExportConfig names one image to serve.
+type ExportConfig struct {
+	Name        string // export name; no '@'
+	Path        string // image file or block device
+	Description string // sent in NBD_REP_SERVER and NBD_INFO_DESCRIPTION
+}
+
+// ServerConfig configures a Server. The zero value of each field is a
+// usable default except Exports, which must not be empty.
+type ServerConfig struct {
+	Exports []ExportConfig
+	// ReadOnly serves every export read-only: no client is ever a writer.
+	ReadOnly bool
+
+	TLSMode   TLSMode
+	TLSConfig *tls.Config // required unless TLSMode is TLSOff
+
+	// MaxWriters limits writer connections per export; 0 is unlimited.
+	MaxWriters int
+	Busy       BusyPolicy
+
+	// SnapshotDir holds the copy-before-write stores (default: a private
+	// directory under os.TempDir, removed by Shutdown).
+	SnapshotDir string
+	// SnapshotMax bounds the bytes all snapshot stores may hold together;
+	// 0 is no bound but the disk's.
+	SnapshotMax int64
+	// SnapshotLinger is how long a snapshot outlives its last connection
+	// so that reconnects can join it (default 60 s; negative: drop at once).
+	SnapshotLinger time.Duration
+	OnSnapshotFull SnapshotFullPolicy
+	// SnapshotBlock is the copy-before-write granularity, a power of two
+	// between 4 KiB and 16 MiB (default 64 KiB).
+	SnapshotBlock int
+	ReaderView    ReaderView
+
+	// MaxConns limits open connections (default 256).
+	MaxConns int
+	// HandshakeTimeout bounds the whole handshake (default 30 s).
+	HandshakeTimeout time.Duration
+	// Workers is how many requests of one connection are handled at once
+	// (default 16).
+	Workers int
+
+	Logger *slog.Logger // default: text lines on stderr
+}
+
+// Defaults of ServerConfig.
+const (
+	DefaultSnapshotBlock    = 64 << 10
+	DefaultSnapshotLinger   = 60 * time.Second
+	DefaultMaxConns         = 256
+	DefaultHandshakeTimeout = 30 * time.Second
+	DefaultWorkers          = 16
+)
+
+// ErrServerClosed is returned by Serve after Shutdown or Close.
+var ErrServerClosed = errors.New("nbd: server closed")
+
+// Server serves exports over NBD. Create it with NewServer.
+type Server struct {
+	cfg        ServerConfig
+	log        *slog.Logger
+	exports    []*export // in the order given; exports[0] answers the name ""
+	byName     map[string]*export
+	snapDir    string
+	ownSnapDir bool // snapDir was made by NewServer: Shutdown removes it
+
+	storeUsed atomic.Int64 // bytes held by all snapshot stores
+	connSeq   atomic.Uint64
+	inShut    atomic.Bool
+
+	mu        sync.Mutex // protects following
+	listeners map[net.Listener]struct{}
+	conns     map[*serverConn]struct{}
+	closed    bool
+	connsDone chan struct{} // closed when conns becomes empty during shutdown
+}
+
+// NewServer checks cfg and opens every image (read-write unless
+// cfg.ReadOnly). The images are never truncated or resized.
+func NewServer(cfg ServerConfig) (*Server, error) {
+	if len(cfg.Exports) == 0 {
+		return nil, errors.New("nbd: no image to serve")
+	}
+	if cfg.SnapshotBlock == 0 {
+		cfg.SnapshotBlock = DefaultSnapshotBlock
+	}
+	if b := cfg.SnapshotBlock; b < 4096 || b > 16<<20 || b&(b-1) != 0 {
+		return nil, fmt.Errorf("nbd: snapshot block size %d is not a power of two between 4 KiB and 16 MiB", b)
+	}
+	if cfg.SnapshotLinger == 0 {
+		cfg.SnapshotLinger = DefaultSnapshotLinger
+	}
+	if cfg.MaxConns <= 0 {
+		cfg.MaxConns = DefaultMaxConns
+	}
+	if cfg.HandshakeTimeout <= 0 {
+		cfg.HandshakeTimeout = DefaultHandshakeTimeout
+	}
+	if cfg.Workers <= 0 {
+		cfg.Workers = DefaultWorkers
+	}
+	if cfg.MaxWriters < 0 || cfg.SnapshotMax < 0 {
+		return nil, errors.New("nbd: negative limit")
+	}
+	if cfg.TLSMode != TLSOff && cfg.TLSConfig == nil {
+		return nil, errors.New("nbd: TLS enabled without a certificate (give --tls-cert and --tls-key)")
+	}
+	s := &Server{
+		cfg:       cfg,
+		log:       cfg.Logger,
+		byName:    map[string]*export{},
+		listeners: map[net.Listener]struct{}{},
+		conns:     map[*serverConn]struct{}{},
+	}
+	if s.log == nil {
+		s.log = slog.New(slog.NewTextHandler(os.Stderr, nil))
+	}
+	for _, ec := range cfg.Exports {
+		if err := CheckExportName(ec.Name); err != nil {
+			s.closeExports()
+			return nil, err
+		}
+		if _, dup := s.byName[ec.Name]; dup {
+			s.closeExports()
+			return nil, fmt.Errorf("nbd: export name %q given twice (use NAME=IMAGE to tell them apart)", ec.Name)
+		}
+		e, err := openExport(s, ec)
+		if err != nil {
+			s.closeExports()
+			return nil, err
+		}
+		s.exports = append(s.exports, e)
+		s.byName[e.name] = e
+	}
+	if cfg.SnapshotDir == "" {
+		d, err := os.MkdirTemp("", "snapmount-snapshots-")
+		if err != nil {
+			s.closeExports()
+			return nil, fmt.Errorf("nbd: creating the snapshot directory: %w", err)
+		}
+		s.snapDir, s.ownSnapDir = d, true
+	} else {
+		st, err := os.Stat(cfg.SnapshotDir)
+		if err != nil {
+			s.closeExports()
+			return nil, fmt.Errorf("nbd: snapshot directory: %w", err)
+		}
+		if !st.IsDir() {
+			s.closeExports()
+			return nil, fmt.Errorf("nbd: snapshot directory %s is not a directory", cfg.SnapshotDir)
+		}
+		s.snapDir = cfg.SnapshotDir
+	}
+	return s, nil
+}
+
+func (s *Server) closeExports() {
+	for _, e := range s.exports {
+		e.file.Close()
+	}
+}
+
+// CheckExportName reports whether name can be an export name: not empty,
+// a valid NBD string, and without '@' (which introduces the view suffix).
+func CheckExportName(name string) error {
+	if name == "" {
+		return errors.New("nbd: empty export name")
+	}
+	if strings.Contains(name, "@") {
+		return fmt.Errorf("nbd: export name %q contains '@', which is reserved for views such as NAME@snapshot (rename it with NAME=IMAGE)", name)
+	}
+	if err := checkString("export name", []byte(name)); err != nil {
+		return fmt.Errorf("nbd: export name %q: %w", name, err)
+	}
+	return nil
+}
+
+// ParseExportArg parses a command-line export, "[NAME=]IMAGE". Without a
+// NAME the export is named after the image file's base name.
+func ParseExportArg(arg string) (ExportConfig, error) {
+	var ec ExportConfig
+	name, path, ok := strings.Cut(arg, "=")
+	if !ok || strings.Contains(name, "/") {
+		// No '=' before the first '/': the whole argument is a path.
+		name, path = "", arg
+	}
+	if path == "" {
+		return ec, fmt.Errorf("nbd: %q names no image file", arg)
+	}
+	if name == "" {
+		name = baseName(path)
+	}
+	if err := CheckExportName(name); err != nil {
+		return ec, err
+	}
+	return ExportConfig{Name: name, Path: path}, nil
+}
+
+func baseName(path string) string {
+	path = strings.TrimRight(path, "/")
+	if i := strings.LastIndexByte(path, '/'); i >= 0 {
+		return path[i+1:]
+	}
+	return path
+}
+
+// Exports returns the names of the exports, in order.
+func (s *Server) Exports() []string {
+	names := make([]string, len(s.exports))
+	for i, e := range s.exports {
+		names[i] = e.name
+	}
+	return names
+}
+
+// Serve accepts connections on l until Shutdown or Close, serving each in
+// its own goroutine. It always returns a non-nil error; after Shutdown or
+// Close it is ErrServerClosed. TCP connections get TCP_NODELAY.
+func (s *Server) Serve(l net.Listener) error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		l.Close()
+		return ErrServerClosed
+	}
+	s.listeners[l] = struct{}{}
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.listeners, l)
+		s.mu.Unlock()
+		l.Close()
+	}()
+	var backoff time.Duration
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			if s.isClosed() {
+				return ErrServerClosed
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) {
+				// Out of descriptors or a transient error: wait and retry
+				// as net/http does, rather than spin or give up.
+				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+				s.log.Warn("accept failed; retrying", "err", err, "in", backoff)
+				time.Sleep(backoff)
+				continue
+			}
+			return fmt.Errorf("nbd: accept: %w", err)
+		}
+		backoff = 0
+		if tc, ok := c.(*net.TCPConn); ok {
+			tc.SetNoDelay(true)
+		}
+		sc := s.newConn(c)
+		if sc == nil {
+			continue
+		}
+		go sc.serve()
+	}
+}
+
+// newConn registers a connection, or closes it when the server is shutting
+// down or full.
+func (s *Server) newConn(c net.Conn) *serverConn {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		c.Close()
+		return nil
+	}
+	if len(s.conns) >= s.cfg.MaxConns {
+		s.log.Warn("connection refused: too many connections", "peer", peerName(c), "max_conns", s.cfg.MaxConns)
+		c.Close()
+		return nil
+	}
+	sc := newServerConn(s, c, s.connSeq.Add(1))
+	s.conns[sc] = struct{}{}
+	return sc
+}
+
+func (s *Server) connDone(sc *serverConn) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.conns, sc)
+	if len(s.conns) == 0 && s.connsDone != nil {
+		close(s.connsDone)
+		s.connsDone = nil
+	}
+}
+
+func (s *Server) isClosed() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.closed
+}
+
+// Shutdown stops the listeners, ends connections still negotiating, lets
+// requests in flight finish and closes every connection, then flushes the
+// images and deletes the snapshot stores. If ctx ends first the remaining
+// connections are closed abruptly; the images are flushed either way.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.inShut.Store(true)
+	s.mu.Lock()
+	s.closed = true
+	for l := range s.listeners {
+		l.Close()
+	}
+	var wait chan struct{}
+	if len(s.conns) > 0 {
+		wait = make(chan struct{})
+		s.connsDone = wait
+	}
+	for c := range s.conns {
+		c.shutdown()
+	}
+	s.mu.Unlock()
+
+	var err error
+	if wait != nil {
+		select {
+		case <-wait:
+		case <-ctx.Done():
+			err = ctx.Err()
+			s.mu.Lock()
+			for c := range s.conns {
+				c.close()
+			}
+			s.mu.Unlock()
+		}
+	}
+	if ferr := s.release(); err == nil {
+		err = ferr
+	}
+	return err
+}
+
+// Close closes the listeners and every connection at once, then flushes
+// the images and deletes the snapshot stores.
+func (s *Server) Close() error {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	err := s.Shutdown(ctx)
+	if errors.Is(err, context.Canceled) {
+		err = nil
+	}
+	return err
+}
+
+// release flushes and closes the images and deletes every snapshot store.
+func (s *Server) release() error {
+	var first error
+	for _, e := range s.exports {
+		if err := e.close(); err != nil && first == nil {
+			first = err
+		}
+	}
+	if s.ownSnapDir {
+		os.RemoveAll(s.snapDir)
+	}
+	return first
+}
+
+func peerName(c net.Conn) string {
+	a := c.RemoteAddr()
+	if a == nil || a.String() == "" || a.String() == "@" {
+		return c.LocalAddr().Network() + ":local"
+	}
+	return a.Network() + ":" + a.String()
+}

@@ -1,0 +1,161 @@
+package nbd
+
+import (
+	"bytes"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"testing"
+	"time"
+)
+
+// fuzzServer is one server shared by all inputs of a fuzz target: a 1 MiB
+// image with a tiny snapshot budget, so inputs reach copy-before-write and
+// breaking snapshots too.
+var fuzzServer struct {
+	once sync.Once
+	srv  *Server
+	err  error
+}
+
+func getFuzzServer(t testing.TB) *Server {
+	fuzzServer.once.Do(func() {
+		dir, err := os.MkdirTemp("", "nbd-fuzz-")
+		if err != nil {
+			fuzzServer.err = err
+			return
+		}
+		img := dir + "/disk.img"
+		if err := os.WriteFile(img, bytes.Repeat([]byte{0x11}, 1<<20), 0o644); err != nil {
+			fuzzServer.err = err
+			return
+		}
+		fuzzServer.srv, fuzzServer.err = NewServer(ServerConfig{
+			Exports:          []ExportConfig{{Name: "disk", Path: img}},
+			SnapshotDir:      dir,
+			SnapshotMax:      256 << 10,
+			SnapshotBlock:    4096,
+			SnapshotLinger:   -1,
+			HandshakeTimeout: 5 * time.Second,
+			Logger:           discardLogger,
+		})
+	})
+	if fuzzServer.err != nil {
+		t.Fatal(fuzzServer.err)
+	}
+	return fuzzServer.srv
+}
+
+var discardLogger = testLoggerTo(io.Discard)
+
+// runServerOn feeds input to one server connection over a pipe, as a
+// client that then hangs up, and fails if the connection does not end.
+func runServerOn(t *testing.T, input []byte) {
+	srv := getFuzzServer(t)
+	client, server := net.Pipe()
+	sc := srv.newConn(server)
+	if sc == nil {
+		t.Fatal("server refused the connection")
+	}
+	done := make(chan struct{})
+	go func() {
+		sc.serve()
+		close(done)
+	}()
+	go io.Copy(io.Discard, client) // whatever the server says
+	client.Write(input)            // fails once the server hangs up: fine
+	client.Close()
+	select {
+	case <-done:
+	case <-time.After(20 * time.Second):
+		t.Fatal("server connection did not end after the client hung up")
+	}
+}
+
+// handshakePrefix is a valid handshake: flags, STRUCTURED_REPLY,
+// SET_META_CONTEXT base:allocation and GO for export name.
+func handshakePrefix(name string, promise bool) []byte {
+	b := be.AppendUint32(nil, uint32(ClientFixedNewstyle|ClientNoZeroes))
+	b = appendOption(b, OptStructuredReply, nil)
+	if promise {
+		b = appendOption(b, OptXReadOnly, nil)
+	}
+	mc := MetaContextRequest{Export: name, Queries: []string{ContextBaseAllocation}}
+	b = appendOption(b, OptSetMetaContext, mc.encode())
+	req := ExportRequest{Name: name, Infos: []InfoType{InfoName, InfoBlockSize}}
+	return appendOption(b, OptGo, req.encode())
+}
+
+func requestBytes(typ Cmd, flags CmdFlags, off uint64, length uint32, payload []byte) []byte {
+	b := make([]byte, requestHeaderLen)
+	(&Request{Flags: flags, Type: typ, Cookie: 7, Offset: off, Length: length}).encode(b)
+	return append(b, payload...)
+}
+
+// FuzzServerHandshake drives a whole connection, handshake first, with
+// arbitrary bytes. The server must not panic, hang or over-allocate.
+func FuzzServerHandshake(f *testing.F) {
+	f.Add([]byte{})
+	f.Add(be.AppendUint32(nil, 3))
+	f.Add(handshakePrefix("disk", false))
+	f.Add(handshakePrefix("disk@snapshot", true))
+	f.Add(append(be.AppendUint32(nil, 3), appendOption(nil, OptList, nil)...))
+	f.Add(append(be.AppendUint32(nil, 3), appendOption(nil, OptExportName, []byte("disk"))...))
+	f.Add(append(be.AppendUint32(nil, 3), appendOption(nil, OptInfo, []byte{0, 0, 0, 4, 'd', 'i', 's', 'k', 0, 1, 0, 3})...))
+	f.Add(append(be.AppendUint32(nil, 3), appendOption(nil, OptListMetaContext, []byte{0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 5, 'b', 'a', 's', 'e', ':'})...))
+	f.Add(append(be.AppendUint32(nil, 3), appendOption(nil, OptAbort, nil)...))
+	f.Add(append(be.AppendUint32(nil, 3), appendOption(nil, Option(0x12345678), []byte("junk"))...))
+	hdr := be.AppendUint32(nil, 3)
+	hdr = be.AppendUint64(hdr, IHaveOpt)
+	hdr = be.AppendUint32(hdr, uint32(OptGo))
+	f.Add(be.AppendUint32(hdr, 0xffffffff))
+	f.Fuzz(func(t *testing.T, input []byte) {
+		runServerOn(t, input)
+	})
+}
+
+// FuzzServerRequests drives the transmission phase: a valid handshake
+// (writer, snapshot or promised reader) and then arbitrary request bytes.
+func FuzzServerRequests(f *testing.F) {
+	f.Add(uint8(0), requestBytes(CmdRead, 0, 0, 4096, nil))
+	f.Add(uint8(0), requestBytes(CmdWrite, CmdFlagFUA, 4096, 8, []byte("abcdefgh")))
+	f.Add(uint8(1), requestBytes(CmdRead, CmdFlagDF, 1000, 70000, nil))
+	f.Add(uint8(0), requestBytes(CmdBlockStatus, CmdFlagReqOne, 0, 1<<20, nil))
+	f.Add(uint8(0), requestBytes(CmdWriteZeroes, CmdFlagNoHole|CmdFlagFastZero, 0, 1<<20, nil))
+	f.Add(uint8(0), requestBytes(CmdTrim, 0, 1<<19, 1<<19, nil))
+	f.Add(uint8(2), requestBytes(CmdWrite, 0, 0, 3, []byte{1, 2, 3}))
+	f.Add(uint8(1), requestBytes(CmdCache, 0, 0, 1<<20, nil))
+	f.Add(uint8(0), requestBytes(CmdWrite, 0, 0, MaxPayload+1, nil))
+	f.Add(uint8(0), requestBytes(CmdRead, 0, 1<<63, 1<<31, nil))
+	f.Add(uint8(0), append(requestBytes(CmdFlush, 0, 0, 0, nil), requestBytes(CmdDisc, 0, 0, 0, nil)...))
+	f.Fuzz(func(t *testing.T, which uint8, input []byte) {
+		var prefix []byte
+		switch which % 3 {
+		case 0:
+			prefix = handshakePrefix("disk", false)
+		case 1:
+			prefix = handshakePrefix("disk@snapshot", false)
+		case 2:
+			prefix = handshakePrefix("disk", true)
+		}
+		runServerOn(t, append(prefix, input...))
+	})
+}
+
+// FuzzParseExportName: the export-name parser never panics and what it
+// accepts names a base without '@'.
+func FuzzParseExportName(f *testing.F) {
+	for _, s := range []string{"disk", "disk@snapshot", "disk@s1", "disk@live", "@", "a@s0", "a@s18446744073709551616"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, name string) {
+		ref, err := parseExportName(name)
+		if err == nil && bytes.ContainsRune([]byte(ref.base), '@') {
+			t.Errorf("parseExportName(%q) accepted base %q", name, ref.base)
+		}
+		if err == nil && ref.kind == viewJoinSnapshot && ref.snapID == 0 {
+			t.Errorf("parseExportName(%q) accepted snapshot 0", name)
+		}
+	})
+}

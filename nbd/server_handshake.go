@@ -1,0 +1,392 @@
+package nbd
+
+// One connection's life: the handshake (option haggling) here, the
+// transmission phase in server_transmission.go.
+
+import (
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Limits on what a client may send before it picks an export.
+const (
+	// srvMaxOptionData is the largest option data the server reads: the
+	// biggest legitimate option (SET_META_CONTEXT with a few 4096-byte
+	// strings) is far smaller.
+	srvMaxOptionData = 64 << 10
+	// srvMaxOptionDrain is the largest option data the server swallows to
+	// answer ERR_TOO_BIG; beyond it the client is treated as hostile and
+	// the connection is dropped.
+	srvMaxOptionDrain = 16 << 20
+	// srvMaxOptions bounds the options before GO or EXPORT_NAME.
+	srvMaxOptions = 256
+	// srvMaxInFlightBytes bounds the payload buffers (WRITE data and READ
+	// replies) one connection holds at a time.
+	srvMaxInFlightBytes = 2 * MaxPayload
+)
+
+// serverConn is one client connection.
+type serverConn struct {
+	srv  *Server
+	id   uint64
+	raw  net.Conn // as accepted
+	conn net.Conn // raw, or the TLS connection over it after STARTTLS
+	peer string
+	log  *slog.Logger
+
+	// Negotiated state, touched only by the connection's own goroutine
+	// until the transmission phase starts. STARTTLS resets all of it.
+	tls        bool
+	structured bool
+	promised   bool   // NBD_OPT_X_READ_ONLY was ACKed
+	metaSet    bool   // base:allocation selected by SET_META_CONTEXT
+	metaExport string // ... for this export name
+	noZeroes   bool
+
+	view      *exportView
+	metaAlloc bool // BLOCK_STATUS allowed: base:allocation set for the export opened
+	// sendfile is the socket for sendfile(2), nil under TLS (the data
+	// must pass through the process to be encrypted).
+	sendfile syscall.RawConn
+
+	mu           sync.Mutex // protects following
+	transmitting bool
+}
+
+func newServerConn(s *Server, c net.Conn, id uint64) *serverConn {
+	sc := &serverConn{srv: s, id: id, raw: c, conn: c, peer: peerName(c)}
+	sc.log = s.log.With("conn", id, "peer", sc.peer)
+	return sc
+}
+
+// shutdown asks the connection to end: at once while it negotiates, after
+// the requests in flight once it transmits (the reader stops reading).
+func (c *serverConn) shutdown() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.transmitting {
+		c.raw.SetReadDeadline(time.Now())
+		return
+	}
+	c.raw.Close()
+}
+
+// close ends the connection abruptly.
+func (c *serverConn) close() { c.raw.Close() }
+
+// errAbort ends a handshake that the client ended politely.
+var errAbort = errors.New("client sent NBD_OPT_ABORT")
+
+func (c *serverConn) serve() {
+	defer c.srv.connDone(c)
+	defer c.raw.Close()
+	c.raw.SetDeadline(time.Now().Add(c.srv.cfg.HandshakeTimeout))
+	view, err := c.handshake()
+	if err != nil {
+		if errors.Is(err, errAbort) {
+			c.log.Debug("handshake ended", "reason", err)
+		} else {
+			c.log.Info("handshake failed", "err", err)
+		}
+		return
+	}
+	c.view = view
+	defer view.release()
+
+	c.mu.Lock()
+	if c.srv.inShut.Load() {
+		c.mu.Unlock()
+		return
+	}
+	c.transmitting = true
+	c.raw.SetDeadline(time.Time{})
+	c.mu.Unlock()
+	if sc, ok := c.conn.(syscall.Conn); ok && !c.tls {
+		c.sendfile, _ = sc.SyscallConn()
+	}
+
+	c.log.Info("connection", "export", view.name, "mode", view.mode, "tls", c.tls,
+		"structured_replies", c.structured, "promised_read_only", c.promised)
+	n, err := c.transmit()
+	if err != nil {
+		c.log.Info("connection closed", "export", view.name, "requests", n, "reason", err)
+	} else {
+		c.log.Info("connection closed", "export", view.name, "requests", n)
+	}
+}
+
+func (c *serverConn) send(b []byte) error {
+	_, err := c.conn.Write(b)
+	return err
+}
+
+func (c *serverConn) reply(opt Option, typ Reply, data []byte) error {
+	return c.send(appendOptionReply(nil, opt, typ, data))
+}
+
+// replyErr answers an option with an error reply carrying a message.
+func (c *serverConn) replyErr(opt Option, typ Reply, format string, args ...any) error {
+	msg := fmt.Sprintf(format, args...)
+	if len(msg) > MaxStringLen {
+		msg = msg[:MaxStringLen]
+	}
+	c.log.Debug("option refused", "option", opt, "reply", typ, "msg", msg)
+	return c.reply(opt, typ, []byte(msg))
+}
+
+// handshake runs the fixed-newstyle negotiation until the client opens an
+// export (GO or EXPORT_NAME) and returns the view it opened.
+func (c *serverConn) handshake() (*exportView, error) {
+	if err := c.send(appendGreeting(nil, HandshakeFixedNewstyle|HandshakeNoZeroes)); err != nil {
+		return nil, err
+	}
+	var buf [optionHeaderLen]byte
+	if _, err := io.ReadFull(c.conn, buf[:4]); err != nil {
+		return nil, fmt.Errorf("reading client flags: %w", err)
+	}
+	flags := ClientFlags(be.Uint32(buf[:4]))
+	if flags&^(ClientFixedNewstyle|ClientNoZeroes) != 0 {
+		return nil, protoErrorf("client flags %#x has bits the server did not offer", uint32(flags))
+	}
+	fixed := flags&ClientFixedNewstyle != 0
+	c.noZeroes = flags&ClientNoZeroes != 0
+
+	for n := 0; ; n++ {
+		if n >= srvMaxOptions {
+			return nil, protoErrorf("more than %d options without choosing an export", srvMaxOptions)
+		}
+		if _, err := io.ReadFull(c.conn, buf[:]); err != nil {
+			return nil, fmt.Errorf("reading option: %w", err)
+		}
+		opt, length, err := parseOptionHeader(buf[:])
+		if err != nil {
+			return nil, err
+		}
+		if !fixed && opt != OptExportName {
+			return nil, protoErrorf("client without fixed newstyle sent %s", opt)
+		}
+		if length > srvMaxOptionData {
+			if length > srvMaxOptionDrain {
+				return nil, protoErrorf("%s with %d bytes of data", opt, length)
+			}
+			if err := discard(c.conn, int64(length)); err != nil {
+				return nil, err
+			}
+			if err := c.replyErr(opt, RepErrTooBig, "option data of %d bytes exceeds the server's %d-byte limit", length, srvMaxOptionData); err != nil {
+				return nil, err
+			}
+			continue
+		}
+		data := make([]byte, length)
+		if _, err := io.ReadFull(c.conn, data); err != nil {
+			return nil, fmt.Errorf("reading %s data: %w", opt, err)
+		}
+		view, err := c.option(opt, data)
+		if view != nil || err != nil {
+			return view, err
+		}
+	}
+}
+
+// option answers one option. It returns a view when the client opened an
+// export, and an error when the connection must end.
+func (c *serverConn) option(opt Option, data []byte) (*exportView, error) {
+	if c.srv.inShut.Load() && opt != OptAbort {
+		return nil, c.replyErr(opt, RepErrShutdown, "server is shutting down")
+	}
+	if c.srv.cfg.TLSMode == TLSRequire && !c.tls && opt != OptStartTLS && opt != OptAbort {
+		if opt == OptExportName {
+			return nil, protoErrorf("NBD_OPT_EXPORT_NAME before STARTTLS on a server that requires TLS")
+		}
+		return nil, c.replyErr(opt, RepErrTLSReqd, "this server requires TLS: send NBD_OPT_STARTTLS first")
+	}
+	switch opt {
+	case OptExportName:
+		return c.optExportName(data)
+	case OptAbort:
+		c.reply(opt, RepAck, nil) // the client may already be gone
+		return nil, errAbort
+	case OptList:
+		return nil, c.optList(data)
+	case OptStartTLS:
+		return nil, c.optStartTLS(data)
+	case OptInfo, OptGo:
+		return c.optInfo(opt, data)
+	case OptStructuredReply:
+		if len(data) != 0 {
+			return nil, c.replyErr(opt, RepErrInvalid, "%s carries no data", opt)
+		}
+		c.structured = true
+		return nil, c.reply(opt, RepAck, nil)
+	case OptListMetaContext, OptSetMetaContext:
+		return nil, c.optMetaContext(opt, data)
+	case OptXReadOnly:
+		if len(data) != 0 {
+			return nil, c.replyErr(opt, RepErrInvalid, "%s carries no data", opt)
+		}
+		c.promised = true
+		return nil, c.reply(opt, RepAck, nil)
+	}
+	return nil, c.replyErr(opt, RepErrUnsup, "option %s is not supported by this server", opt)
+}
+
+func (c *serverConn) optExportName(data []byte) (*exportView, error) {
+	if err := checkString("export name", data); err != nil {
+		return nil, err
+	}
+	name := string(data)
+	v, _, err := c.srv.openView(name, c.promised, true)
+	if err != nil {
+		// The protocol has no way to report this but hanging up.
+		return nil, fmt.Errorf("NBD_OPT_EXPORT_NAME %q: %w", name, err)
+	}
+	b := be.AppendUint64(nil, uint64(v.exp.size))
+	b = be.AppendUint16(b, uint16(exportFlags(v.writable, c.structured)))
+	if !c.noZeroes {
+		b = append(b, make([]byte, exportNamePadLen)...)
+	}
+	if err := c.send(b); err != nil {
+		v.release()
+		return nil, err
+	}
+	c.metaAlloc = c.metaSet && c.metaExport == name
+	return v, nil
+}
+
+func (c *serverConn) optList(data []byte) error {
+	if len(data) != 0 {
+		return c.replyErr(OptList, RepErrInvalid, "NBD_OPT_LIST carries no data")
+	}
+	var b []byte
+	for _, e := range c.srv.exports {
+		entry := ExportEntry{Name: e.name, Description: e.listDescription()}
+		b = appendOptionReply(b, OptList, RepServer, entry.encode())
+	}
+	b = appendOptionReply(b, OptList, RepAck, nil)
+	return c.send(b)
+}
+
+// listDescription is the export's description, or a reminder of the view
+// names when none was configured.
+func (e *export) listDescription() string {
+	if e.description != "" {
+		return e.description
+	}
+	if e.readOnly {
+		return "read-only image; " + e.name + "@snapshot for a point-in-time view"
+	}
+	return "read-write image; " + e.name + "@snapshot for a point-in-time view, " + e.name + "@live to read live"
+}
+
+func (c *serverConn) optStartTLS(data []byte) error {
+	switch {
+	case len(data) != 0:
+		return c.replyErr(OptStartTLS, RepErrInvalid, "NBD_OPT_STARTTLS carries no data")
+	case c.tls:
+		return c.replyErr(OptStartTLS, RepErrInvalid, "TLS is already on")
+	case c.srv.cfg.TLSMode == TLSOff:
+		return c.replyErr(OptStartTLS, RepErrPolicy, "TLS is not enabled on this server")
+	}
+	if err := c.reply(OptStartTLS, RepAck, nil); err != nil {
+		return err
+	}
+	tc := tls.Server(c.raw, c.srv.cfg.TLSConfig)
+	if err := tc.Handshake(); err != nil {
+		return fmt.Errorf("TLS handshake: %w", err)
+	}
+	c.conn, c.tls = tc, true
+	// Everything negotiated in plaintext is forgotten (proto.md: STARTTLS).
+	c.structured, c.promised, c.metaSet, c.metaExport = false, false, false, ""
+	return nil
+}
+
+// srvBlockSize is what NBD_INFO_BLOCK_SIZE says: any alignment works,
+// 4 KiB is the natural size, and payloads up to 32 MiB.
+var srvBlockSize = BlockSize{Min: 1, Preferred: 4096, Max: MaxPayload}
+
+func (c *serverConn) optInfo(opt Option, data []byte) (*exportView, error) {
+	req, err := parseExportRequest(data)
+	if err != nil {
+		return nil, c.replyErr(opt, RepErrInvalid, "%v", err)
+	}
+	v, code, err := c.srv.openView(req.Name, c.promised, opt == OptGo)
+	if err != nil {
+		return nil, c.replyErr(opt, code, "%v", err)
+	}
+	var wantName, wantDesc bool
+	for _, t := range req.Infos {
+		switch t {
+		case InfoName:
+			wantName = true
+		case InfoDescription:
+			wantDesc = true
+		}
+	}
+	b := appendOptionReply(nil, opt, RepInfo, appendInfoExport(nil, uint64(v.exp.size), exportFlags(v.writable, c.structured)))
+	// The canonical name of a snapshot goes out unasked, so every further
+	// connection of the same client joins the same instant.
+	if wantName || v.snap != nil {
+		b = appendOptionReply(b, opt, RepInfo, appendInfoText(nil, InfoName, v.name))
+	}
+	if wantDesc && v.exp.description != "" {
+		b = appendOptionReply(b, opt, RepInfo, appendInfoText(nil, InfoDescription, v.exp.description))
+	}
+	b = appendOptionReply(b, opt, RepInfo, appendInfoBlockSize(nil, srvBlockSize))
+	b = appendOptionReply(b, opt, RepAck, nil)
+	if err := c.send(b); err != nil {
+		if opt == OptGo {
+			v.release()
+		}
+		return nil, err
+	}
+	if opt != OptGo {
+		return nil, nil
+	}
+	c.metaAlloc = c.metaSet && c.metaExport == req.Name
+	return v, nil
+}
+
+func (c *serverConn) optMetaContext(opt Option, data []byte) error {
+	set := opt == OptSetMetaContext
+	if set {
+		c.metaSet = false // a SET replaces the selection even when it fails
+	}
+	if set && !c.structured {
+		return c.replyErr(opt, RepErrInvalid, "%s needs NBD_OPT_STRUCTURED_REPLY first", opt)
+	}
+	req, err := parseMetaContextRequest(data)
+	if err != nil {
+		return c.replyErr(opt, RepErrInvalid, "%v", err)
+	}
+	if _, _, err := c.srv.openView(req.Export, c.promised, false); err != nil && !errors.Is(err, errBusy) {
+		return c.replyErr(opt, RepErrUnknown, "%v", err)
+	}
+	match := !set && len(req.Queries) == 0 // LIST with no query lists everything
+	for _, q := range req.Queries {
+		// "base:" is a wildcard only for LIST; unknown leafs and other
+		// namespaces are ignored.
+		if q == ContextBaseAllocation || !set && q == "base:" {
+			match = true
+		}
+	}
+	var b []byte
+	if match {
+		var id uint32
+		if set {
+			id = 1
+		}
+		b = appendOptionReply(b, opt, RepMetaContext, appendMetaContextReply(nil, id, ContextBaseAllocation))
+	}
+	b = appendOptionReply(b, opt, RepAck, nil)
+	if set && match {
+		c.metaSet, c.metaExport = true, req.Export
+	}
+	return c.send(b)
+}

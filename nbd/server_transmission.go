@@ -1,0 +1,561 @@
+package nbd
+
+// The transmission phase of one connection: one reader (this goroutine)
+// parses request headers and WRITE payloads, up to Workers handlers run at
+// once, and one writer at a time sends replies, several per writev when
+// they queue up. A reply is queued only when it is complete, so no success header
+// ever goes out before its data exists, and the chunks of one structured
+// reply are never interleaved with another's.
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"time"
+)
+
+// srvReply is one complete reply, ready for the writer.
+type srvReply struct {
+	bufs net.Buffers // header(s) and payload, in wire order
+	buf  []byte      // pooled payload buffer to give back once written
+	cost int64       // in-flight budget to give back once written
+
+	// A READ of cached live data is sent from the image with sendfile:
+	// then pieces replace bufs.
+	file   *os.File
+	pieces []srvPiece
+}
+
+// srvPiece is part of a reply: bytes, or (b == nil) n bytes of the
+// reply's file at off.
+type srvPiece struct {
+	b      []byte
+	off, n int64
+}
+
+// srvBudget is a counting semaphore of payload bytes.
+type srvBudget struct {
+	mu    sync.Mutex
+	cond  sync.Cond
+	avail int64
+}
+
+func newSrvBudget(n int64) *srvBudget {
+	b := &srvBudget{avail: n}
+	b.cond.L = &b.mu
+	return b
+}
+
+func (b *srvBudget) acquire(n int64) {
+	b.mu.Lock()
+	for b.avail < n {
+		b.cond.Wait()
+	}
+	b.avail -= n
+	b.mu.Unlock()
+}
+
+func (b *srvBudget) release(n int64) {
+	b.mu.Lock()
+	b.avail += n
+	b.cond.Broadcast()
+	b.mu.Unlock()
+}
+
+// transmit serves requests until DISC, EOF, a protocol violation or
+// shutdown, then waits for the handlers and the writer. It returns the
+// number of requests and why the connection ended (nil for DISC).
+func (c *serverConn) transmit() (int, error) {
+	workers := c.srv.cfg.Workers
+	slots := make(chan struct{}, workers) // a slot is held from request header to written reply
+	budget := newSrvBudget(srvMaxInFlightBytes)
+	w := &srvReplyWriter{c: c, slots: slots, budget: budget}
+
+	// Small: it batches request headers; WRITE payloads mostly bypass it
+	// (a bigger buffer only copies more of each payload twice).
+	br := bufio.NewReaderSize(c.conn, 8<<10)
+	var handlers sync.WaitGroup
+	var hdr [requestHeaderLen]byte
+	var reason error
+	n := 0
+	for ; ; n++ {
+		if err := c.readRequestBytes(br, hdr[:]); err != nil {
+			reason = c.readEnded(err)
+			break
+		}
+		req, err := parseRequest(hdr[:])
+		if err != nil {
+			reason = err
+			break
+		}
+		if req.Type == CmdDisc {
+			break
+		}
+		if req.Type == CmdWrite && req.Length > MaxPayload {
+			reason = protoErrorf("WRITE of %d bytes exceeds the %d-byte maximum payload", req.Length, MaxPayload)
+			break
+		}
+		slots <- struct{}{}
+		var cost int64
+		var payload []byte
+		if req.Type == CmdWrite || req.Type == CmdRead && req.Length <= MaxPayload {
+			cost = int64(req.Length)
+			budget.acquire(cost)
+		}
+		if req.Type == CmdWrite && req.Length > 0 {
+			payload = srvGetBuf(int(req.Length))
+			if err := c.readRequestBytes(br, payload); err != nil {
+				srvPutBuf(payload)
+				budget.release(cost)
+				<-slots
+				reason = c.readEnded(err)
+				break
+			}
+		}
+		if r := c.handleInline(req, payload); r != nil {
+			r.cost = cost
+			w.send(r)
+			continue
+		}
+		handlers.Add(1)
+		go func() {
+			defer handlers.Done()
+			r := c.handle(req, payload)
+			r.cost = cost
+			w.send(r)
+		}()
+	}
+	handlers.Wait() // every reply is written once its handler is done
+	// After DISC every request was read, so closing at once resets
+	// nothing; a shutdown may leave requests unread.
+	if c.srv.inShut.Load() {
+		c.closeGracefully()
+	}
+	return n, reason
+}
+
+// srvShutdownGrace bounds how long shutdown waits for a request already
+// begun to arrive whole, and for the client to read its last replies.
+const srvShutdownGrace = 5 * time.Second
+
+// srvDrainGrace bounds how long a closing connection waits for the client
+// to hang up after the server's FIN.
+const srvDrainGrace = 2 * time.Second
+
+// readRequestBytes reads a request header or payload. A shutdown stops
+// the reader with an expired read deadline; a request of which some bytes
+// already arrived still gets srvShutdownGrace to arrive whole.
+func (c *serverConn) readRequestBytes(br *bufio.Reader, p []byte) error {
+	n, err := io.ReadFull(br, p)
+	var ne net.Error
+	if err != nil && n > 0 && errors.As(err, &ne) && ne.Timeout() && c.srv.inShut.Load() {
+		c.raw.SetReadDeadline(time.Now().Add(srvShutdownGrace))
+		_, err = io.ReadFull(br, p[n:])
+		c.raw.SetReadDeadline(time.Now())
+	}
+	return err
+}
+
+// closeGracefully sends FIN after the last reply and swallows what the
+// client still sends until it hangs up, so that closing with unread bytes
+// (requests that came too late) does not reset the connection and
+// destroy replies the client has not read yet.
+func (c *serverConn) closeGracefully() {
+	cw, ok := c.conn.(interface{ CloseWrite() error })
+	if !ok || cw.CloseWrite() != nil {
+		return
+	}
+	// Clients that read replies all the time (libnbd, qemu, snapmount
+	// mount) see the FIN and hang up at once; a silent one is cut off.
+	c.raw.SetReadDeadline(time.Now().Add(srvDrainGrace))
+	io.Copy(io.Discard, io.LimitReader(c.conn, 2*MaxPayload))
+}
+
+// readEnded explains why reading a request failed.
+func (c *serverConn) readEnded(err error) error {
+	switch {
+	case c.srv.inShut.Load():
+		return errors.New("server shutting down")
+	case errors.Is(err, io.EOF):
+		return errors.New("client hung up without NBD_CMD_DISC")
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		return errors.New("client hung up in the middle of a request")
+	}
+	return err
+}
+
+// srvReplyWriter serialises replies onto the connection. A handler with a
+// finished reply queues it and, if no other handler is writing, becomes
+// the writer: it sends everything queued (one writev) until the queue is
+// empty. So a reply goes out without a hop to another goroutine, replies
+// that pile up while one writev runs leave together, and only one
+// goroutine writes at a time. After a write error it closes the
+// connection (which stops the reader) and only gives back resources.
+type srvReplyWriter struct {
+	c      *serverConn
+	slots  <-chan struct{}
+	budget *srvBudget
+
+	writing sync.Mutex // held by the goroutine that writes
+
+	mu     sync.Mutex // protects following
+	queue  []*srvReply
+	failed bool
+}
+
+// send queues r and writes the queue unless another goroutine is writing.
+// The writer re-checks the queue after unlocking: a reply queued while it
+// wrote, whose handler found the lock taken, is never left behind.
+func (w *srvReplyWriter) send(r *srvReply) {
+	w.mu.Lock()
+	w.queue = append(w.queue, r)
+	w.mu.Unlock()
+	for w.writing.TryLock() {
+		w.mu.Lock()
+		batch := w.queue
+		w.queue = nil
+		failed := w.failed
+		w.mu.Unlock()
+		if len(batch) == 0 {
+			w.writing.Unlock()
+			return
+		}
+		if !failed {
+			if err := w.write(batch); err != nil {
+				w.mu.Lock()
+				w.failed = true
+				w.mu.Unlock()
+				w.c.log.Debug("writing replies failed", "err", err)
+				w.c.raw.Close()
+			}
+		}
+		for _, r := range batch {
+			if r.buf != nil {
+				srvPutBuf(r.buf)
+			}
+			w.budget.release(r.cost)
+			<-w.slots
+		}
+		w.writing.Unlock()
+	}
+}
+
+// write sends a batch of replies: bytes with writev, file data with
+// sendfile in between.
+func (w *srvReplyWriter) write(batch []*srvReply) error {
+	var bufs net.Buffers
+	flush := func() error {
+		_, err := bufs.WriteTo(w.c.conn)
+		bufs = bufs[:0]
+		return err
+	}
+	for _, r := range batch {
+		if r.file == nil {
+			bufs = append(bufs, r.bufs...)
+			continue
+		}
+		for _, p := range r.pieces {
+			if p.b != nil {
+				bufs = append(bufs, p.b)
+				continue
+			}
+			if err := flush(); err != nil {
+				return err
+			}
+			sent, err := srvSendfile(w.c.sendfile, r.file, p.off, p.n)
+			if err != nil {
+				// The header has gone out; the data cannot follow.
+				return fmt.Errorf("sendfile of %d bytes at %d: %w", p.n, p.off, err)
+			}
+			if sent < p.n {
+				// Another process shortened the image: past its end it
+				// reads as zeros.
+				bufs = append(bufs, make([]byte, p.n-sent))
+			}
+		}
+	}
+	return flush()
+}
+
+// ---- request handling ----
+
+// flags each command accepts (more are refused with EINVAL).
+func (c *serverConn) allowedFlags(t Cmd) CmdFlags {
+	var f CmdFlags = CmdFlagFUA // proto.md: FUA is valid on any command
+	switch t {
+	case CmdRead:
+		if c.structured {
+			f |= CmdFlagDF
+		}
+	case CmdWriteZeroes:
+		f |= CmdFlagNoHole | CmdFlagFastZero
+	case CmdBlockStatus:
+		f |= CmdFlagReqOne
+	}
+	return f
+}
+
+// handle runs one request and returns its reply. It never fails: errors
+// become error replies.
+func (c *serverConn) handle(req Request, payload []byte) *srvReply {
+	v := c.view
+	size := v.exp.size
+	off, length := int64(req.Offset), int64(req.Length)
+	inRange := req.Offset <= uint64(size) && length <= size-off
+	fua := req.Flags&CmdFlagFUA != 0 && v.writable
+
+	if bad := req.Flags &^ c.allowedFlags(req.Type); bad != 0 {
+		if payload != nil {
+			srvPutBuf(payload)
+		}
+		return c.errorReply(req, fmt.Errorf("flags %#x are not valid for %s: %w", uint16(bad), req.Type, EINVAL))
+	}
+	switch req.Type {
+	case CmdRead:
+		return c.handleRead(req, inRange)
+	case CmdWrite:
+		defer func() {
+			if payload != nil {
+				srvPutBuf(payload)
+			}
+		}()
+		switch {
+		case !v.writable:
+			return c.errorReply(req, errReadOnlyView)
+		case !inRange:
+			return c.errorReply(req, fmt.Errorf("write of %d bytes at offset %d goes past the end of the export (%d bytes): %w", length, off, size, ENOSPC))
+		}
+		return c.result(req, v.write(payload, off, fua))
+	case CmdFlush:
+		if req.Offset != 0 || req.Length != 0 {
+			return c.errorReply(req, fmt.Errorf("FLUSH with offset or length set: %w", EINVAL))
+		}
+		return c.result(req, v.flush())
+	case CmdTrim:
+		switch {
+		case !v.writable:
+			return c.errorReply(req, errReadOnlyView)
+		case !inRange:
+			return c.errorReply(req, fmt.Errorf("trim of %d bytes at offset %d goes past the end of the export: %w", length, off, EINVAL))
+		}
+		return c.result(req, v.trim(off, length, fua))
+	case CmdWriteZeroes:
+		switch {
+		case !v.writable:
+			return c.errorReply(req, errReadOnlyView)
+		case !inRange:
+			return c.errorReply(req, fmt.Errorf("write zeroes of %d bytes at offset %d goes past the end of the export: %w", length, off, ENOSPC))
+		}
+		return c.result(req, v.writeZeroes(off, length, req.Flags&CmdFlagNoHole != 0, req.Flags&CmdFlagFastZero != 0, fua))
+	case CmdCache:
+		if !inRange {
+			return c.errorReply(req, fmt.Errorf("cache of %d bytes at offset %d goes past the end of the export: %w", length, off, EINVAL))
+		}
+		return c.result(req, v.cache(off, length))
+	case CmdBlockStatus:
+		return c.handleBlockStatus(req, inRange)
+	case CmdResize:
+		if !v.writable {
+			return c.errorReply(req, errReadOnlyView)
+		}
+		return c.errorReply(req, fmt.Errorf("this server never resizes an image: %w", EINVAL))
+	}
+	return c.errorReply(req, fmt.Errorf("unknown command %d: %w", uint16(req.Type), EINVAL))
+}
+
+// handleInline runs the requests that cost little and never wait for a
+// disk in the reader goroutine itself, and returns nil for the others. It
+// saves a goroutine and a thread handoff per request where the kernel
+// copy is the whole cost: a READ of cached live data (sent with sendfile)
+// and a plain WRITE into the page cache while no snapshot needs
+// copy-before-write. FUA writes, snapshot I/O and uncached reads go to the
+// handlers, which run in parallel.
+func (c *serverConn) handleInline(req Request, payload []byte) *srvReply {
+	v := c.view
+	off, length := int64(req.Offset), int64(req.Length)
+	if req.Flags&^c.allowedFlags(req.Type) != 0 || req.Offset > uint64(v.exp.size) || length > v.exp.size-off || length == 0 {
+		return nil
+	}
+	switch req.Type {
+	case CmdRead:
+		return c.sendfileRead(req, c.structured && req.Flags&CmdFlagDF == 0)
+	case CmdWrite:
+		if !v.writable || req.Flags&CmdFlagFUA != 0 {
+			return nil
+		}
+		if live := v.exp.live.Load(); live != nil && len(*live) > 0 {
+			return nil
+		}
+		return c.handle(req, payload)
+	}
+	return nil
+}
+
+var errReadOnlyView = fmt.Errorf("this connection is read-only: %w", EPERM)
+
+func (c *serverConn) handleRead(req Request, inRange bool) *srvReply {
+	off, length := int64(req.Offset), int64(req.Length)
+	switch {
+	case length > MaxPayload:
+		return c.errorReply(req, fmt.Errorf("read of %d bytes exceeds the %d-byte maximum: %w", length, MaxPayload, EINVAL))
+	case !inRange:
+		return c.errorReply(req, fmt.Errorf("read of %d bytes at offset %d goes past the end of the export (%d bytes): %w", length, off, c.view.exp.size, EINVAL))
+	case length == 0:
+		return c.result(req, nil)
+	}
+	holes := c.structured && req.Flags&CmdFlagDF == 0
+	if r := c.sendfileRead(req, holes); r != nil {
+		return r
+	}
+	buf := srvGetBuf(int(length))
+	ext, err := c.view.read(buf, off, holes)
+	if err != nil {
+		srvPutBuf(buf)
+		return c.errorReply(req, err)
+	}
+	r := &srvReply{buf: buf}
+	if !c.structured {
+		r.bufs = net.Buffers{appendSimpleReply(make([]byte, 0, simpleReplyLen), 0, req.Cookie), buf}
+		return r
+	}
+	if len(ext) == 0 {
+		ext = []srvExtent{{off: off, length: length}}
+	}
+	// Headers go into one slice sized up front, so the slices of it in
+	// r.bufs stay valid.
+	hdr := make([]byte, 0, len(ext)*(chunkHeaderLen+12))
+	r.bufs = make(net.Buffers, 0, 2*len(ext))
+	for i, x := range ext {
+		var flags uint16
+		if i == len(ext)-1 {
+			flags = ReplyFlagDone
+		}
+		start := len(hdr)
+		if x.hole {
+			hdr = appendChunkHeader(hdr, flags, ChunkOffsetHole, req.Cookie, 12)
+			hdr = be.AppendUint64(hdr, uint64(x.off))
+			hdr = be.AppendUint32(hdr, uint32(x.length))
+			r.bufs = append(r.bufs, hdr[start:])
+			continue
+		}
+		hdr = appendChunkHeader(hdr, flags, ChunkOffsetData, req.Cookie, uint32(8+x.length))
+		hdr = be.AppendUint64(hdr, uint64(x.off))
+		r.bufs = append(r.bufs, hdr[start:], buf[x.off-off:x.off-off+x.length])
+	}
+	return r
+}
+
+// srvSendfileMin is the smallest READ sent with sendfile: below it a copy
+// through the process costs less than the extra system calls.
+const srvSendfileMin = 32 << 10
+
+// sendfileRead builds the reply to a READ of live data that is all in the
+// page cache, to be sent with sendfile. It returns nil when the READ must
+// take the ordinary path: snapshots (read under block locks), TLS, small
+// or uncached ranges (read in parallel by the handlers rather than by the
+// one writer).
+func (c *serverConn) sendfileRead(req Request, holes bool) *srvReply {
+	v := c.view
+	off, length := int64(req.Offset), int64(req.Length)
+	if v.snap != nil || c.sendfile == nil || length < srvSendfileMin || !exportResident(v.exp.mapping, off, length) {
+		return nil
+	}
+	r := &srvReply{file: v.exp.file}
+	if !c.structured {
+		r.pieces = []srvPiece{{b: appendSimpleReply(nil, 0, req.Cookie)}, {off: off, n: length}}
+		return r
+	}
+	ext := []srvExtent{{off: off, length: length}}
+	if holes {
+		ext = imageExtents(v.exp.file, off, off+length, make([]srvExtent, 0, 4), maxReadExtents)
+	}
+	hdr := make([]byte, 0, len(ext)*(chunkHeaderLen+12))
+	r.pieces = make([]srvPiece, 0, 2*len(ext))
+	for i, x := range ext {
+		var flags uint16
+		if i == len(ext)-1 {
+			flags = ReplyFlagDone
+		}
+		start := len(hdr)
+		if x.hole {
+			hdr = appendChunkHeader(hdr, flags, ChunkOffsetHole, req.Cookie, 12)
+			hdr = be.AppendUint64(hdr, uint64(x.off))
+			hdr = be.AppendUint32(hdr, uint32(x.length))
+			r.pieces = append(r.pieces, srvPiece{b: hdr[start:]})
+			continue
+		}
+		hdr = appendChunkHeader(hdr, flags, ChunkOffsetData, req.Cookie, uint32(8+x.length))
+		hdr = be.AppendUint64(hdr, uint64(x.off))
+		r.pieces = append(r.pieces, srvPiece{b: hdr[start:]}, srvPiece{off: x.off, n: x.length})
+	}
+	return r
+}
+
+// srvMaxStatusExtents bounds the extents of one BLOCK_STATUS reply.
+const srvMaxStatusExtents = 2048
+
+func (c *serverConn) handleBlockStatus(req Request, inRange bool) *srvReply {
+	off, length := int64(req.Offset), int64(req.Length)
+	switch {
+	case !c.structured || !c.metaAlloc:
+		return c.errorReply(req, fmt.Errorf("BLOCK_STATUS needs structured replies and base:allocation selected for this export: %w", EINVAL))
+	case length == 0 || !inRange:
+		return c.errorReply(req, fmt.Errorf("block status of %d bytes at offset %d is outside the export: %w", length, off, EINVAL))
+	}
+	maxExt := srvMaxStatusExtents
+	if req.Flags&CmdFlagReqOne != 0 {
+		maxExt = 1
+	}
+	ext, err := c.view.blockStatus(off, length, maxExt)
+	if err != nil {
+		return c.errorReply(req, err)
+	}
+	wire := make([]WireExtent, 0, len(ext))
+	for _, x := range ext {
+		if len(wire) == maxExt {
+			break
+		}
+		var st uint32
+		if x.hole {
+			st = StateHole | StateZero
+		}
+		wire = append(wire, WireExtent{Length: uint32(x.length), Flags: st})
+	}
+	payload := appendBlockStatusPayload(nil, 1, wire)
+	b := appendChunkHeader(make([]byte, 0, chunkHeaderLen+len(payload)), ReplyFlagDone, ChunkBlockStatus, req.Cookie, uint32(len(payload)))
+	return &srvReply{bufs: net.Buffers{append(b, payload...)}}
+}
+
+// result is the reply to a command without reply payload.
+func (c *serverConn) result(req Request, err error) *srvReply {
+	if err != nil {
+		return c.errorReply(req, err)
+	}
+	if c.structured && req.Type == CmdRead {
+		b := appendChunkHeader(nil, ReplyFlagDone, ChunkNone, req.Cookie, 0)
+		return &srvReply{bufs: net.Buffers{b}}
+	}
+	return &srvReply{bufs: net.Buffers{appendSimpleReply(nil, 0, req.Cookie)}}
+}
+
+// errorReply reports err for one request: an ERROR chunk with a message
+// for READ and BLOCK_STATUS under structured replies, else a simple reply.
+func (c *serverConn) errorReply(req Request, err error) *srvReply {
+	errno := ErrnoOf(err)
+	if errno == EIO || errors.Is(err, os.ErrClosed) {
+		c.log.Warn("request failed", "cmd", req.Type, "offset", req.Offset, "length", req.Length, "err", err)
+		errno = EIO
+	} else {
+		c.log.Debug("request refused", "cmd", req.Type, "offset", req.Offset, "length", req.Length, "err", err)
+	}
+	if c.structured && (req.Type == CmdRead || req.Type == CmdBlockStatus) {
+		p := appendErrorChunkPayload(nil, errno, err.Error(), -1)
+		b := appendChunkHeader(make([]byte, 0, chunkHeaderLen+len(p)), ReplyFlagDone, ChunkError, req.Cookie, uint32(len(p)))
+		return &srvReply{bufs: net.Buffers{append(b, p...)}}
+	}
+	return &srvReply{bufs: net.Buffers{appendSimpleReply(nil, errno, req.Cookie)}}
+}

@@ -1,0 +1,505 @@
+package nbd
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"math/rand"
+	"os"
+	"sync"
+	"testing"
+	"time"
+)
+
+// newTestExport makes a server (not listening) over one image and returns
+// it with the export.
+func newTestExport(t testing.TB, cfg ServerConfig, size int64) (*Server, *export, string) {
+	t.Helper()
+	img := testImage(t, size, 42)
+	cfg.Exports = []ExportConfig{{Name: "disk", Path: img}}
+	if cfg.SnapshotDir == "" {
+		cfg.SnapshotDir = t.TempDir()
+	}
+	cfg.Logger = testLogger(t)
+	srv, err := NewServer(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	return srv, srv.exports[0], img
+}
+
+// copyModes runs a test with copy-before-write inside the kernel
+// (copy_file_range) and through memory.
+func copyModes(t *testing.T, test func(t *testing.T, buffered bool)) {
+	for _, buffered := range []bool{false, true} {
+		name := "copy_file_range"
+		if buffered {
+			name = "buffered"
+		}
+		t.Run(name, func(t *testing.T) { test(t, buffered) })
+	}
+}
+
+func mustView(t testing.TB, srv *Server, name string, promised bool) *exportView {
+	t.Helper()
+	v, _, err := srv.openView(name, promised, true)
+	if err != nil {
+		t.Fatalf("opening %q: %v", name, err)
+	}
+	return v
+}
+
+func readView(t testing.TB, v *exportView, off, n int64, holes bool) []byte {
+	t.Helper()
+	p := make([]byte, n)
+	ext, err := v.read(p, off, holes)
+	if err != nil {
+		t.Fatalf("reading %s %d@%d: %v", v.name, n, off, err)
+	}
+	for _, x := range ext {
+		if x.hole {
+			clear(p[x.off-off : x.off-off+x.length])
+		}
+	}
+	return p
+}
+
+func TestParseExportName(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want exportRef
+		bad  bool
+	}{
+		{"disk", exportRef{base: "disk"}, false},
+		{"", exportRef{}, false},
+		{"disk@snapshot", exportRef{base: "disk", kind: viewNewSnapshot}, false},
+		{"disk@live", exportRef{base: "disk", kind: viewLive}, false},
+		{"disk@s7", exportRef{base: "disk", kind: viewJoinSnapshot, snapID: 7}, false},
+		{"disk@s123456789", exportRef{base: "disk", kind: viewJoinSnapshot, snapID: 123456789}, false},
+		{"disk@s0", exportRef{}, true},
+		{"disk@s07", exportRef{}, true},
+		{"disk@s", exportRef{}, true},
+		{"disk@s-1", exportRef{}, true},
+		{"disk@s99999999999999999999999", exportRef{}, true},
+		{"disk@", exportRef{}, true},
+		{"disk@snap", exportRef{}, true},
+		{"disk@live@live", exportRef{}, true},
+	} {
+		got, err := parseExportName(tc.in)
+		if (err != nil) != tc.bad {
+			t.Errorf("parseExportName(%q) error %v, want error %v", tc.in, err, tc.bad)
+			continue
+		}
+		if !tc.bad && got != tc.want {
+			t.Errorf("parseExportName(%q) = %+v, want %+v", tc.in, got, tc.want)
+		}
+	}
+}
+
+func TestParseExportArg(t *testing.T) {
+	for _, tc := range []struct {
+		in, name, path string
+		bad            bool
+	}{
+		{"disk.img", "disk.img", "disk.img", false},
+		{"/var/lib/vm/disk.img", "disk.img", "/var/lib/vm/disk.img", false},
+		{"vm=/var/lib/vm/disk.img", "vm", "/var/lib/vm/disk.img", false},
+		{"./a=b.img", "a=b.img", "./a=b.img", false},
+		{"x@y=disk.img", "", "", true},
+		{"/tmp/x@y.img", "", "", true},
+		{"vm=", "", "", true},
+		{"=disk.img", "disk.img", "disk.img", false},
+	} {
+		ec, err := ParseExportArg(tc.in)
+		if (err != nil) != tc.bad {
+			t.Errorf("ParseExportArg(%q) error %v, want error %v", tc.in, err, tc.bad)
+			continue
+		}
+		if !tc.bad && (ec.Name != tc.name || ec.Path != tc.path) {
+			t.Errorf("ParseExportArg(%q) = %+v, want name %q path %q", tc.in, ec, tc.name, tc.path)
+		}
+	}
+}
+
+func TestSnapshotFrozenAtItsInstant(t *testing.T) {
+	copyModes(t, func(t *testing.T, buffered bool) {
+		const size = 1<<20 + 1000 // not a multiple of the block size
+		srv, e, img := newTestExport(t, ServerConfig{SnapshotBlock: 4096, SnapshotLinger: time.Hour}, size)
+		e.noCopyRange.Store(buffered)
+		orig, _ := os.ReadFile(img)
+		w := mustView(t, srv, "disk", false)
+		s1 := mustView(t, srv, "disk@snapshot", false)
+		if s1.name != "disk@s1" || s1.writable {
+			t.Fatalf("first snapshot: %+v", s1)
+		}
+		// Change: a write crossing blocks, one at the unaligned tail, a trim
+		// and a zeroing.
+		p := bytes.Repeat([]byte{0xab}, 10000)
+		if err := w.write(p, 3000, false); err != nil {
+			t.Fatal(err)
+		}
+		if err := w.write([]byte{1, 2, 3}, size-3, true); err != nil {
+			t.Fatal(err)
+		}
+		if err := w.trim(64<<10, 64<<10, false); err != nil {
+			t.Fatal(err)
+		}
+		if err := w.writeZeroes(256<<10, 8192, true, false, false); err != nil {
+			t.Fatal(err)
+		}
+		mid, _ := os.ReadFile(img)
+		s2 := mustView(t, srv, "disk@snapshot", true)
+		if s2.name != "disk@s2" {
+			t.Fatalf("second snapshot named %q", s2.name)
+		}
+		if err := w.write(bytes.Repeat([]byte{0xcd}, size), 0, false); err != nil {
+			t.Fatal(err)
+		}
+		for _, holes := range []bool{false, true} {
+			if got := readView(t, s1, 0, size, holes); !bytes.Equal(got, orig) {
+				t.Errorf("snapshot 1 (holes %v) is not the image at its instant", holes)
+			}
+			if got := readView(t, s2, 0, size, holes); !bytes.Equal(got, mid) {
+				t.Errorf("snapshot 2 (holes %v) is not the image at its instant", holes)
+			}
+			// Unaligned pieces.
+			if got := readView(t, s1, 4095, 5000, holes); !bytes.Equal(got, orig[4095:9095]) {
+				t.Errorf("unaligned read of snapshot 1 (holes %v) differs", holes)
+			}
+		}
+		// A join sees the same instant; a third snapshot sees the present.
+		j := mustView(t, srv, "disk@s1", false)
+		if got := readView(t, j, 0, size, true); !bytes.Equal(got, orig) {
+			t.Error("joined snapshot differs")
+		}
+		now, _ := os.ReadFile(img)
+		s3 := mustView(t, srv, "disk@snapshot", false)
+		if got := readView(t, s3, 0, size, true); !bytes.Equal(got, now) {
+			t.Error("newest snapshot is not the current image")
+		}
+		// Snapshot block status: everything the writer touched is data.
+		ext, err := s1.blockStatus(0, size, 1000)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var total int64
+		for _, x := range ext {
+			total += x.length
+			if x.hole {
+				t.Errorf("snapshot 1 reports a hole at %d+%d; the image was all data at its instant", x.off, x.length)
+			}
+		}
+		if total != size {
+			t.Errorf("block status covers %d bytes, want %d", total, size)
+		}
+		if e.srv.storeUsed.Load() == 0 {
+			t.Error("no bytes counted in the snapshot stores")
+		}
+		if !buffered && e.noCopyRange.Load() {
+			t.Log("copy_file_range cannot copy here; the buffered path ran instead")
+		}
+		for _, v := range []*exportView{w, s1, s2, s3, j} {
+			v.release()
+		}
+	})
+}
+
+func TestSnapshotZeroBlocksTakeNoSpace(t *testing.T) {
+	copyModes(t, func(t *testing.T, buffered bool) {
+		srv, e, img := newTestExport(t, ServerConfig{SnapshotLinger: -1}, 1<<20)
+		e.noCopyRange.Store(buffered)
+		f, _ := os.OpenFile(img, os.O_RDWR, 0)
+		if err := exportFallocate(f, fallocPunchHole|fallocKeepSize, 0, 512<<10); err != nil {
+			t.Skipf("cannot punch holes: %v", err)
+		}
+		f.Close()
+		s := mustView(t, srv, "disk@snapshot", false)
+		w := mustView(t, srv, "disk", false)
+		if err := w.write(bytes.Repeat([]byte{1}, 1<<20), 0, false); err != nil {
+			t.Fatal(err)
+		}
+		if got, want := srv.storeUsed.Load(), int64(512<<10); got != want {
+			t.Errorf("store holds %d bytes, want %d (zero blocks need no copy)", got, want)
+		}
+		if got := readView(t, s, 0, 512<<10, true); !bytes.Equal(got, make([]byte, 512<<10)) {
+			t.Error("a preserved hole does not read as zeros")
+		}
+		s.release()
+		w.release()
+		if _, err := e.joinSnapshot(1, false); err == nil {
+			t.Error("snapshot with linger < 0 survived its last connection")
+		}
+		if got := srv.storeUsed.Load(); got != 0 {
+			t.Errorf("dropped snapshot still counts %d bytes", got)
+		}
+	})
+}
+
+// TestSnapshotNoTornReads runs writers that fill ranges with one byte
+// value per write against readers of a snapshot taken before: every
+// snapshot read must be exactly the original data. Run it with -race.
+func TestSnapshotNoTornReads(t *testing.T) {
+	copyModes(t, func(t *testing.T, buffered bool) {
+		const size = 2 << 20
+		srv, _, img := newTestExport(t, ServerConfig{SnapshotBlock: 4096, SnapshotLinger: time.Hour}, size)
+		srv.exports[0].noCopyRange.Store(buffered)
+		orig, _ := os.ReadFile(img)
+		w := mustView(t, srv, "disk", false)
+		s := mustView(t, srv, "disk@snapshot", false)
+		var wg sync.WaitGroup
+		stop := make(chan struct{})
+		for i := 0; i < 4; i++ {
+			wg.Add(1)
+			go func(seed int64) {
+				defer wg.Done()
+				r := rand.New(rand.NewSource(seed))
+				for n := 0; n < 200; n++ {
+					off := r.Int63n(size - 64<<10)
+					p := bytes.Repeat([]byte{byte(n)}, 1+r.Intn(64<<10))
+					if err := w.write(p, off, false); err != nil {
+						t.Error(err)
+						return
+					}
+				}
+			}(int64(i))
+		}
+		errs := make(chan error, 4)
+		for i := 0; i < 4; i++ {
+			go func(seed int64) {
+				r := rand.New(rand.NewSource(seed))
+				for {
+					select {
+					case <-stop:
+						errs <- nil
+						return
+					default:
+					}
+					off := r.Int63n(size - 128<<10)
+					n := 1 + r.Int63n(128<<10)
+					p := make([]byte, n)
+					ext, err := s.read(p, off, r.Intn(2) == 0)
+					if err != nil {
+						errs <- err
+						return
+					}
+					for _, x := range ext {
+						if x.hole {
+							clear(p[x.off-off : x.off-off+x.length])
+						}
+					}
+					if !bytes.Equal(p, orig[off:off+n]) {
+						errs <- fmt.Errorf("snapshot read %d@%d saw data written after the snapshot", n, off)
+						return
+					}
+				}
+			}(int64(100 + i))
+		}
+		wg.Wait()
+		close(stop)
+		for i := 0; i < 4; i++ {
+			if err := <-errs; err != nil {
+				t.Error(err)
+			}
+		}
+		if got := readView(t, s, 0, size, true); !bytes.Equal(got, orig) {
+			t.Error("snapshot differs from the original after the writes")
+		}
+	})
+}
+
+func TestSnapshotStoreFullBreaksSnapshot(t *testing.T) {
+	copyModes(t, func(t *testing.T, buffered bool) {
+		srv, _, img := newTestExport(t, ServerConfig{SnapshotMax: 256 << 10, SnapshotLinger: time.Hour}, 1<<20)
+		srv.exports[0].noCopyRange.Store(buffered)
+		w := mustView(t, srv, "disk", false)
+		s := mustView(t, srv, "disk@snapshot", false)
+		p := bytes.Repeat([]byte{0x5a}, 1<<20)
+		if err := w.write(p, 0, false); err != nil {
+			t.Fatalf("the writer failed although the policy is break-snapshot: %v", err)
+		}
+		now, _ := os.ReadFile(img)
+		if !bytes.Equal(now, p) {
+			t.Error("the write did not reach the image")
+		}
+		_, err := s.read(make([]byte, 4096), 0, true)
+		if ErrnoOf(err) != EIO {
+			t.Errorf("reading a broken snapshot: %v, want EIO", err)
+		}
+		if err := s.flush(); ErrnoOf(err) != EIO {
+			t.Errorf("FLUSH of a broken snapshot: %v, want EIO", err)
+		}
+		if _, _, err := srv.openView("disk@s1", false, true); err == nil {
+			t.Error("a broken snapshot can still be joined")
+		}
+		if got := srv.storeUsed.Load(); got != 0 {
+			t.Errorf("a broken snapshot's store still counts %d bytes", got)
+		}
+		// The next snapshot works again.
+		s2 := mustView(t, srv, "disk@snapshot", false)
+		if err := w.write(bytes.Repeat([]byte{1}, 4096), 0, false); err != nil {
+			t.Fatal(err)
+		}
+		if got := readView(t, s2, 0, 4096, true); !bytes.Equal(got, p[:4096]) {
+			t.Error("the snapshot after a broken one does not hold its instant")
+		}
+	})
+}
+
+func TestSnapshotStoreFullFailsWriter(t *testing.T) {
+	copyModes(t, func(t *testing.T, buffered bool) {
+		srv, _, img := newTestExport(t, ServerConfig{SnapshotMax: 256 << 10, OnSnapshotFull: FailWriter, SnapshotLinger: time.Hour}, 1<<20)
+		srv.exports[0].noCopyRange.Store(buffered)
+		orig, _ := os.ReadFile(img)
+		w := mustView(t, srv, "disk", false)
+		s := mustView(t, srv, "disk@snapshot", false)
+		if err := w.write(bytes.Repeat([]byte{1}, 128<<10), 0, false); err != nil {
+			t.Fatalf("a write within the budget failed: %v", err)
+		}
+		err := w.write(bytes.Repeat([]byte{2}, 512<<10), 512<<10, false)
+		if ErrnoOf(err) != ENOSPC {
+			t.Fatalf("write beyond the budget: %v, want ENOSPC", err)
+		}
+		now, _ := os.ReadFile(img)
+		if !bytes.Equal(now[512<<10:], orig[512<<10:]) {
+			t.Error("the refused write changed the image")
+		}
+		if got := readView(t, s, 0, 1<<20, true); !bytes.Equal(got, orig) {
+			t.Error("the snapshot did not stay whole under fail-writer")
+		}
+		// Rewriting blocks the snapshot already holds costs nothing.
+		if err := w.write(bytes.Repeat([]byte{3}, 128<<10), 0, false); err != nil {
+			t.Errorf("rewriting preserved blocks failed: %v", err)
+		}
+	})
+}
+
+func TestSnapshotLingerThenDrop(t *testing.T) {
+	srv, e, _ := newTestExport(t, ServerConfig{SnapshotLinger: 20 * time.Millisecond}, 1<<20)
+	s := mustView(t, srv, "disk@snapshot", false)
+	j := mustView(t, srv, "disk@s1", false)
+	s.release()
+	j.release()
+	// Dropped after the linger time: poll until it is gone.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		_, _, err := srv.openView("disk@s1", false, false)
+		if err != nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("snapshot never dropped after its linger time")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if _, code, err := srv.openView("disk@s1", false, true); code != RepErrUnknown || err == nil {
+		t.Errorf("joining a dropped snapshot: %s %v, want ERR_UNKNOWN", code, err)
+	}
+	entries, _ := os.ReadDir(srv.snapDir)
+	if len(entries) != 0 {
+		t.Errorf("store files left after the drop: %v", entries)
+	}
+	e.mu.Lock()
+	n := len(e.snapshots)
+	e.mu.Unlock()
+	if n != 0 {
+		t.Errorf("%d snapshots still registered", n)
+	}
+}
+
+func TestSnapshotJoinDuringLingerKeepsIt(t *testing.T) {
+	srv, _, _ := newTestExport(t, ServerConfig{SnapshotLinger: time.Hour}, 1<<20)
+	s := mustView(t, srv, "disk@snapshot", false)
+	s.release()
+	j := mustView(t, srv, "disk@s1", false)
+	if j.snap == nil || j.snap.gone.Load() {
+		t.Fatal("join during the linger time failed")
+	}
+	j.release()
+	if err := srv.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if !j.snap.gone.Load() {
+		t.Error("Close left a lingering snapshot")
+	}
+	entries, _ := os.ReadDir(srv.snapDir)
+	if len(entries) != 0 {
+		t.Errorf("Close left store files: %v", entries)
+	}
+}
+
+func TestBlockLocksNoDeadlock(t *testing.T) {
+	var l blockLocks
+	var wg sync.WaitGroup
+	var counter [lockStripes + 10]int // guarded by the stripes of each block
+	for g := 0; g < 8; g++ {
+		wg.Add(1)
+		go func(seed int64) {
+			defer wg.Done()
+			r := rand.New(rand.NewSource(seed))
+			for i := 0; i < 2000; i++ {
+				b0 := r.Int63n(int64(len(counter)))
+				b1 := min(b0+r.Int63n(lockStripes+5), int64(len(counter)-1))
+				if r.Intn(2) == 0 {
+					l.lock(b0, b1)
+					for b := b0; b <= b1; b++ {
+						counter[b]++
+					}
+					l.unlock(b0, b1)
+				} else {
+					l.rlock(b0, b1)
+					sum := 0
+					for b := b0; b <= b1; b++ {
+						sum += counter[b]
+					}
+					_ = sum
+					l.runlock(b0, b1)
+				}
+			}
+		}(int64(g))
+	}
+	wg.Wait()
+}
+
+func TestImageExtents(t *testing.T) {
+	p := testImage(t, 4<<20, 1)
+	f, err := os.OpenFile(p, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := exportFallocate(f, fallocPunchHole|fallocKeepSize, 1<<20, 1<<20); err != nil {
+		t.Skipf("cannot punch holes: %v", err)
+	}
+	got := imageExtents(f, 512<<10, 3<<20, nil, 10)
+	want := []srvExtent{{512 << 10, 512 << 10, false}, {1 << 20, 1 << 20, true}, {2 << 20, 1 << 20, false}}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("imageExtents = %v, want %v", got, want)
+	}
+	// Capped after the first extent: the rest is reported as data.
+	got = imageExtents(f, 0, 4<<20, nil, 1)
+	if len(got) != 1 || got[0].hole || got[0].length != 4<<20 {
+		t.Errorf("capped imageExtents = %v", got)
+	}
+}
+
+func TestServerConfigErrors(t *testing.T) {
+	img := testImage(t, 1<<20, 1)
+	for _, tc := range []struct {
+		name string
+		cfg  ServerConfig
+	}{
+		{"no exports", ServerConfig{}},
+		{"bad block", ServerConfig{Exports: []ExportConfig{{Name: "d", Path: img}}, SnapshotBlock: 5000}},
+		{"at in name", ServerConfig{Exports: []ExportConfig{{Name: "d@x", Path: img}}}},
+		{"duplicate", ServerConfig{Exports: []ExportConfig{{Name: "d", Path: img}, {Name: "d", Path: img}}}},
+		{"missing image", ServerConfig{Exports: []ExportConfig{{Name: "d", Path: img + ".nope"}}}},
+		{"tls without cert", ServerConfig{Exports: []ExportConfig{{Name: "d", Path: img}}, TLSMode: TLSOn}},
+	} {
+		if _, err := NewServer(tc.cfg); err == nil {
+			t.Errorf("%s: NewServer succeeded", tc.name)
+		} else if !errors.Is(err, os.ErrNotExist) && tc.name == "missing image" {
+			t.Errorf("%s: %v, want a not-exist error", tc.name, err)
+		}
+	}
+}
