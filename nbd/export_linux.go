@@ -1,25 +1,22 @@
 package nbd
 
-// Linux system calls the server's image I/O needs beyond package os. They
-// go through package syscall, not golang.org/x/sys/unix: go.mod says
-// "go 1.26" while x/sys v0.49.0 requires "go 1.26.0", so importing x/sys
-// would need a go.mod change (see the report on issue 3).
+// Linux system calls the server's image I/O needs beyond package os.
 
 import (
 	"errors"
 	"os"
 	"syscall"
 	"unsafe"
+
+	"golang.org/x/sys/unix"
 )
 
-// Values from <linux/falloc.h>, <linux/fs.h> and <linux/fadvise.h>.
 const (
-	fallocKeepSize  = 0x01 // FALLOC_FL_KEEP_SIZE
-	fallocPunchHole = 0x02 // FALLOC_FL_PUNCH_HOLE
-	fallocZeroRange = 0x10 // FALLOC_FL_ZERO_RANGE
-	seekData        = 3    // SEEK_DATA
-	seekHole        = 4    // SEEK_HOLE
-	fadvWillNeed    = 3    // POSIX_FADV_WILLNEED
+	fallocKeepSize  = unix.FALLOC_FL_KEEP_SIZE
+	fallocPunchHole = unix.FALLOC_FL_PUNCH_HOLE
+	fallocZeroRange = unix.FALLOC_FL_ZERO_RANGE
+	seekData        = unix.SEEK_DATA
+	seekHole        = unix.SEEK_HOLE
 )
 
 // storeRawConn runs fn with the file's descriptor, keeping the descriptor
@@ -82,11 +79,7 @@ func exportFdatasync(f *os.File) error {
 // page cache (NBD_CMD_CACHE). It is a hint: errors are ignored by callers.
 func exportFadviseWillNeed(f *os.File, off, length int64) error {
 	return storeRawConn(f, func(fd int) error {
-		_, _, e := syscall.Syscall6(syscall.SYS_FADVISE64, uintptr(fd), uintptr(off), uintptr(length), fadvWillNeed, 0, 0)
-		if e != 0 {
-			return e
-		}
-		return nil
+		return unix.Fadvise(fd, off, length, unix.FADV_WILLNEED)
 	})
 }
 
@@ -121,7 +114,8 @@ func exportResident(m []byte, off, n int64) bool {
 		vec = make([]byte, pages)
 	}
 	vec = vec[:pages]
-	_, _, e := syscall.Syscall(syscall.SYS_MINCORE, uintptr(unsafe.Pointer(&m[start])), uintptr(min(pages*page, int64(len(m))-start)), uintptr(unsafe.Pointer(&vec[0])))
+	// x/sys has no mincore wrapper; its per-arch syscall number is enough.
+	_, _, e := unix.Syscall(unix.SYS_MINCORE, uintptr(unsafe.Pointer(&m[start])), uintptr(min(pages*page, int64(len(m))-start)), uintptr(unsafe.Pointer(&vec[0])))
 	if e != 0 {
 		return false
 	}
@@ -179,25 +173,21 @@ var errNoCopyRange = errors.New("copy_file_range unsupported")
 // file system can). It returns how many bytes it copied; fewer than n
 // without an error means src ended early.
 func exportCopyRange(src, dst *os.File, off, n int64) (int64, error) {
-	if sysCopyFileRange < 0 {
-		return 0, errNoCopyRange
-	}
 	var done int64
 	err := storeRawConn(src, func(in int) error {
 		return storeRawConn(dst, func(out int) error {
 			for done < n {
 				roff, woff := off+done, off+done
-				m, _, e := syscall.Syscall6(uintptr(sysCopyFileRange), uintptr(in), uintptr(unsafe.Pointer(&roff)),
-					uintptr(out), uintptr(unsafe.Pointer(&woff)), uintptr(n-done), 0)
+				m, e := unix.CopyFileRange(in, &roff, out, &woff, int(n-done), 0)
 				switch {
-				case e == syscall.EINTR:
+				case errors.Is(e, syscall.EINTR):
 					continue
-				case e == syscall.EXDEV || e == syscall.EOPNOTSUPP || e == syscall.ENOSYS || e == syscall.EINVAL:
+				case errors.Is(e, syscall.EXDEV) || errors.Is(e, syscall.EOPNOTSUPP) || errors.Is(e, syscall.ENOSYS) || errors.Is(e, syscall.EINVAL):
 					if done == 0 {
 						return errNoCopyRange
 					}
 					return e
-				case e != 0:
+				case e != nil:
 					return e
 				case m == 0:
 					return nil // end of src

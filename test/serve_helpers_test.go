@@ -168,11 +168,19 @@ func readFileRange(t testing.TB, path string, off, n int64) []byte {
 // copyFile copies src to a new file dst.
 func copyFile(t testing.TB, src, dst string) {
 	t.Helper()
-	b, err := os.ReadFile(src)
+	in, err := os.Open(src)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(dst, b, 0o644); err != nil {
+	defer in.Close()
+	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		t.Fatal(err)
+	}
+	if err := out.Close(); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -2,7 +2,6 @@ package test
 
 import (
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"os/user"
@@ -112,7 +111,10 @@ func TestMountUnprivileged(t *testing.T) {
 	os.Chmod(dir, 0o755)
 	// The user cannot enter the suite's private build directory.
 	bin := filepath.Join(dir, "snapmount")
-	copyFile(t, snapmountBin, bin, 0o755)
+	copyFile(t, snapmountBin, bin)
+	if err := os.Chmod(bin, 0o755); err != nil {
+		t.Fatal(err)
+	}
 	image := filepath.Join(dir, "disk.img")
 	writeRandomImage(t, image, 4<<20, 17)
 	port := freePort(t)
@@ -153,24 +155,5 @@ func TestMountUnprivileged(t *testing.T) {
 	}
 	if isMounted(mnt) {
 		t.Fatal("still mounted")
-	}
-}
-
-func copyFile(t *testing.T, src, dst string, mode os.FileMode) {
-	t.Helper()
-	in, err := os.Open(src)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer in.Close()
-	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, mode)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := io.Copy(out, in); err != nil {
-		t.Fatal(err)
-	}
-	if err := out.Close(); err != nil {
-		t.Fatal(err)
 	}
 }

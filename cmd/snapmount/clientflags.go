@@ -72,36 +72,6 @@ func humanSize(n uint64) string {
 	return strings.TrimSuffix(fmt.Sprintf("%.1f", f), ".0") + units[i]
 }
 
-// parseSize reads sizes like 256M, 1G, 4096, 64K (binary units).
-func parseSize(s string) (int64, error) {
-	t := strings.TrimSpace(strings.ToUpper(s))
-	t = strings.TrimSuffix(strings.TrimSuffix(t, "B"), "I")
-	mult := int64(1)
-	if t != "" {
-		switch t[len(t)-1] {
-		case 'K':
-			mult = 1 << 10
-		case 'M':
-			mult = 1 << 20
-		case 'G':
-			mult = 1 << 30
-		case 'T':
-			mult = 1 << 40
-		}
-		if mult != 1 {
-			t = t[:len(t)-1]
-		}
-	}
-	var n int64
-	if _, err := fmt.Sscanf(t, "%d", &n); err != nil || n < 0 || fmt.Sprint(n) != t {
-		return 0, fmt.Errorf("bad size %q (want a number with an optional K, M, G or T suffix)", s)
-	}
-	if n > (1<<62)/mult {
-		return 0, fmt.Errorf("size %q is too large", s)
-	}
-	return n * mult, nil
-}
-
 // sizeFlag is a pflag.Value for byte sizes with suffixes.
 type sizeFlag struct{ v *int64 }
 

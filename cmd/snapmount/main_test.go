@@ -29,7 +29,7 @@ func TestRunUsage(t *testing.T) {
 		{[]string{"info", "a", "b"}, exitUsage, "", "want URI, got 2"},
 		{[]string{"copy", "nbd://h/x"}, exitUsage, "", "want URI and DEST"},
 		{[]string{"copy", "--request-size", "3000", "nbd://h/x", "-"}, exitUsage, "", "--request-size"},
-		{[]string{"copy", "--request-size", "lots", "nbd://h/x", "-"}, exitUsage, "", "bad size"},
+		{[]string{"copy", "--request-size", "lots", "nbd://h/x", "-"}, exitUsage, "", "is not a size"},
 		{[]string{"info", "--tls-ca", "/ca.pem", "nbd://h/x"}, exitUsage, "", "need an nbds://"},
 		{[]string{"info", "--timeout", "0s", "nbd://h/x"}, exitUsage, "", "--timeout"},
 	} {
