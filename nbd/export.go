@@ -220,10 +220,15 @@ func (s *Server) openView(name string, promised, create bool) (*exportView, Repl
 		}
 	}
 	v := &exportView{exp: e, name: e.name}
+	// Every read-only live view is canonically NAME@live: a client that
+	// opens its canonical name again (more connections, a reconnect) must
+	// get the same view, and plain NAME with the promise would make a new
+	// snapshot instead.
+	live := e.name + "@live"
 	switch kind {
 	case viewDefault:
 		if e.readOnly {
-			v.mode = "reader (live; server is read-only)"
+			v.name, v.mode = live, "reader (live; server is read-only)"
 			return v, 0, nil
 		}
 		if create && e.takeWriter() || !create && !e.writersFull() {
@@ -234,10 +239,10 @@ func (s *Server) openView(name string, promised, create bool) (*exportView, Repl
 		if s.cfg.Busy == BusyRefuse {
 			return nil, RepErrPolicy, fmt.Errorf("export %q: %w (--max-writers %d); open %s@snapshot or %s@live to read", e.name, errBusy, s.cfg.MaxWriters, e.name, e.name)
 		}
-		v.mode = "reader (live; writer slots busy)"
+		v.name, v.mode = live, "reader (live; writer slots busy)"
 		return v, 0, nil
 	case viewLive:
-		v.mode = "reader (live)"
+		v.name, v.mode = live, "reader (live)"
 		return v, 0, nil
 	case viewNewSnapshot:
 		if !create {

@@ -100,8 +100,8 @@ func TestServerReaderViewLive(t *testing.T) {
 		t.Fatalf("X_READ_ONLY: %s", got)
 	}
 	ri := reader.mustGo("disk")
-	if ri.flags&FlagReadOnly == 0 || ri.name != "disk" {
-		t.Errorf("live reader: flags %s, name %q; want READ_ONLY and disk", ri.flags, ri.name)
+	if ri.flags&FlagReadOnly == 0 || ri.name != "disk@live" {
+		t.Errorf("live reader: flags %s, name %q; want READ_ONLY and disk@live", ri.flags, ri.name)
 	}
 	writer := dialRaw(t, addr)
 	writer.mustGo("disk")
@@ -156,7 +156,7 @@ func TestServerExportNames(t *testing.T) {
 	}{
 		{"disk", RepAck, false, "disk"},
 		{"", RepAck, false, "disk"},
-		{"disk@live", RepAck, true, "disk"},
+		{"disk@live", RepAck, true, "disk@live"},
 		{"disk@snapshot", RepAck, true, ""}, // INFO creates nothing
 		{"disk@s1", RepErrUnknown, false, ""},
 		{"disk@s0", RepErrUnknown, false, ""},
