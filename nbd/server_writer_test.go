@@ -1,0 +1,44 @@
+package nbd
+
+import (
+	"io"
+	"log/slog"
+	"testing"
+)
+
+// A reply queued while another goroutine is finishing its turn as the
+// writer (it saw the lock taken, so it left the reply to the writer)
+// must still be written. Losing it left clients waiting for ever.
+func TestReplyWriterTakesReplyQueuedWhileUnlocking(t *testing.T) {
+	srvEnd, cliEnd := socketPair(t)
+	c := &serverConn{raw: srvEnd, conn: srvEnd, log: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	slots := make(chan struct{}, 2)
+	w := &srvReplyWriter{c: c, slots: slots, budget: newSrvBudget(1 << 20)}
+
+	late := &srvReply{bufs: [][]byte{[]byte("second")}}
+	injected := false
+	testHookWriterUnlocking = func() {
+		if injected {
+			return
+		}
+		injected = true
+		// Another handler finishes now: the lock is still held, so its
+		// send only queues the reply and returns.
+		done := make(chan struct{})
+		go func() {
+			slots <- struct{}{}
+			w.send(late)
+			close(done)
+		}()
+		<-done
+	}
+	defer func() { testHookWriterUnlocking = func() {} }()
+
+	slots <- struct{}{}
+	w.send(&srvReply{bufs: [][]byte{[]byte("first.")}})
+	srvEnd.Close()
+	got, _ := io.ReadAll(cliEnd)
+	if string(got) != "first.second" {
+		t.Fatalf("socket got %q, want both replies", got)
+	}
+}
