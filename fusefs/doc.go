@@ -56,9 +56,10 @@
 // requests are background requests and are never interrupted: a killed
 // reader leaves them to finish or fail on their own, which is why the
 // layers below must bound every request with a timeout. (For the same
-// reason the mount does not negotiate asynchronous direct I/O: it would let
-// io_uring and libaio keep many O_DIRECT reads in flight, but it makes even
-// a synchronous O_DIRECT read wait uninterruptibly.)
+// reason asynchronous direct I/O is an option, Options.AsyncDirectIO: it
+// lets io_uring and libaio keep many O_DIRECT reads in flight, but makes
+// even a synchronous O_DIRECT read wait uninterruptibly, which is only
+// acceptable when the reader bounds every read with a timeout.)
 //
 // # Deadlocks
 //

@@ -328,6 +328,9 @@ func runMount(ctx context.Context, rep *reporter, u *nbd.URI, dopt nbd.DialOptio
 		OnWriteAttempt: func(op string, pid, uid uint32) {
 			logger.Printf("refused %s by pid %d (uid %d): the mount is read-only", op, pid, uid)
 		},
+		// Every read is bounded by --timeout, so an O_DIRECT reader
+		// that cannot be interrupted still never waits for ever.
+		AsyncDirectIO: true,
 	})
 	if err != nil {
 		return withCode(exitMount, fmt.Errorf("mounting on %s: %w", dir, err))
