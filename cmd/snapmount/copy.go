@@ -14,6 +14,7 @@ import (
 	"time"
 
 	flag "github.com/spf13/pflag"
+	"golang.org/x/sys/unix"
 
 	"snapmount/nbd"
 )
@@ -35,7 +36,7 @@ sha256sum prints it. A progress line is shown when stderr is a terminal.`,
 			fs.BoolVar(&o.sha, "sha256", false, "print the SHA-256 of the data copied")
 			fs.IntVar(&o.conns, "conns", 4, "connections to use when the server allows multi-conn")
 			fs.Var(sizeFlag{&o.chunk}, "request-size", "bytes per read request")
-			fs.IntVar(&o.inflight, "requests", 0, "reads in flight at once (0: 16 per connection)")
+			fs.IntVar(&o.inflight, "requests", 0, "reads in flight at once (0: 4 per connection)")
 			fs.BoolVar(&o.fsync, "fsync", false, "fsync DEST before exiting")
 			fs.BoolVar(&o.progress, "progress", false, "show progress even when stderr is not a terminal")
 			cf.bind(fs)
@@ -121,24 +122,58 @@ func runCopy(ctx context.Context, std stdio, o *copyOptions) error {
 	}
 
 	ctx, cancel := context.WithCancel(ctx)
-	var readers sync.WaitGroup
-	defer func() {
-		// No read may outlive the client and the destination.
-		cancel()
-		readers.Wait()
-	}()
 	inflight := o.inflight
 	if inflight <= 0 {
-		inflight = 16 * client.Stats().Slots
+		// 4 requests of 2 MiB per connection keep a local server busy
+		// (copying 1 GiB: 2Mx16 0.45 s, 2Mx64 0.48 s, 256Kx64 0.51 s;
+		// nbdcopy 0.45-0.52 s) with 32 MiB of buffers.
+		inflight = 4 * client.Stats().Slots
 	}
 	chunks := make(chan *chunk, inflight)
 	buffers := make(chan []byte, inflight)
 	for i := 0; i < inflight; i++ {
 		buffers <- nil // allocated on first use
 	}
+	// One goroutine writes a sparse destination, in the order reads
+	// complete: pwrite from many threads at once contends on the file's
+	// lock (its spinning tripled the system time of a copy).
+	var toWrite chan *chunk
+	writerDone := make(chan struct{})
+	if sparse {
+		toWrite = make(chan *chunk, inflight)
+		go func() {
+			defer close(writerDone)
+			wb := newWriteBehind(out)
+			for c := range toWrite {
+				if ctx.Err() == nil {
+					if err := writeSparse(out, c.buf, c.off); err != nil {
+						c.err = fmt.Errorf("writing: %w", err)
+					} else {
+						wb.written(c.off, c.n)
+					}
+				}
+				close(c.done)
+			}
+		}()
+	} else {
+		close(writerDone)
+	}
 	// The producer walks the allocation map and starts reads; the
 	// consumer below takes chunks in order to hash and stream them.
-	go produceChunks(ctx, client, o.chunk, chunks, buffers, &readers, out, sparse)
+	var readers sync.WaitGroup
+	go func() {
+		produceChunks(ctx, client, o.chunk, chunks, buffers, &readers, toWrite)
+		readers.Wait()
+		if toWrite != nil {
+			close(toWrite)
+		}
+	}()
+	defer func() {
+		// No read or write may outlive the client and the destination.
+		cancel()
+		readers.Wait()
+		<-writerDone
+	}()
 
 	var prog *progress
 	if o.progress {
@@ -196,7 +231,7 @@ func runCopy(ctx context.Context, std stdio, o *copyOptions) error {
 
 // produceChunks sends the export's chunks, in order, to chunks, starting
 // the read of each data chunk as it goes. It stops early when ctx ends.
-func produceChunks(ctx context.Context, client *nbd.Client, chunkSize int64, chunks chan<- *chunk, buffers chan []byte, readers *sync.WaitGroup, out *os.File, sparse bool) {
+func produceChunks(ctx context.Context, client *nbd.Client, chunkSize int64, chunks chan<- *chunk, buffers chan []byte, readers *sync.WaitGroup, toWrite chan<- *chunk) {
 	defer close(chunks)
 	size := client.Size()
 	send := func(c *chunk) bool {
@@ -238,7 +273,7 @@ func produceChunks(ctx context.Context, client *nbd.Client, chunkSize int64, chu
 					readers.Add(1)
 					go func() {
 						defer readers.Done()
-						readChunk(ctx, client, c, out, sparse)
+						readChunk(ctx, client, c, toWrite)
 					}()
 				}
 				if !send(c) {
@@ -251,18 +286,52 @@ func produceChunks(ctx context.Context, client *nbd.Client, chunkSize int64, chu
 	}
 }
 
-// readChunk reads one chunk and, for a sparse destination, writes it at
-// its offset unless it is all zeros.
-func readChunk(ctx context.Context, client *nbd.Client, c *chunk, out *os.File, sparse bool) {
-	defer close(c.done)
+// readChunk reads one chunk and hands it to the writer, if there is one;
+// the chunk is done once read (and written).
+func readChunk(ctx context.Context, client *nbd.Client, c *chunk, toWrite chan<- *chunk) {
 	if err := client.ReadVecContext(ctx, [][]byte{c.buf}, c.off); err != nil {
 		c.err = err
+		close(c.done)
 		return
 	}
-	if sparse {
-		if err := writeSparse(out, c.buf, c.off); err != nil {
-			c.err = fmt.Errorf("writing: %w", err)
-		}
+	if toWrite == nil {
+		close(c.done)
+		return
+	}
+	toWrite <- c
+}
+
+// writeBehind keeps a copy from filling the page cache with the
+// destination: it starts writeback of each range as soon as it is
+// written and, once a range is writeBehindWindow behind, waits for it and
+// drops its pages. The copy then reuses a small, warm set of pages instead
+// of allocating new ones for every byte (which on VMs that back guest
+// memory lazily costs more than the copy itself), and evicts nothing else
+// from the cache; nbdcopy does the same. The data also reaches the disk
+// progressively.
+type writeBehind struct {
+	fd      int
+	pending []span // written, writeback started, pages still cached
+	bytes   int64
+}
+
+type span struct{ off, n int64 }
+
+const writeBehindWindow = 64 << 20
+
+func newWriteBehind(f *os.File) *writeBehind { return &writeBehind{fd: int(f.Fd())} }
+
+func (w *writeBehind) written(off, n int64) {
+	// Hints: a failure only costs cache, never data.
+	_ = unix.SyncFileRange(w.fd, off, n, unix.SYNC_FILE_RANGE_WRITE)
+	w.pending = append(w.pending, span{off, n})
+	w.bytes += n
+	for w.bytes > writeBehindWindow {
+		old := w.pending[0]
+		w.pending = w.pending[1:]
+		w.bytes -= old.n
+		_ = unix.SyncFileRange(w.fd, old.off, old.n, unix.SYNC_FILE_RANGE_WAIT_BEFORE|unix.SYNC_FILE_RANGE_WRITE|unix.SYNC_FILE_RANGE_WAIT_AFTER)
+		_ = unix.Fadvise(w.fd, old.off, old.n, unix.FADV_DONTNEED)
 	}
 }
 
