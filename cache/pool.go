@@ -7,6 +7,9 @@ import "sync"
 // exceeds MaxBytes/BlockSize and the free list needs no bound of its own.
 // A sync.Pool would let the GC drop buffers, but storing a []byte in one
 // allocates on every Put; a plain stack does not.
+//
+// New buffers are carved from slabs (see slabs); the slabs are released
+// once the pool is drained and every buffer has come back.
 type bufferPool struct {
 	size int // every buffer has exactly this capacity
 
@@ -14,7 +17,8 @@ type bufferPool struct {
 	mu        sync.Mutex
 	free      [][]byte
 	allocated int  // buffers made so far (tests check the memory bound with it)
-	closed    bool // after Close, returned buffers are dropped for the GC
+	closed    bool // after Close, returned buffers are dropped
+	slabs     slabs
 }
 
 // get returns a buffer of length and capacity size. Its contents are
@@ -29,8 +33,9 @@ func (p *bufferPool) get() []byte {
 		return b
 	}
 	p.allocated++
+	b := p.slabs.carve(p.size)
 	p.mu.Unlock()
-	return make([]byte, p.size)
+	return b
 }
 
 // put returns a buffer from get. Anything else is a bug that would break
@@ -45,10 +50,19 @@ func (p *bufferPool) put(b []byte) {
 	p.mu.Lock()
 	if p.closed {
 		p.allocated--
+		p.releaseIfUnusedLocked()
 	} else {
 		p.free = append(p.free, b[:p.size])
 	}
 	p.mu.Unlock()
+}
+
+// releaseIfUnusedLocked gives the slabs back once the pool is closed and
+// no buffer carved from them is in use any more.
+func (p *bufferPool) releaseIfUnusedLocked() {
+	if p.closed && p.allocated == 0 {
+		p.slabs.release()
+	}
 }
 
 // drain drops every free buffer and makes later puts drop theirs.
@@ -57,6 +71,7 @@ func (p *bufferPool) drain() {
 	p.allocated -= len(p.free)
 	p.free = nil
 	p.closed = true
+	p.releaseIfUnusedLocked()
 	p.mu.Unlock()
 }
 
