@@ -77,6 +77,7 @@ type Cache struct {
 	maxRequest   int   // bytes per source request
 	maxRunBlocks int   // blocks merged into one fetch
 	disabled     bool
+	zeros        []byte     // BlockSize zero bytes, lent for holes; never written
 	alloc        *allocMap  // nil when the source reports no allocation
 	ra           *readahead // nil when readahead is off
 	scratch      *scratchPool
@@ -92,6 +93,10 @@ type Cache struct {
 	used      int64 // data bytes of resident and in-flight blocks
 	entries   int64 // resident and in-flight blocks
 	evictions int64
+	// scanList holds blocks a sequential stream has read once, most
+	// recent last: eviction takes them first (see clock.go). Entries of
+	// blocks evicted or read again meanwhile are dropped lazily.
+	scanList []*block
 
 	// readaheadBytes is the data of blocks fetched by readahead and not
 	// yet read or evicted. Readahead stops at readaheadCap of it, so that
@@ -141,6 +146,7 @@ func New(src io.ReaderAt, size int64, opt Options) *Cache {
 		maxRunBlocks: max(1, opt.MaxRequest/bs),
 		disabled:     opt.Disabled,
 		bufs:         bufferPool{size: bs},
+		zeros:        make([]byte, bs),
 	}
 	c.ctxSrc, _ = src.(ContextReaderAt)
 	c.vecSrc, _ = src.(VectorReader)
@@ -195,7 +201,7 @@ func (c *Cache) ReadAtContext(ctx context.Context, p []byte, off int64) (int, er
 	if c.disabled {
 		n, err = c.readThrough(ctx, p, off)
 	} else {
-		n, err = c.read(ctx, p, off)
+		n, err = c.read(ctx, &readOut{p: p}, off, int64(n))
 	}
 	if err == nil && eof {
 		err = io.EOF
@@ -203,12 +209,69 @@ func (c *Cache) ReadAtContext(ctx context.Context, p []byte, off int64) (int, er
 	return n, err
 }
 
+// SetMaxReadahead changes the largest readahead window; 0 or less stops
+// prefetching (sequential streams are still recognised, for scan
+// resistance). It is for callers that learn only after New that someone
+// else reads ahead far enough: the FUSE mount when the kernel's own
+// window could be raised. A cache made with readahead disabled stays so.
+func (c *Cache) SetMaxReadahead(n int64) {
+	if c.ra != nil {
+		c.ra.setMaxWindow(n)
+	}
+}
+
+// ReadSlices lends the bytes [off, off+n) (clipped to the source) as
+// slices of the cache's own memory instead of copying them: a FUSE reply
+// can then be written from the blocks directly. The slices stay valid,
+// and the blocks stay in memory, until release is called; release must be
+// called exactly once. Holes are lent as a shared zero block, which must
+// not be written. In Disabled mode nothing is cached to lend: it returns
+// nil slices, a nil release and a nil error, and the caller reads into
+// its own buffer.
+func (c *Cache) ReadSlices(ctx context.Context, off int64, n int) (slices [][]byte, release func(), err error) {
+	if c.disabled {
+		return nil, nil, nil
+	}
+	if c.closed.Load() {
+		return nil, nil, ErrClosed
+	}
+	if off < 0 || n < 0 {
+		return nil, nil, fmt.Errorf("cache: read of %d bytes at offset %d: %w", n, off, syscall.EINVAL)
+	}
+	if n == 0 || off >= c.geo.size {
+		return [][]byte{}, func() {}, nil
+	}
+	n, _ = c.geo.clip(off, n)
+	o := &readOut{lend: true}
+	if _, err := c.read(ctx, o, off, int64(n)); err != nil {
+		o.release(c)
+		return nil, nil, err
+	}
+	return o.slices, func() { o.release(c) }, nil
+}
+
+// readOut is where a read's data goes: copied into p, or (lend) handed
+// out as slices of pinned blocks that release unpins.
+type readOut struct {
+	p      []byte // the caller's buffer holding the read's range; in lend mode only made for blocks read directly
+	lend   bool
+	slices [][]byte
+	pinned []*block
+}
+
+func (o *readOut) release(c *Cache) {
+	for _, b := range o.pinned {
+		c.unpin(b)
+	}
+	o.pinned, o.slices = nil, nil
+}
+
 // read serves p (inside the source) from the cache. The fast path serves
 // resident blocks: per block one short critical section to find and pin
 // the block, then one copy outside any lock. The first block that is not
 // resident hands the rest to readSlow.
-func (c *Cache) read(ctx context.Context, p []byte, off int64) (int, error) {
-	end := off + int64(len(p))
+func (c *Cache) read(ctx context.Context, o *readOut, off, length int64) (int, error) {
+	end := off + length
 	for idx := c.geo.blockOf(off); ; idx++ {
 		start := c.geo.blockStart(idx)
 		if start >= end {
@@ -219,7 +282,7 @@ func (c *Cache) read(ctx context.Context, p []byte, off int64) (int, error) {
 		b := sh.blocks[idx]
 		if b == nil || b.fetch != nil {
 			sh.mu.Unlock()
-			return c.readSlow(ctx, p, off, max(start, off))
+			return c.readSlow(ctx, o, off, end, max(start, off))
 		}
 		b.refs.Add(1)
 		if b.zero {
@@ -228,34 +291,58 @@ func (c *Cache) read(ctx context.Context, p []byte, off int64) (int, error) {
 			sh.hits++
 		}
 		sh.mu.Unlock()
-		c.copyOut(b, p, off, end, true)
-		c.unpin(b)
+		c.deliver(o, b, off, end, true)
 	}
-	c.ra.observe(off, len(p))
-	return len(p), nil
+	c.ra.observe(off, int(length))
+	return int(length), nil
 }
 
-// copyOut copies the part of block b that [off, end) wants into p, which
-// holds [off, end). b must be pinned and no longer in flight. hit says the
-// block was resident when looked up: that sets its CLOCK bit, unless this
-// is the first read of a block readahead fetched. The read that fetched a
-// block does not set the bit either, so a block read once is the first to
-// go, as in an LRU list.
-func (c *Cache) copyOut(b *block, p []byte, off, end int64, hit bool) {
+// deliver hands the part of block b that [off, end) wants to o: copied
+// into o.p (and b unpinned), or lent (b stays pinned until o is
+// released). b must be pinned and no longer in flight. hit says the block
+// was resident when looked up: that sets its CLOCK bit, unless this is the
+// first read of a block readahead fetched. The read that fetched a block
+// does not set the bit either, so a block read once is the first to go,
+// as in an LRU list.
+func (c *Cache) deliver(o *readOut, b *block, off, end int64, hit bool) {
 	pOff, bOff, n := c.geo.part(b.idx, off, end)
-	if b.zero {
-		clear(p[pOff : pOff+n])
+	switch {
+	case o.lend && b.zero:
+		o.slices = append(o.slices, c.zeros[:n])
+	case o.lend:
+		o.slices = append(o.slices, b.data[bOff:bOff+n])
+	case b.zero:
+		clear(o.p[pOff : pOff+n])
+	default:
+		copy(o.p[pOff:pOff+n], b.data[bOff:])
+	}
+	if o.lend {
+		o.pinned = append(o.pinned, b)
 	} else {
-		copy(p[pOff:pOff+n], b.data[bOff:])
+		defer c.unpin(b)
 	}
 	if b.readahead.Load() && b.readahead.CompareAndSwap(true, false) {
 		c.stats.readaheadUsed.Add(1)
 		c.readaheadBytes.Add(-b.cost())
+		hit = false // its first read
+	}
+	switch {
+	case hit && !b.referenced.Load():
+		b.referenced.Store(true)
+	case !hit && b.scan.Load():
+		c.scannedOnce(b)
+	}
+}
+
+// deliverZero hands o the part of a known hole (block idx) that
+// [off, end) wants.
+func (c *Cache) deliverZero(o *readOut, idx, off, end int64) {
+	pOff, _, n := c.geo.part(idx, off, end)
+	if o.lend {
+		o.slices = append(o.slices, c.zeros[:n])
 		return
 	}
-	if hit && !b.referenced.Load() {
-		b.referenced.Store(true)
-	}
+	clear(o.p[pOff : pOff+n])
 }
 
 // readThrough is the Disabled mode: straight to the source, in requests
@@ -292,6 +379,16 @@ func (c *Cache) unpin(b *block) {
 // goTracked runs fn in a goroutine that Close waits for. It returns false,
 // without running fn, once Close has begun.
 func (c *Cache) goTracked(fn func()) bool {
+	return c.tracked(fn, true)
+}
+
+// runTracked runs fn in this goroutine as work Close waits for. It
+// returns false, without running fn, once Close has begun.
+func (c *Cache) runTracked(fn func()) bool {
+	return c.tracked(fn, false)
+}
+
+func (c *Cache) tracked(fn func(), async bool) bool {
 	c.lifeMu.Lock()
 	if c.closing {
 		c.lifeMu.Unlock()
@@ -299,6 +396,11 @@ func (c *Cache) goTracked(fn func()) bool {
 	}
 	c.wg.Add(1)
 	c.lifeMu.Unlock()
+	if !async {
+		defer c.wg.Done()
+		fn()
+		return true
+	}
 	go func() {
 		defer c.wg.Done()
 		fn()

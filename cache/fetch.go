@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"runtime"
 	"sync/atomic"
 )
 
@@ -31,6 +32,10 @@ type block struct {
 
 	referenced atomic.Bool // CLOCK bit: read since the hand last passed
 	readahead  atomic.Bool // fetched by readahead, not yet read by a caller
+	scan       atomic.Bool // fetched for a sequential stream (see scanVictims)
+
+	// inScanList says the block is on Cache.scanList; guarded by evictMu.
+	inScanList bool
 
 	// prev and next link the CLOCK ring; guarded by Cache.evictMu.
 	prev, next *block
@@ -78,8 +83,7 @@ type slot struct {
 //  4. start the fetches, let readahead look at the read, read blocks
 //     there was no memory for straight into p;
 //  5. copy everything out in order, waiting where needed.
-func (c *Cache) readSlow(ctx context.Context, p []byte, off, pos int64) (int, error) {
-	end := off + int64(len(p))
+func (c *Cache) readSlow(ctx context.Context, o *readOut, off, end, pos int64) (int, error) {
 	first := c.geo.blockOf(pos)
 	slots := make([]slot, c.geo.blockOf(end-1)-first+1)
 
@@ -118,47 +122,89 @@ func (c *Cache) readSlow(ctx context.Context, p []byte, off, pos int64) (int, er
 	if missing > 0 {
 		runs = c.claim(first, slots, missing)
 	}
+	// All runs but the last go to goroutines, to be read in parallel;
+	// the reader reads the last itself, after starting readahead. On 2
+	// CPUs a hand-off to a fetch goroutine and back took a third of cold
+	// sequential throughput (1 GiB in 1 MiB reads: 0.7-1.7 GB/s with the
+	// hand-off, 1.6-2.4 without). The cost: a reader cancelled while it
+	// fetches returns when the fetch ends (the source bounds it), not at
+	// once; readers that joined still leave at once.
+	var inline *fetch
+	if len(runs) > 0 {
+		inline = runs[len(runs)-1]
+		runs = runs[:len(runs)-1]
+	}
 	for _, f := range runs {
 		if !c.goTracked(func() { c.runFetch(f) }) {
 			c.failFetch(f, ErrClosed)
 		}
 	}
-	c.ra.observe(off, len(p))
-	c.readDirect(ctx, p, off, first, slots)
+	started, streaming := c.ra.observe(off, int(end-off))
+	if streaming {
+		for _, f := range append(runs, inline) {
+			if f != nil {
+				for _, b := range f.blocks {
+					b.scan.Store(true)
+				}
+			}
+		}
+	}
+	if started && inline != nil {
+		// Let the prefetches just started put their requests on the
+		// wire before this reader is busy with its own fetch (with one
+		// CPU they would otherwise wait until it blocks).
+		runtime.Gosched()
+	}
+	if inline != nil && !c.runTracked(func() { c.runFetch(inline) }) {
+		c.failFetch(inline, ErrClosed)
+	}
+	c.readDirect(ctx, o, off, end, first, slots)
 
 	for i := range slots {
 		s := &slots[i]
 		idx := first + int64(i)
 		switch s.kind {
 		case slotWait:
-			select {
-			case <-s.f.done:
-			case <-ctx.Done():
-				c.unpinSlots(slots[i:])
-				return c.doneUpTo(off, idx), fmt.Errorf("cache: read at offset %d: %w", max(off, c.geo.blockStart(idx)), ctx.Err())
+			if !isDone(s.f.done) { // a finished fetch wins over a cancelled ctx
+				select {
+				case <-s.f.done:
+				case <-ctx.Done():
+					c.unpinSlots(slots[i:])
+					return c.doneUpTo(off, idx), fmt.Errorf("cache: read at offset %d: %w", max(off, c.geo.blockStart(idx)), ctx.Err())
+				}
 			}
 			if s.f.err != nil {
 				c.unpinSlots(slots[i:])
 				return c.doneUpTo(off, idx), s.f.err
 			}
-			c.copyOut(s.b, p, off, end, false)
-			c.unpin(s.b)
+			c.deliver(o, s.b, off, end, false)
 			s.b = nil
 		case slotHit:
-			c.copyOut(s.b, p, off, end, true)
-			c.unpin(s.b)
+			c.deliver(o, s.b, off, end, true)
 			s.b = nil
 		case slotZero:
-			pOff, _, n := c.geo.part(idx, off, end)
-			clear(p[pOff : pOff+n])
+			c.deliverZero(o, idx, off, end)
 		case slotDirect:
 			if s.f != nil && s.f.err != nil {
 				c.unpinSlots(slots[i:])
 				return c.doneUpTo(off, idx), s.f.err
 			}
+			if o.lend {
+				pOff, _, n := c.geo.part(idx, off, end)
+				o.slices = append(o.slices, o.p[pOff:pOff+n])
+			}
 		}
 	}
-	return len(p), nil
+	return int(end - off), nil
+}
+
+func isDone(ch <-chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
 }
 
 // doneUpTo returns how many bytes of a read at off precede block idx.
@@ -274,10 +320,17 @@ func (c *Cache) addToFetch(f *fetch, idx int64, buf []byte) *block {
 }
 
 // readDirect reads the slotDirect blocks, those there was no memory to
-// cache, straight into p: adjacent ones in one request. The outcome is
-// kept in each slot's f (done already closed).
-func (c *Cache) readDirect(ctx context.Context, p []byte, off int64, first int64, slots []slot) {
-	end := off + int64(len(p))
+// cache, straight into o.p: adjacent ones in one request. The outcome is
+// kept in each slot's f (done already closed). A lending read has no
+// buffer of its own; one is made for the read's range if needed.
+func (c *Cache) readDirect(ctx context.Context, o *readOut, off, end int64, first int64, slots []slot) {
+	for i := range slots {
+		if slots[i].kind == slotDirect && o.p == nil {
+			o.p = make([]byte, end-off)
+			break
+		}
+	}
+	p := o.p
 	for i := 0; i < len(slots); {
 		if slots[i].kind != slotDirect {
 			i++

@@ -23,12 +23,14 @@ type fileNode struct {
 	v      *view
 	r      io.ReaderAt
 	ctxr   ContextReaderAt // r, if it implements ContextReaderAt
+	sr     SliceReader     // r, if it implements SliceReader
 	seeker Seeker          // r, if it implements Seeker
 }
 
 func newFileNode(v *view, r io.ReaderAt) *fileNode {
 	f := &fileNode{v: v, r: r}
 	f.ctxr, _ = r.(ContextReaderAt)
+	f.sr, _ = r.(SliceReader)
 	f.seeker, _ = r.(Seeker)
 	return f
 }
@@ -73,6 +75,16 @@ func (f *fileNode) Read(ctx context.Context, _ fs.FileHandle, dest []byte, off i
 	if rest := f.v.size - off; int64(len(dest)) > rest {
 		dest = dest[:rest]
 	}
+	if f.sr != nil {
+		slices, release, err := f.sr.ReadSlices(ctx, off, len(dest))
+		if err != nil {
+			return nil, f.v.fail(ctx, err, "read of %d bytes at offset %d", len(dest), off)
+		}
+		if slices != nil {
+			return &lentResult{slices: slices, release: release}, 0
+		}
+		// The reader declined to lend: read into dest below.
+	}
 	n, err := f.readAt(ctx, dest, off)
 	switch {
 	case n < 0 || n > len(dest):
@@ -87,6 +99,40 @@ func (f *fileNode) Read(ctx context.Context, _ fs.FileHandle, dest []byte, off i
 		return fuse.ReadResultData(dest[:n]), 0
 	}
 	return nil, f.v.fail(ctx, err, "read of %d bytes at offset %d", len(dest), off)
+}
+
+// lentResult is a reply written straight from memory the reader lent
+// (go-fuse writes a result with Slices by one writev), given back in Done,
+// which go-fuse calls once the reply was written or dropped.
+type lentResult struct {
+	slices  [][]byte
+	release func()
+}
+
+func (r *lentResult) Size() int {
+	n := 0
+	for _, s := range r.slices {
+		n += len(s)
+	}
+	return n
+}
+
+// Bytes copies the slices into buf, for writers that need one buffer.
+func (r *lentResult) Bytes(buf []byte) ([]byte, fuse.Status) {
+	buf = buf[:0]
+	for _, s := range r.slices {
+		buf = append(buf, s...)
+	}
+	return buf, fuse.OK
+}
+
+func (r *lentResult) Slices() ([][]byte, fuse.Status) { return r.slices, fuse.OK }
+
+func (r *lentResult) Done() {
+	if r.release != nil {
+		r.release()
+		r.release = nil
+	}
 }
 
 func (f *fileNode) readAt(ctx context.Context, p []byte, off int64) (int, error) {

@@ -93,6 +93,17 @@ type ContextReaderAt interface {
 	ReadAtContext(ctx context.Context, p []byte, off int64) (int, error)
 }
 
+// SliceReader, if the reader implements it, lends the bytes of a read as
+// slices of its own memory (the block cache's blocks), so the reply is
+// written from them with one writev and no copy into go-fuse's buffer.
+// release is called once the reply has been written; the slices must stay
+// unchanged until then. A reader may decline (nil slices, nil error): the
+// read then goes through ReadAt into go-fuse's buffer. Cold sequential
+// reads through the cache gained about a quarter from not copying.
+type SliceReader interface {
+	ReadSlices(ctx context.Context, off int64, n int) (slices [][]byte, release func(), err error)
+}
+
 // Mount settings. The figures were measured on the development machines
 // (kernel 6.18, 2 shared CPUs, so +-30%) with the "mount" helper of the
 // package tests (see TestMain), over a reader that returns at once.
