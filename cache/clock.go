@@ -7,6 +7,16 @@ package cache
 // the accounting are guarded by evictMu, which only misses take. New
 // blocks go in just behind the hand, so they are looked at last, as the
 // most recently used entry of an LRU list would be.
+//
+// In front of CLOCK sits scan resistance. Blocks a sequential stream
+// fetched (by readahead or by the stream's own misses) go on scanList
+// when first read, and eviction takes the most recent of them first. A
+// long sequential read then recycles a few buffers that are still warm in
+// the CPU caches instead of cycling through the whole budget (a cold
+// 1 GiB read through the mount: 1.3-2.0 GB/s cycling 256 MiB, 2.3-2.6
+// with 16 MiB), and it no longer flushes what other reads cached: the
+// start of a scan larger than the cache stays, so a second pass hits
+// there. A scan block read again leaves the list, to CLOCK's care.
 
 // reserve makes room for up to n more blocks of BlockSize bytes, evicting
 // as needed, and returns how many it reserved. forReadahead reservations
@@ -45,10 +55,30 @@ func (c *Cache) unreserve(n int) {
 	c.evictMu.Unlock()
 }
 
-// evictOneLocked moves the hand until it finds a block that was not
-// referenced since the last pass and nobody is reading, and evicts it. It
-// gives up after two turns of the ring (everything pinned or protected).
+// scanLookback bounds how many of the most recent scan blocks eviction
+// looks at: the newest may still be pinned by the reader that just got
+// them.
+const scanLookback = 16
+
+// scannedOnce puts b, a stream's block read for the first time, on the
+// scan list.
+func (c *Cache) scannedOnce(b *block) {
+	c.evictMu.Lock()
+	if !b.inScanList && b.prev != nil { // still resident
+		b.inScanList = true
+		c.scanList = append(c.scanList, b)
+	}
+	c.evictMu.Unlock()
+}
+
+// evictOneLocked evicts one block that nobody is reading: the most
+// recent scan block that can go, else the first block the CLOCK hand
+// finds not referenced since its last pass. It gives up after two turns
+// of the ring (everything pinned or protected).
 func (c *Cache) evictOneLocked(forReadahead bool) bool {
+	if c.evictScanLocked() {
+		return true
+	}
 	for steps := 2 * c.ringLen; c.hand != nil && steps > 0; steps-- {
 		b := c.hand
 		c.hand = b.next
@@ -59,26 +89,69 @@ func (c *Cache) evictOneLocked(forReadahead bool) bool {
 		if forReadahead && b.readahead.Load() {
 			continue
 		}
-		sh := c.shardOf(b.idx)
-		sh.mu.Lock()
-		if b.refs.Load() != 1 {
-			sh.mu.Unlock() // a reader is copying out of it
-			continue
+		if c.evictLocked(b) {
+			return true
 		}
-		delete(sh.blocks, b.idx)
-		sh.mu.Unlock()
-		c.ringRemoveLocked(b)
-		c.used -= b.cost()
-		c.entries--
-		c.evictions++
-		if b.readahead.CompareAndSwap(true, false) {
-			c.stats.readaheadWasted.Add(1)
-			c.readaheadBytes.Add(-b.cost())
-		}
-		c.unpin(b) // the index's reference: frees the buffer
-		return true
 	}
 	return false
+}
+
+// evictScanLocked evicts the most recent block of the scan list that can
+// go, dropping entries of blocks since evicted or read again.
+func (c *Cache) evictScanLocked() bool {
+	list := c.scanList
+	for i, looked := len(list)-1, 0; i >= 0 && looked < scanLookback; i-- {
+		b := list[i]
+		if !b.inScanList || b.prev == nil || b.referenced.Load() {
+			b.inScanList = false
+			list = append(list[:i], list[i+1:]...)
+			continue
+		}
+		looked++
+		if c.evictLocked(b) {
+			list = append(list[:i], list[i+1:]...)
+			c.scanList = list
+			return true
+		}
+	}
+	c.scanList = list
+	// Entries of evicted blocks can pile up below the lookback window.
+	if len(c.scanList) > 2*int(c.entries)+scanLookback {
+		kept := c.scanList[:0]
+		for _, b := range c.scanList {
+			if b.inScanList && b.prev != nil {
+				kept = append(kept, b)
+			} else {
+				b.inScanList = false
+			}
+		}
+		clear(c.scanList[len(kept):])
+		c.scanList = kept
+	}
+	return false
+}
+
+// evictLocked evicts b unless a reader has it pinned.
+func (c *Cache) evictLocked(b *block) bool {
+	sh := c.shardOf(b.idx)
+	sh.mu.Lock()
+	if b.refs.Load() != 1 {
+		sh.mu.Unlock() // a reader is copying out of it
+		return false
+	}
+	delete(sh.blocks, b.idx)
+	sh.mu.Unlock()
+	c.ringRemoveLocked(b)
+	b.inScanList = false
+	c.used -= b.cost()
+	c.entries--
+	c.evictions++
+	if b.readahead.CompareAndSwap(true, false) {
+		c.stats.readaheadWasted.Add(1)
+		c.readaheadBytes.Add(-b.cost())
+	}
+	c.unpin(b) // the index's reference: frees the buffer
+	return true
 }
 
 // ringInsertLocked puts b just behind the hand.

@@ -50,6 +50,18 @@ type readahead struct {
 	gens    uint64
 }
 
+// setMaxWindow changes the largest window; 0 stops prefetching but keeps
+// recognising streams.
+func (r *readahead) setMaxWindow(n int64) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.maxWindow = max(0, min(n, r.c.maxBytes/4)&^(r.c.geo.blockSize-1))
+	r.initialWindow = min(r.initialWindow, r.maxWindow)
+	for i := range r.streams {
+		r.streams[i].window = min(r.streams[i].window, r.maxWindow)
+	}
+}
+
 func newReadahead(c *Cache, maxReadahead int64) *readahead {
 	bs := c.geo.blockSize
 	maxWindow := min(maxReadahead, c.maxBytes/4) &^ (bs - 1)
@@ -67,9 +79,12 @@ func newReadahead(c *Cache, maxReadahead int64) *readahead {
 // observe feeds a caller's read of n bytes at off to the stream table and
 // starts readahead when a stream asks for it. A nil readahead does
 // nothing.
-func (r *readahead) observe(off int64, n int) {
+//
+// It reports whether it started prefetches, and whether the read
+// continues a sequential stream.
+func (r *readahead) observe(off int64, n int) (started, streaming bool) {
 	if r == nil {
-		return
+		return false, false
 	}
 	end := off + int64(n)
 	slack := reorderReads * max(int64(n), r.c.geo.blockSize)
@@ -94,19 +109,22 @@ func (r *readahead) observe(off int64, n int) {
 	}
 	if best < 0 {
 		r.startStreamLocked(end)
-		return
+		return false, false
 	}
 	s := &r.streams[best]
 	s.lastUse = r.tick
 	s.next = max(s.next, end)
+	if r.maxWindow == 0 {
+		return false, true // prefetching is off; streams still count as scans
+	}
 	if s.window == 0 {
 		s.window = r.initialWindow
 	} else if s.raEnd-s.next > s.window/2 {
-		return // enough is prefetched
+		return false, true // enough is prefetched
 	} else {
 		s.window = min(2*s.window, r.maxWindow)
 	}
-	r.issueLocked(best)
+	return r.issueLocked(best), true
 }
 
 // startStreamLocked records a read that continues no stream, in a free
@@ -127,8 +145,9 @@ func (r *readahead) startStreamLocked(end int64) {
 }
 
 // issueLocked starts prefetches that fill stream i's window, in requests
-// of at most MaxRequest, as far as the concurrency bounds allow.
-func (r *readahead) issueLocked(i int) {
+// of at most MaxRequest, as far as the concurrency bounds allow. It
+// reports whether it started any.
+func (r *readahead) issueLocked(i int) (started bool) {
 	c := r.c
 	s := &r.streams[i]
 	start := max(s.raEnd, c.geo.alignUp(s.next))
@@ -137,7 +156,7 @@ func (r *readahead) issueLocked(i int) {
 		select {
 		case r.sem <- struct{}{}:
 		default:
-			return
+			return started
 		}
 		stop := min(start+int64(c.maxRunBlocks)*c.geo.blockSize, target)
 		gen := s.gen
@@ -147,12 +166,14 @@ func (r *readahead) issueLocked(i int) {
 			r.finished(i, gen)
 		}) {
 			<-r.sem
-			return
+			return started
 		}
+		started = true
 		s.inflight++
 		s.raEnd = stop
 		start = stop
 	}
+	return started
 }
 
 // finished accounts for the end of a readahead request of stream slot i
@@ -214,6 +235,7 @@ func (c *Cache) prefetch(from, to int64) {
 		b := c.addToFetch(cur, idx, buf)
 		b.refs.Store(1) // the index only
 		b.readahead.Store(true)
+		b.scan.Store(true)
 		c.readaheadBytes.Add(b.cost())
 		sh.blocks[idx] = b
 		sh.mu.Unlock()
