@@ -48,6 +48,25 @@ func raiseReadAhead(dir string) error {
 	return err
 }
 
+// KernelReadahead returns the kernel's readahead window, in bytes, for
+// the snapmount mount at dir (its backing device's read_ahead_kb).
+func KernelReadahead(dir string) (int64, error) {
+	mountinfo, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return 0, err
+	}
+	dev, ok := mountDevice(mountinfo, absDir(dir))
+	if !ok {
+		return 0, fmt.Errorf("%s is not a snapmount mount in /proc/self/mountinfo", dir)
+	}
+	b, err := os.ReadFile(filepath.Join("/sys/class/bdi", dev, "read_ahead_kb"))
+	if err != nil {
+		return 0, err
+	}
+	kb, err := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
+	return kb << 10, err
+}
+
 // mountDevice returns the device ("major:minor") of the last fuse.snapmount
 // mount at dir listed in mountinfo (proc(5)); the last one is the one on top.
 func mountDevice(mountinfo []byte, dir string) (dev string, ok bool) {

@@ -45,12 +45,13 @@ unmount it. Cache counters: 'snapmount stats MOUNTPOINT'.
 
 Works as an ordinary user through fusermount3.`,
 		setup: func(fs *flag.FlagSet) func(context.Context, stdio, []string) error {
-			o := &mountOptions{cacheSize: 256 << 20, blockSize: 128 << 10, readahead: 8 << 20, conns: 4}
+			o := &mountOptions{cacheSize: 256 << 20, blockSize: 128 << 10, readahead: 8 << 20, requestSize: 4 << 20, conns: 4}
 			fs.StringVar(&o.name, "name", "", "name of the file in the mount (default: the export name)")
 			fs.IntVar(&o.conns, "conns", o.conns, "connections when the server allows multi-conn")
 			fs.Var(sizeFlag{&o.cacheSize}, "cache-size", "memory for cached blocks")
 			fs.Var(sizeFlag{&o.blockSize}, "block-size", "cache block size (rounded to the server's preferred size)")
 			fs.Var(sizeFlag{&o.readahead}, "readahead", "largest readahead window for sequential reads (0: off)")
+			fs.Var(sizeFlag{&o.requestSize}, "request-size", "largest NBD read the cache sends (merged misses, readahead)")
 			fs.BoolVar(&o.noCache, "no-cache", false, "read through without caching (a live view then never shows stale data from this process)")
 			fs.BoolVar(&o.allowOther, "allow-other", false, "let other users read the mount (needs user_allow_other in /etc/fuse.conf unless root)")
 			fs.BoolVarP(&o.foreground, "foreground", "f", false, "stay in the foreground; unmount on SIGINT/SIGTERM")
@@ -92,7 +93,7 @@ type mountOptions struct {
 	name                     string
 	conns                    int
 	cacheSize, blockSize     int64
-	readahead                int64
+	readahead, requestSize   int64
 	noCache, allowOther      bool
 	foreground, verbose      bool
 	allowWritable, debugFuse bool
@@ -109,6 +110,8 @@ func (o *mountOptions) check() error {
 		return usagef("--cache-size must hold at least 4 blocks")
 	case o.readahead < 0:
 		return usagef("--readahead cannot be negative")
+	case o.requestSize < 4096 || o.requestSize > 32<<20:
+		return usagef("--request-size must be from 4K to 32M")
 	case strings.ContainsAny(o.name, "/\x00") || o.name == "." || o.name == "..":
 		return usagef("--name must be a plain file name")
 	}
@@ -295,7 +298,7 @@ func runMount(ctx context.Context, rep *reporter, u *nbd.URI, dopt nbd.DialOptio
 	c := cache.New(cacheSource(client), client.Size(), cache.Options{
 		BlockSize:    int(blockSize),
 		MaxBytes:     o.cacheSize,
-		MaxRequest:   int(min(int64(info.BlockSize.Max), 4<<20)),
+		MaxRequest:   int(min(int64(info.BlockSize.Max), o.requestSize)),
 		MaxReadahead: readahead,
 		Disabled:     o.noCache,
 	})
@@ -334,6 +337,15 @@ func runMount(ctx context.Context, rep *reporter, u *nbd.URI, dopt nbd.DialOptio
 	})
 	if err != nil {
 		return withCode(exitMount, fmt.Errorf("mounting on %s: %w", dir, err))
+	}
+	// When the kernel reads ahead far enough itself (the mount could
+	// raise its window: root), the cache's own readahead only makes
+	// kernel requests wait for larger prefetches: a cold 1 GiB read ran
+	// at 1.3-2.3 GB/s with both and 2.1-2.5 with the kernel's alone.
+	// Without root the kernel's window stays 128 KiB and ours helps.
+	if kra, err := fusefs.KernelReadahead(dir); err == nil && kra >= 1<<20 && readahead > 0 {
+		c.SetMaxReadahead(0)
+		logger.Printf("kernel readahead is %d KiB: the cache does not read ahead itself", kra>>10)
 	}
 	if o.pidfile != "" {
 		if err := os.WriteFile(o.pidfile, []byte(strconv.Itoa(os.Getpid())+"\n"), 0o644); err != nil {

@@ -361,4 +361,3 @@ func throughput(n int64, secs float64, err error) (float64, error) {
 	}
 	return float64(n) / secs / 1e6, nil
 }
-
