@@ -439,10 +439,21 @@ func (c *serverConn) handleRead(req Request, inRange bool) *srvReply {
 	if len(ext) == 0 {
 		ext = []srvExtent{{off: off, length: length}}
 	}
-	// Headers go into one slice sized up front, so the slices of it in
-	// r.bufs stay valid.
-	hdr := make([]byte, 0, len(ext)*(chunkHeaderLen+12))
 	r.bufs = make(net.Buffers, 0, 2*len(ext))
+	srvReadChunks(req.Cookie, ext,
+		func(h []byte) { r.bufs = append(r.bufs, h) },
+		func(x srvExtent) { r.bufs = append(r.bufs, buf[x.off-off:x.off-off+x.length]) })
+	return r
+}
+
+// srvReadChunks lays out the structured reply to a READ whose range
+// splits into ext: per extent an OFFSET_HOLE chunk, or an OFFSET_DATA
+// chunk header followed by the extent's data, which data places (bytes in
+// memory, or a file range for sendfile). The last chunk carries
+// NBD_REPLY_FLAG_DONE. Headers go into one slice sized up front, so the
+// slices of it handed to header stay valid.
+func srvReadChunks(cookie uint64, ext []srvExtent, header func([]byte), data func(srvExtent)) {
+	hdr := make([]byte, 0, len(ext)*(chunkHeaderLen+12))
 	for i, x := range ext {
 		var flags uint16
 		if i == len(ext)-1 {
@@ -450,17 +461,17 @@ func (c *serverConn) handleRead(req Request, inRange bool) *srvReply {
 		}
 		start := len(hdr)
 		if x.hole {
-			hdr = appendChunkHeader(hdr, flags, ChunkOffsetHole, req.Cookie, 12)
+			hdr = appendChunkHeader(hdr, flags, ChunkOffsetHole, cookie, 12)
 			hdr = be.AppendUint64(hdr, uint64(x.off))
 			hdr = be.AppendUint32(hdr, uint32(x.length))
-			r.bufs = append(r.bufs, hdr[start:])
+			header(hdr[start:])
 			continue
 		}
-		hdr = appendChunkHeader(hdr, flags, ChunkOffsetData, req.Cookie, uint32(8+x.length))
+		hdr = appendChunkHeader(hdr, flags, ChunkOffsetData, cookie, uint32(8+x.length))
 		hdr = be.AppendUint64(hdr, uint64(x.off))
-		r.bufs = append(r.bufs, hdr[start:], buf[x.off-off:x.off-off+x.length])
+		header(hdr[start:])
+		data(x)
 	}
-	return r
 }
 
 // srvSendfileMin is the smallest READ sent with sendfile: below it a copy
@@ -487,25 +498,10 @@ func (c *serverConn) sendfileRead(req Request, holes bool) *srvReply {
 	if holes {
 		ext = imageExtents(v.exp.file, off, off+length, make([]srvExtent, 0, 4), maxReadExtents)
 	}
-	hdr := make([]byte, 0, len(ext)*(chunkHeaderLen+12))
 	r.pieces = make([]srvPiece, 0, 2*len(ext))
-	for i, x := range ext {
-		var flags uint16
-		if i == len(ext)-1 {
-			flags = ReplyFlagDone
-		}
-		start := len(hdr)
-		if x.hole {
-			hdr = appendChunkHeader(hdr, flags, ChunkOffsetHole, req.Cookie, 12)
-			hdr = be.AppendUint64(hdr, uint64(x.off))
-			hdr = be.AppendUint32(hdr, uint32(x.length))
-			r.pieces = append(r.pieces, srvPiece{b: hdr[start:]})
-			continue
-		}
-		hdr = appendChunkHeader(hdr, flags, ChunkOffsetData, req.Cookie, uint32(8+x.length))
-		hdr = be.AppendUint64(hdr, uint64(x.off))
-		r.pieces = append(r.pieces, srvPiece{b: hdr[start:]}, srvPiece{off: x.off, n: x.length})
-	}
+	srvReadChunks(req.Cookie, ext,
+		func(h []byte) { r.pieces = append(r.pieces, srvPiece{b: h}) },
+		func(x srvExtent) { r.pieces = append(r.pieces, srvPiece{off: x.off, n: x.length}) })
 	return r
 }
 
