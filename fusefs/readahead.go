@@ -70,6 +70,16 @@ func KernelReadahead(dir string) (int64, error) {
 // mountDevice returns the device ("major:minor") of the last fuse.snapmount
 // mount at dir listed in mountinfo (proc(5)); the last one is the one on top.
 func mountDevice(mountinfo []byte, dir string) (dev string, ok bool) {
+	dev, typ, ok := topMount(mountinfo, dir)
+	if !ok || typ != "fuse.snapmount" {
+		return "", false
+	}
+	return dev, true
+}
+
+// topMount returns the device and file system type of the last mount at
+// dir listed in mountinfo: the one on top.
+func topMount(mountinfo []byte, dir string) (dev, typ string, ok bool) {
 	for line := range strings.Lines(string(mountinfo)) {
 		// ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - TYPE SOURCE SUPER
 		before, after, found := strings.Cut(line, " - ")
@@ -77,11 +87,23 @@ func mountDevice(mountinfo []byte, dir string) (dev string, ok bool) {
 		if !found || len(f) < 5 || len(g) < 1 {
 			continue
 		}
-		if g[0] == "fuse.snapmount" && unescapeOctal(f[4]) == dir {
-			dev, ok = f[2], true
+		if unescapeOctal(f[4]) == dir {
+			dev, typ, ok = f[2], g[0], true
 		}
 	}
-	return dev, ok
+	return dev, typ, ok
+}
+
+// MountType returns the file system type ("fuse.snapmount", "ext4", ...)
+// of what is mounted at dir, if anything is. dir must be absolute and
+// clean, as mount tables list it.
+func MountType(dir string) (string, bool) {
+	mountinfo, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return "", false
+	}
+	_, typ, ok := topMount(mountinfo, dir)
+	return typ, ok
 }
 
 // unescapeOctal undoes the \NNN escapes the kernel writes in mount tables for

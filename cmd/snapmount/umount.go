@@ -35,7 +35,7 @@ func init() {
 				if err != nil {
 					return err
 				}
-				typ, ok := mountAt(dir)
+				typ, ok := fusefs.MountType(dir)
 				if !ok {
 					return withCode(exitMount, fmt.Errorf("%s is not mounted", dir))
 				}
