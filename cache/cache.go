@@ -253,10 +253,11 @@ func (c *Cache) ReadSlices(ctx context.Context, off int64, n int) (slices [][]by
 // readOut is where a read's data goes: copied into p, or (lend) handed
 // out as slices of pinned blocks that release unpins.
 type readOut struct {
-	p      []byte // the caller's buffer holding the read's range; in lend mode only made for blocks read directly
-	lend   bool
-	slices [][]byte
-	pinned []*block
+	p       []byte // the caller's buffer holding the read's range; in lend mode only made for blocks read directly
+	lend    bool
+	slices  [][]byte
+	pinned  []*block
+	scanned []*block // stream blocks read for the first time, for the scan list
 }
 
 func (o *readOut) release(c *Cache) {
@@ -282,7 +283,9 @@ func (c *Cache) read(ctx context.Context, o *readOut, off, length int64) (int, e
 		b := sh.blocks[idx]
 		if b == nil || b.fetch != nil {
 			sh.mu.Unlock()
-			return c.readSlow(ctx, o, off, end, max(start, off))
+			n, err := c.readSlow(ctx, o, off, end, max(start, off))
+			c.scannedOnce(o.scanned)
+			return n, err
 		}
 		b.refs.Add(1)
 		if b.zero {
@@ -293,6 +296,7 @@ func (c *Cache) read(ctx context.Context, o *readOut, off, length int64) (int, e
 		sh.mu.Unlock()
 		c.deliver(o, b, off, end, true)
 	}
+	c.scannedOnce(o.scanned)
 	c.ra.observe(off, int(length))
 	return int(length), nil
 }
@@ -330,7 +334,7 @@ func (c *Cache) deliver(o *readOut, b *block, off, end int64, hit bool) {
 	case hit && !b.referenced.Load():
 		b.referenced.Store(true)
 	case !hit && b.scan.Load():
-		c.scannedOnce(b)
+		o.scanned = append(o.scanned, b)
 	}
 }
 

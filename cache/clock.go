@@ -60,13 +60,18 @@ func (c *Cache) unreserve(n int) {
 // them.
 const scanLookback = 16
 
-// scannedOnce puts b, a stream's block read for the first time, on the
-// scan list.
-func (c *Cache) scannedOnce(b *block) {
+// scannedOnce puts blocks of a stream that a read got for the first time
+// on the scan list, under one lock for the whole read.
+func (c *Cache) scannedOnce(blocks []*block) {
+	if len(blocks) == 0 {
+		return
+	}
 	c.evictMu.Lock()
-	if !b.inScanList && b.prev != nil { // still resident
-		b.inScanList = true
-		c.scanList = append(c.scanList, b)
+	for _, b := range blocks {
+		if !b.inScanList && b.prev != nil { // still resident
+			b.inScanList = true
+			c.scanList = append(c.scanList, b)
+		}
 	}
 	c.evictMu.Unlock()
 }
