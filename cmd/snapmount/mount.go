@@ -45,7 +45,11 @@ unmount it. Cache counters: 'snapmount stats MOUNTPOINT'.
 
 Works as an ordinary user through fusermount3.`,
 		setup: func(fs *flag.FlagSet) func(context.Context, stdio, []string) error {
-			o := &mountOptions{cacheSize: 256 << 20, blockSize: 128 << 10, readahead: 8 << 20, requestSize: 4 << 20, conns: 4}
+			// 64 KiB blocks: the daemon's CPU per GiB read sequentially is
+			// the same as with 128 KiB (290-300 ms), and random 4 KiB
+			// reads, which fetch a whole block, cost less (40,000 reads:
+			// 1.6 s against 1.8-2.5 s).
+			o := &mountOptions{cacheSize: 256 << 20, blockSize: 64 << 10, readahead: 8 << 20, requestSize: 4 << 20, conns: 4}
 			fs.StringVar(&o.name, "name", "", "name of the file in the mount (default: the export name)")
 			fs.IntVar(&o.conns, "conns", o.conns, "connections when the server allows multi-conn")
 			fs.Var(sizeFlag{&o.cacheSize}, "cache-size", "memory for cached blocks")
