@@ -97,6 +97,11 @@ type Cache struct {
 	// recent last: eviction takes them first (see clock.go). Entries of
 	// blocks evicted or read again meanwhile are dropped lazily.
 	scanList []*block
+	// scanResident counts the resident blocks on scanList; past
+	// scanMaxBlocks a scan recycles its own blocks (see clock.go).
+	scanResident  int64
+	scanMaxBlocks int64
+	scanLookback  int // blocks: scanLookbackBytes, at least 16
 
 	// readaheadBytes is the data of blocks fetched by readahead and not
 	// yet read or evicted. Readahead stops at readaheadCap of it, so that
@@ -156,6 +161,11 @@ func New(src io.ReaderAt, size int64, opt Options) *Cache {
 	// bound them too, generously.
 	c.maxEntries = 4*dataBlocks + 64
 	c.readaheadCap = opt.MaxBytes / 2
+	c.scanMaxBlocks = dataBlocks
+	c.scanLookback = max(16, scanLookbackBytes/bs)
+	if size > opt.MaxBytes {
+		c.scanMaxBlocks = max(1, dataBlocks/scanShare)
+	}
 	for i := range c.shards {
 		c.shards[i].blocks = make(map[int64]*block)
 	}
