@@ -24,6 +24,18 @@ func scanThrough(t *testing.T, c *Cache, data []byte, bs, n int64) {
 	idle(c)
 }
 
+// scannedCache returns a cache of budget blocks of 4 KiB over an export
+// of n blocks, its source and data, after one scan of the whole export.
+func scannedCache(t *testing.T, n, budget int64) (*Cache, *memSource, []byte) {
+	t.Helper()
+	const bs = 4096
+	data := pattern(int(n * bs))
+	src := newMemSource(data)
+	c := scanCache(t, src, int64(len(data)), bs, budget)
+	scanThrough(t, c, data, bs, n)
+	return c, src, data
+}
+
 // A long sequential read must not flush what other reads use: blocks read
 // twice (a working set) survive a scan of many times the budget.
 func TestScanKeepsWorkingSet(t *testing.T) {
@@ -57,10 +69,7 @@ func TestScanKeepsWorkingSet(t *testing.T) {
 // be a stream, so the kept part starts at its second.
 func TestScanKeepsItsStart(t *testing.T) {
 	const bs, budget = 4096, 64
-	data := pattern(256 * bs)
-	src := newMemSource(data)
-	c := scanCache(t, src, int64(len(data)), bs, budget)
-	scanThrough(t, c, data, bs, 256)
+	c, src, data := scannedCache(t, 256, budget)
 	before := len(src.Calls())
 	readOK(t, c, data, 2*bs, budget/scanShare*bs)
 	if n := len(src.Calls()) - before; n != 0 {
@@ -72,10 +81,7 @@ func TestScanKeepsItsStart(t *testing.T) {
 // buffers, so a long first pass touches little fresh memory.
 func TestScanRecyclesBeforeTheBudgetIsFull(t *testing.T) {
 	const bs, budget = 4096, 64
-	data := pattern(256 * bs)
-	src := newMemSource(data)
-	c := scanCache(t, src, int64(len(data)), bs, budget)
-	scanThrough(t, c, data, bs, 256)
+	c, _, _ := scannedCache(t, 256, budget)
 	// The share, the first read's blocks (not yet a stream) and the one
 	// read in progress when the share was reached.
 	limit := int64(budget/scanShare + 2 + 2 + 1)
@@ -89,11 +95,7 @@ func TestScanRecyclesBeforeTheBudgetIsFull(t *testing.T) {
 
 // A scan of an export that fits in the budget is kept whole.
 func TestScanOfASmallExportStaysCached(t *testing.T) {
-	const bs, budget = 4096, 64
-	data := pattern(48 * bs)
-	src := newMemSource(data)
-	c := scanCache(t, src, int64(len(data)), bs, budget)
-	scanThrough(t, c, data, bs, 48)
+	c, src, data := scannedCache(t, 48, 64)
 	before := len(src.Calls())
 	readOK(t, c, data, 0, len(data))
 	if n := len(src.Calls()) - before; n != 0 {
