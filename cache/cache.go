@@ -42,6 +42,14 @@ type Options struct {
 	// negative disables readahead. Windows are also capped at a quarter
 	// of MaxBytes.
 	MaxReadahead int64
+	// AdmitOnSecondMiss reads a small miss (within one block) that
+	// continues no sequential stream straight from the source, only its
+	// own bytes, and keeps nothing; the block is fetched whole and cached
+	// when such a read misses it again while it is remembered (about as
+	// many blocks as the budget holds). Random reads then cost the server
+	// and the cache no more than their bytes, while blocks read twice,
+	// such as file system metadata, still end up cached. [off]
+	AdmitOnSecondMiss bool
 	// Disabled passes reads straight through to the source, split at
 	// MaxRequest, with no storage and no readahead (--no-cache). Counters
 	// are still kept.
@@ -80,6 +88,7 @@ type Cache struct {
 	zeros        []byte     // BlockSize zero bytes, lent for holes; never written
 	alloc        *allocMap  // nil when the source reports no allocation
 	ra           *readahead // nil when readahead is off
+	ghosts       *ghosts    // nil unless AdmitOnSecondMiss
 	scratch      *scratchPool
 
 	shards [numShards]shard
@@ -177,6 +186,9 @@ func New(src io.ReaderAt, size int64, opt Options) *Cache {
 	}
 	if !c.disabled && opt.MaxReadahead > 0 {
 		c.ra = newReadahead(c, opt.MaxReadahead)
+	}
+	if !c.disabled && opt.AdmitOnSecondMiss {
+		c.ghosts = newGhosts(dataBlocks)
 	}
 	return c
 }

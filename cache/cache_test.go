@@ -618,14 +618,14 @@ func TestStatsJSON(t *testing.T) {
 		"hits": 0, "misses": 1, "zero_hits": 0, "inflight_joins": 0, "source_reads": 1,
 		"bytes_fetched": 4096, "readahead_blocks": 0, "readahead_used": 0, "readahead_wasted": 0,
 		"evictions": 0, "cached_bytes": 4096, "max_bytes": 1 << 20, "block_size": 4096, "errors": 0,
-		"alloc_queries": 0,
+		"alloc_queries": 0, "uncached": 0,
 	} {
 		if got, ok := m[key]; !ok || got != want {
 			t.Errorf("%s = %d (present %v), want %d; JSON %s", key, got, ok, want, b)
 		}
 	}
-	if len(m) != 15 {
-		t.Errorf("JSON has %d fields, want 15: %s", len(m), b)
+	if len(m) != 16 {
+		t.Errorf("JSON has %d fields, want 16: %s", len(m), b)
 	}
 }
 

@@ -260,7 +260,7 @@ func checkStats(t testing.TB, got Stats, want map[string]int64) {
 		"BytesFetched": got.BytesFetched, "ReadaheadBlocks": got.ReadaheadBlocks,
 		"ReadaheadUsed": got.ReadaheadUsed, "ReadaheadWasted": got.ReadaheadWasted,
 		"Evictions": got.Evictions, "CachedBytes": got.CachedBytes,
-		"Errors": got.Errors, "AllocQueries": got.AllocQueries,
+		"Errors": got.Errors, "AllocQueries": got.AllocQueries, "Uncached": got.Uncached,
 	}
 	for k, w := range want {
 		g, ok := fields[k]

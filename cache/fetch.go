@@ -118,6 +118,10 @@ func (c *Cache) readSlow(ctx context.Context, o *readOut, off, end, pos int64) (
 			}
 		}
 	}
+	if missing == 1 && len(slots) == 1 && slots[0].kind == slotMissing && c.aroundTheCache(first, off, end) {
+		slots[0].kind = slotDirect
+		missing = 0
+	}
 	var runs []*fetch
 	if missing > 0 {
 		runs = c.claim(first, slots, missing)
@@ -196,6 +200,22 @@ func (c *Cache) readSlow(ctx context.Context, o *readOut, off, end, pos int64) (
 		}
 	}
 	return int(end - off), nil
+}
+
+// aroundTheCache decides whether a read of [off, end), all in the missing
+// block idx, is read around the cache (Options.AdmitOnSecondMiss): when
+// it is smaller than the block, continues no stream, and misses the block
+// for the first time while remembered.
+func (c *Cache) aroundTheCache(idx, off, end int64) bool {
+	if c.ghosts == nil || end-off >= int64(c.geo.blockLen(idx)) || c.ra.continues(off, int(end-off)) {
+		return false
+	}
+	if c.ghosts.admit(idx) {
+		return false
+	}
+	c.stats.misses.Add(1)
+	c.stats.uncached.Add(1)
+	return true
 }
 
 func isDone(ch <-chan struct{}) bool {

@@ -87,15 +87,7 @@ func (r *readahead) observe(off int64, n int) (started, streaming bool) {
 		return false, false
 	}
 	end := off + int64(n)
-	slack := reorderReads * max(int64(n), r.c.geo.blockSize)
-	if int64(n) >= 4*r.c.geo.blockSize {
-		// Reads this large are the kernel's readahead, with several in
-		// flight (a 4 MiB window in 1 MiB reads): more reordering. With
-		// 2 reads of slack, parts of a cold 1 GiB read through the mount
-		// were not seen as the stream (79-81 MiB stayed cached of a 32 MiB
-		// scan share; with 4 reads, 55-58 MiB).
-		slack *= 2
-	}
+	slack := r.slack(n)
 
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -133,6 +125,40 @@ func (r *readahead) observe(off int64, n int) (started, streaming bool) {
 		s.window = min(2*s.window, r.maxWindow)
 	}
 	return r.issueLocked(best), true
+}
+
+// continues reports whether a read of n bytes at off would continue a
+// stream (as observe would find it), without recording anything. A nil
+// readahead knows no streams.
+func (r *readahead) continues(off int64, n int) bool {
+	if r == nil {
+		return false
+	}
+	slack := r.slack(n)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for i := range r.streams {
+		s := &r.streams[i]
+		if s.gen != 0 && off-s.next <= slack && s.next-off <= slack {
+			return true
+		}
+	}
+	return false
+}
+
+// slack is how far from a stream's end a read of n bytes may start and
+// still continue it.
+func (r *readahead) slack(n int) int64 {
+	slack := reorderReads * max(int64(n), r.c.geo.blockSize)
+	if int64(n) >= 4*r.c.geo.blockSize {
+		// Reads this large are the kernel's readahead, with several in
+		// flight (a 4 MiB window in 1 MiB reads): more reordering. With
+		// 2 reads of slack, parts of a cold 1 GiB read through the mount
+		// were not seen as the stream (79-81 MiB stayed cached of a 32 MiB
+		// scan share; with 4 reads, 55-58 MiB).
+		slack *= 2
+	}
+	return slack
 }
 
 // startStreamLocked records a read that continues no stream, in a free

@@ -19,6 +19,7 @@ type Stats struct {
 	ReadaheadUsed   int64 `json:"readahead_used"`   // readahead blocks later read by a caller
 	ReadaheadWasted int64 `json:"readahead_wasted"` // readahead blocks evicted unread
 	Evictions       int64 `json:"evictions"`        // blocks dropped to make room
+	Uncached        int64 `json:"uncached"`         // misses read around the cache, not kept (Options.AdmitOnSecondMiss); also in Misses
 	CachedBytes     int64 `json:"cached_bytes"`     // block data held now, in flight included
 	MaxBytes        int64 `json:"max_bytes"`        // the budget for CachedBytes
 	BlockSize       int   `json:"block_size"`
@@ -30,7 +31,8 @@ type Stats struct {
 // not on the hit path, so one shared cache line is fine.
 type globalStats struct {
 	zeroHits        atomic.Int64 // from the allocation map; shards count the rest
-	misses          atomic.Int64 // pass-through reads when Disabled; shards count the rest
+	misses          atomic.Int64 // pass-through reads when Disabled, uncached misses; shards count the rest
+	uncached        atomic.Int64
 	sourceReads     atomic.Int64
 	bytesFetched    atomic.Int64
 	readaheadBlocks atomic.Int64
@@ -53,6 +55,7 @@ func (c *Cache) Stats() Stats {
 		ReadaheadUsed:   c.stats.readaheadUsed.Load(),
 		ReadaheadWasted: c.stats.readaheadWasted.Load(),
 		Errors:          c.stats.errors.Load(),
+		Uncached:        c.stats.uncached.Load(),
 	}
 	for i := range c.shards {
 		sh := &c.shards[i]

@@ -305,6 +305,9 @@ func runMount(ctx context.Context, rep *reporter, u *nbd.URI, dopt nbd.DialOptio
 		MaxRequest:   int(min(int64(info.BlockSize.Max), o.requestSize)),
 		MaxReadahead: readahead,
 		Disabled:     o.noCache,
+		// Random 4 KiB reads then fetch 4 KiB, not a 64 KiB block, and
+		// leave the cache to what is read twice (see the figures there).
+		AdmitOnSecondMiss: true,
 	})
 	defer c.Close()
 

@@ -152,6 +152,7 @@ func printStats(std stdio, st *mountStats) {
 	fmt.Fprintf(w, "requests:       %d (%s read from the server)\n", n.Requests, humanSize(uint64(n.BytesRead)))
 	fmt.Fprintf(w, "cache:          %s of %s in %s blocks\n", humanSize(uint64(c.CachedBytes)), humanSize(uint64(c.MaxBytes)), humanSize(uint64(c.BlockSize)))
 	fmt.Fprintf(w, "block lookups:  %d hits, %d zero (holes, no transfer), %d joined a fetch, %d misses (%.1f%% served without a new fetch)\n", c.Hits, c.ZeroHits, c.InflightJoins, c.Misses, hitRate)
+	fmt.Fprintf(w, "uncached:       %d first random misses read around the cache\n", c.Uncached)
 	fmt.Fprintf(w, "fetched:        %s in %d requests, %d errors\n", humanSize(uint64(c.BytesFetched)), c.SourceReads, c.Errors)
 	fmt.Fprintf(w, "readahead:      %d blocks, %d used, %d wasted\n", c.ReadaheadBlocks, c.ReadaheadUsed, c.ReadaheadWasted)
 	fmt.Fprintf(w, "evictions:      %d\n", c.Evictions)

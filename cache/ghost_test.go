@@ -1,0 +1,101 @@
+package cache
+
+import (
+	"bytes"
+	"testing"
+)
+
+func TestGhostsAdmitOnSecondSight(t *testing.T) {
+	g := newGhosts(100)
+	if len(g.slots) != 1024 {
+		t.Fatalf("%d slots for 100 blocks, want the minimum 1024", len(g.slots))
+	}
+	if g.admit(7) {
+		t.Fatal("block 7 admitted on its first miss")
+	}
+	if !g.admit(7) {
+		t.Fatal("block 7 not admitted on its second miss")
+	}
+	if g.admit(7) {
+		t.Fatal("block 7 admitted again without a new first miss: admit must forget it")
+	}
+	if g.admit(0) || !g.admit(0) {
+		t.Fatal("block 0 (stored as 1, never as the empty 0) not remembered")
+	}
+}
+
+// aroundCache is a cache of 16 KiB blocks that reads first small random
+// misses around itself.
+func aroundCache(t *testing.T) (*Cache, *memSource, []byte) {
+	const bs = 16 << 10
+	data := pattern(64 * bs)
+	src := newMemSource(data)
+	c := newTestCache(t, asVec(src), int64(len(data)), Options{BlockSize: bs, AdmitOnSecondMiss: true})
+	return c, src, data
+}
+
+// A first small miss reads only its bytes and keeps nothing; a second
+// miss on the block fetches and keeps it; the third read hits.
+func TestAroundTheCacheThenAdmitted(t *testing.T) {
+	const bs = 16 << 10
+	c, src, data := aroundCache(t)
+	readOK(t, c, data, 5*bs+4096, 4096)
+	if calls := src.Calls(); len(calls) != 1 || calls[0].off != 5*bs+4096 || calls[0].n != 4096 {
+		t.Fatalf("first miss: source calls %+v, want one of 4096 bytes at %d", calls, 5*bs+4096)
+	}
+	checkStats(t, c.Stats(), map[string]int64{"CachedBytes": 0, "Uncached": 1, "Misses": 1})
+
+	// Random reads elsewhere, so that the next read of block 5 is no
+	// longer near the end of a recent read (a stream's continuation).
+	others := []int64{30, 12, 50, 21, 60, 40, 2, 45}
+	for _, b := range others {
+		readOK(t, c, data, b*bs, 4096)
+	}
+	n := int64(len(others))
+	readOK(t, c, data, 5*bs+8192, 4096)
+	if calls := src.Calls(); len(calls) != int(n)+2 || calls[n+1].off != 5*bs || calls[n+1].n != bs {
+		t.Fatalf("second miss: source calls %+v, want the whole block 5 last", calls)
+	}
+	checkStats(t, c.Stats(), map[string]int64{"CachedBytes": bs, "Uncached": n + 1, "Misses": n + 2})
+
+	readOK(t, c, data, 5*bs+12288, 4096)
+	idle(c)
+	checkStats(t, c.Stats(), map[string]int64{"Misses": n + 2, "Hits": 1})
+}
+
+// Whole blocks, reads spanning blocks and sequential streams are cached
+// as always.
+func TestAroundTheCacheOnlyForSmallRandomReads(t *testing.T) {
+	const bs = 16 << 10
+	c, src, data := aroundCache(t)
+	readOK(t, c, data, 10*bs, bs)         // a whole block
+	readOK(t, c, data, 20*bs+bs/2, bs)    // across two blocks
+	readOK(t, c, data, 40*bs, 4096)       // starts a stream: read around
+	readOK(t, c, data, 40*bs+4096, 4096)  // continues it: fetched whole
+	readOK(t, c, data, 40*bs+8192, 4096)  // a hit
+	readOK(t, c, data, 40*bs+12288, 4096) // a hit
+	idle(c)
+	checkStats(t, c.Stats(), map[string]int64{"Uncached": 1, "Hits": 2})
+	if n := len(src.Calls()); n < 4 {
+		t.Fatalf("%d source reads, want at least 4", n)
+	}
+	if st := c.Stats(); st.CachedBytes < 4*bs {
+		t.Fatalf("cached %d bytes, want the 4 blocks the whole-block, spanning and stream reads fetched", st.CachedBytes)
+	}
+}
+
+// A lent read (the FUSE path) of a block read around the cache gets the
+// right bytes, from a buffer of its own.
+func TestAroundTheCacheLent(t *testing.T) {
+	const bs = 16 << 10
+	c, _, data := aroundCache(t)
+	slices, release, err := c.ReadSlices(t.Context(), 7*bs+100, 3000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer release()
+	if got := joined(slices); !bytes.Equal(got, data[7*bs+100:7*bs+3100]) {
+		t.Fatal("wrong data lent for a read around the cache")
+	}
+	checkStats(t, c.Stats(), map[string]int64{"Uncached": 1, "CachedBytes": 0})
+}
