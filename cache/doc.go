@@ -5,8 +5,10 @@
 // It owns: splitting reads into fixed-size blocks, keeping recently read
 // blocks in memory within a byte budget, fetching each missing block once
 // however many readers want it, merging adjacent misses into one source
-// request, prefetching ahead of sequential readers, serving holes as
-// zeros without a transfer, and answering SEEK_DATA/SEEK_HOLE. It knows
+// request, prefetching ahead of sequential readers, optionally reading
+// first random misses around the cache (Options.AdmitOnSecondMiss),
+// serving holes as zeros without a transfer, and answering
+// SEEK_DATA/SEEK_HOLE. It knows
 // nothing of NBD or FUSE; what it needs of its source beyond io.ReaderAt
 // it detects through the optional interfaces ContextReaderAt,
 // VectorReader and Allocator.
