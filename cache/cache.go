@@ -333,12 +333,10 @@ func (c *Cache) read(ctx context.Context, o *readOut, off, length int64) (int, e
 func (c *Cache) deliver(o *readOut, b *block, off, end int64, hit bool) {
 	pOff, bOff, n := c.geo.part(b.idx, off, end)
 	switch {
-	case o.lend && b.zero:
-		o.slices = append(o.slices, c.zeros[:n])
+	case b.zero:
+		c.deliverZero(o, b.idx, off, end)
 	case o.lend:
 		o.slices = append(o.slices, b.data[bOff:bOff+n])
-	case b.zero:
-		clear(o.p[pOff : pOff+n])
 	default:
 		copy(o.p[pOff:pOff+n], b.data[bOff:])
 	}

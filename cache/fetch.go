@@ -32,7 +32,7 @@ type block struct {
 
 	referenced atomic.Bool // CLOCK bit: read since the hand last passed
 	readahead  atomic.Bool // fetched by readahead, not yet read by a caller
-	scan       atomic.Bool // fetched for a sequential stream (see scanVictims)
+	scan       atomic.Bool // fetched for a sequential stream (see clock.go)
 
 	// inScanList says the block is on Cache.scanList; guarded by evictMu.
 	inScanList bool

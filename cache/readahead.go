@@ -87,26 +87,10 @@ func (r *readahead) observe(off int64, n int) (started, streaming bool) {
 		return false, false
 	}
 	end := off + int64(n)
-	slack := r.slack(n)
-
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.tick++
-	best := -1
-	var bestDist int64
-	for i := range r.streams {
-		s := &r.streams[i]
-		if s.gen == 0 {
-			continue
-		}
-		d := off - s.next
-		if d < 0 {
-			d = -d
-		}
-		if d <= slack && (best < 0 || d < bestDist) {
-			best, bestDist = i, d
-		}
-	}
+	best := r.nearestLocked(off, n)
 	if best < 0 {
 		r.startStreamLocked(end)
 		return false, false
@@ -134,16 +118,31 @@ func (r *readahead) continues(off int64, n int) bool {
 	if r == nil {
 		return false
 	}
-	slack := r.slack(n)
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	return r.nearestLocked(off, n) >= 0
+}
+
+// nearestLocked returns the slot of the stream a read of n bytes at off
+// continues (the one whose end is nearest, within the slack), or -1.
+func (r *readahead) nearestLocked(off int64, n int) int {
+	slack := r.slack(n)
+	best := -1
+	var bestDist int64
 	for i := range r.streams {
 		s := &r.streams[i]
-		if s.gen != 0 && off-s.next <= slack && s.next-off <= slack {
-			return true
+		if s.gen == 0 {
+			continue
+		}
+		d := off - s.next
+		if d < 0 {
+			d = -d
+		}
+		if d <= slack && (best < 0 || d < bestDist) {
+			best, bestDist = i, d
 		}
 	}
-	return false
+	return best
 }
 
 // slack is how far from a stream's end a read of n bytes may start and
