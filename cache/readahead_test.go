@@ -324,3 +324,24 @@ func TestReadaheadFirstUseIsNotAHit(t *testing.T) {
 	}
 	checkStats(t, c.Stats(), map[string]int64{"ReadaheadUsed": 1, "ReadaheadWasted": 0, "Evictions": 1})
 }
+
+// Large reads are the kernel's readahead, several in flight, so they may
+// arrive further out of order and still continue their stream; small
+// reads that far off do not.
+func TestReadaheadSlackForLargeReads(t *testing.T) {
+	const bs = 4096
+	data := pattern(256 * bs)
+	c := newTestCache(t, asVec(newMemSource(data)), int64(len(data)), Options{BlockSize: bs})
+	const large = 4 * bs
+	c.ra.observe(0, large) // a stream ending at one read
+	if !c.ra.continues(5*large, large) {
+		t.Fatal("a 4-block read four reads past the stream's end does not continue it")
+	}
+	if c.ra.continues(6*large, large) {
+		t.Fatal("a 4-block read five reads past the stream's end continues it")
+	}
+	c.ra.observe(100*bs, bs) // a stream of 1-block reads
+	if c.ra.continues(104*bs, bs) {
+		t.Fatal("a 1-block read three reads past a stream's end continues it")
+	}
+}
