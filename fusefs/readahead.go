@@ -29,15 +29,11 @@ const readAhead = 4 << 20
 // root: for other users it fails with a permission error and the window
 // stays at 128 KiB.
 func raiseReadAhead(dir string) error {
-	mountinfo, err := os.ReadFile("/proc/self/mountinfo")
+	path, err := readAheadFile(dir)
 	if err != nil {
 		return err
 	}
-	dev, ok := mountDevice(mountinfo, dir)
-	if !ok {
-		return fmt.Errorf("%s is not a snapmount mount in /proc/self/mountinfo", dir)
-	}
-	f, err := os.OpenFile(filepath.Join("/sys/class/bdi", dev, "read_ahead_kb"), os.O_WRONLY, 0)
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
 	if err != nil {
 		return err
 	}
@@ -51,20 +47,31 @@ func raiseReadAhead(dir string) error {
 // KernelReadahead returns the kernel's readahead window, in bytes, for
 // the snapmount mount at dir (its backing device's read_ahead_kb).
 func KernelReadahead(dir string) (int64, error) {
-	mountinfo, err := os.ReadFile("/proc/self/mountinfo")
+	path, err := readAheadFile(absDir(dir))
 	if err != nil {
 		return 0, err
 	}
-	dev, ok := mountDevice(mountinfo, absDir(dir))
-	if !ok {
-		return 0, fmt.Errorf("%s is not a snapmount mount in /proc/self/mountinfo", dir)
-	}
-	b, err := os.ReadFile(filepath.Join("/sys/class/bdi", dev, "read_ahead_kb"))
+	b, err := os.ReadFile(path)
 	if err != nil {
 		return 0, err
 	}
 	kb, err := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
 	return kb << 10, err
+}
+
+// readAheadFile returns the sysfs file holding the readahead window of
+// the snapmount mount at dir (absolute and clean):
+// /sys/class/bdi/MAJ:MIN/read_ahead_kb of its backing device.
+func readAheadFile(dir string) (string, error) {
+	mountinfo, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return "", err
+	}
+	dev, ok := mountDevice(mountinfo, dir)
+	if !ok {
+		return "", fmt.Errorf("%s is not a snapmount mount in /proc/self/mountinfo", dir)
+	}
+	return filepath.Join("/sys/class/bdi", dev, "read_ahead_kb"), nil
 }
 
 // mountDevice returns the device ("major:minor") of the last fuse.snapmount
