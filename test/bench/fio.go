@@ -10,25 +10,22 @@ import (
 
 // fioJob describes one fio run on a file.
 type fioJob struct {
-	rw       string // read, randread
-	bs       string
-	engine   string // psync, libaio
-	depth    int
-	jobs     int
-	direct   bool
-	size     string // bytes to cover, "" for the whole file
-	runtime  int    // seconds for time-based runs; 0: run through size once
-	ioSize   string // total I/O for non-time-based runs (io_size)
-	offset   string
-	extraArg []string
+	rw      string // read, randread
+	bs      string
+	engine  string // psync, libaio
+	depth   int
+	jobs    int
+	direct  bool
+	size    string // bytes to cover, "" for the whole file
+	runtime int    // seconds for time-based runs; 0: run through size once
+	ioSize  string // total I/O for non-time-based runs (io_size)
 }
 
 // fioResult is what the benchmark takes from fio's JSON output.
 type fioResult struct {
-	MBps  float64 // decimal MB/s, all jobs together
-	IOPS  float64
-	Secs  float64 // runtime of the slowest job
-	Bytes int64
+	MBps float64 // decimal MB/s, all jobs together
+	IOPS float64
+	Secs float64 // runtime of the slowest job
 }
 
 func runFio(file string, j fioJob) (fioResult, error) {
@@ -50,10 +47,6 @@ func runFio(file string, j fioJob) (fioResult, error) {
 	if j.ioSize != "" {
 		args = append(args, "--io_size="+j.ioSize)
 	}
-	if j.offset != "" {
-		args = append(args, "--offset="+j.offset)
-	}
-	args = append(args, j.extraArg...)
 	cmd := exec.Command("fio", args...)
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
@@ -67,7 +60,6 @@ func runFio(file string, j fioJob) (fioResult, error) {
 			Read    struct {
 				BwBytes float64 `json:"bw_bytes"`
 				IOPS    float64 `json:"iops"`
-				IOBytes int64   `json:"io_bytes"`
 				Runtime int64   `json:"runtime"` // ms
 			} `json:"read"`
 		} `json:"jobs"`
@@ -85,9 +77,8 @@ func runFio(file string, j fioJob) (fioResult, error) {
 		return fioResult{}, fmt.Errorf("fio job error %d: %s", jb.Error, errb.String())
 	}
 	return fioResult{
-		MBps:  jb.Read.BwBytes / 1e6,
-		IOPS:  jb.Read.IOPS,
-		Secs:  float64(jb.Read.Runtime) / 1000,
-		Bytes: jb.Read.IOBytes,
+		MBps: jb.Read.BwBytes / 1e6,
+		IOPS: jb.Read.IOPS,
+		Secs: float64(jb.Read.Runtime) / 1000,
 	}, nil
 }

@@ -209,29 +209,49 @@ func dropCaches() {
 }
 
 // measure runs each contender cfg.runs times, alternating, and records
-// the values.
+// the values: measureSet for a single row.
 func (b *bench) measure(r *row, ours, anchor func() (float64, error)) {
-	for i := 0; i < b.cfg.runs; i++ {
-		for _, side := range []struct {
-			name string
-			fn   func() (float64, error)
-			dst  *[]float64
-		}{{"snapmount", ours, &r.Ours}, {r.AnchorIs, anchor, &r.Anchor}} {
-			if side.fn == nil {
-				continue
-			}
-			v, err := side.fn()
-			if err != nil {
-				b.logf("%s / %s (%s): %v", r.Figure, side.name, r.Group, err)
-				continue
-			}
-			if b.cfg.verbose {
-				b.logf("  %-45s %-10s %10.1f %s", r.Figure, side.name, v, r.Unit)
-			}
-			*side.dst = append(*side.dst, v)
+	one := func(fn func() (float64, error)) func() ([]float64, error) {
+		if fn == nil {
+			return nil
+		}
+		return func() ([]float64, error) {
+			v, err := fn()
+			return []float64{v}, err
 		}
 	}
-	b.rows = append(b.rows, r)
+	b.measureSet([]*row{r}, one(ours), one(anchor))
+}
+
+// measureSet runs a trial per contender, alternating, cfg.runs times; a
+// trial returns one value per row.
+func (b *bench) measureSet(rows []*row, ours, anchor func() ([]float64, error)) {
+	for i := 0; i < b.cfg.runs; i++ {
+		for side, fn := range []func() ([]float64, error){ours, anchor} {
+			if fn == nil {
+				continue
+			}
+			vals, err := fn()
+			if err != nil {
+				b.logf("%s / %s (%s): %v", rows[0].Figure, []string{"snapmount", rows[0].AnchorIs}[side], rows[0].Group, err)
+				continue
+			}
+			for k, r := range rows {
+				if k >= len(vals) || vals[k] < 0 {
+					continue
+				}
+				if side == 0 {
+					r.Ours = append(r.Ours, vals[k])
+				} else {
+					r.Anchor = append(r.Anchor, vals[k])
+				}
+				if b.cfg.verbose {
+					b.logf("  %-52s %-9s %10.1f %s", r.Figure, []string{"snapmount", r.AnchorIs}[side], vals[k], r.Unit)
+				}
+			}
+		}
+	}
+	b.rows = append(b.rows, rows...)
 }
 
 func (b *bench) printTable(w io.Writer) {
@@ -269,6 +289,22 @@ func fmtRatio(r *row) string {
 
 // randomImage writes size bytes of pseudo-random (incompressible) data.
 func (b *bench) randomImage(name string) string {
+	return b.image(name, func(f *os.File) error {
+		buf := make([]byte, 4<<20)
+		r := rand.New(rand.NewSource(42))
+		for off := int64(0); off < b.cfg.size; off += int64(len(buf)) {
+			r.Read(buf)
+			if _, err := f.Write(buf[:min(int64(len(buf)), b.cfg.size-off)]); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// image returns the path of image name in the work directory, made by
+// fill unless a file of the right size is there from an earlier group.
+func (b *bench) image(name string, fill func(f *os.File) error) string {
 	path := filepath.Join(b.cfg.dir, name)
 	if st, err := os.Stat(path); err == nil && st.Size() == b.cfg.size {
 		return path
@@ -278,13 +314,8 @@ func (b *bench) randomImage(name string) string {
 		fatalf("%v", err)
 	}
 	defer f.Close()
-	buf := make([]byte, 4<<20)
-	r := rand.New(rand.NewSource(42))
-	for off := int64(0); off < b.cfg.size; off += int64(len(buf)) {
-		r.Read(buf)
-		if _, err := f.Write(buf[:min(int64(len(buf)), b.cfg.size-off)]); err != nil {
-			fatalf("writing %s: %v", path, err)
-		}
+	if err := fill(f); err != nil {
+		fatalf("writing %s: %v", path, err)
 	}
 	return path
 }

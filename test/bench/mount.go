@@ -201,37 +201,6 @@ func (b *bench) mountTargets(random, sparse string) []func() *mountTarget {
 	}
 }
 
-// measureSet runs a trial per contender, alternating, cfg.runs times; a
-// trial returns one value per row.
-func (b *bench) measureSet(rows []*row, ours, anchor func() ([]float64, error)) {
-	for i := 0; i < b.cfg.runs; i++ {
-		for side, fn := range []func() ([]float64, error){ours, anchor} {
-			if fn == nil {
-				continue
-			}
-			vals, err := fn()
-			if err != nil {
-				b.logf("%s: %v", rows[0].Figure, err)
-				continue
-			}
-			for k, r := range rows {
-				if k >= len(vals) || vals[k] < 0 {
-					continue
-				}
-				if side == 0 {
-					r.Ours = append(r.Ours, vals[k])
-				} else {
-					r.Anchor = append(r.Anchor, vals[k])
-				}
-				if b.cfg.verbose {
-					b.logf("  %-52s %-9s %10.1f %s", r.Figure, []string{"snapmount", r.AnchorIs}[side], vals[k], r.Unit)
-				}
-			}
-		}
-	}
-	b.rows = append(b.rows, rows...)
-}
-
 // mountGroup: snapmount mount against nbdfuse --readonly over the same
 // server, for nbdkit and for snapmount serve.
 func (b *bench) mountGroup() {
@@ -358,26 +327,19 @@ func (b *bench) mountGroup() {
 // sparseImage makes an image of cfg.size bytes that is mostly holes:
 // four 8 MiB extents of random data spread over it.
 func (b *bench) sparseImage(name string) string {
-	path := filepath.Join(b.cfg.dir, name)
-	if st, err := os.Stat(path); err == nil && st.Size() == b.cfg.size {
-		return path
-	}
-	f, err := os.Create(path)
-	if err != nil {
-		fatalf("%v", err)
-	}
-	defer f.Close()
-	if err := f.Truncate(b.cfg.size); err != nil {
-		fatalf("%v", err)
-	}
-	data := make([]byte, 8<<20)
-	for i := range data {
-		data[i] = byte(i*7 + i>>13)
-	}
-	for k := int64(0); k < 4; k++ {
-		if _, err := f.WriteAt(data, b.cfg.size/4*k+b.cfg.size/16); err != nil {
-			fatalf("%v", err)
+	return b.image(name, func(f *os.File) error {
+		if err := f.Truncate(b.cfg.size); err != nil {
+			return err
 		}
-	}
-	return path
+		data := make([]byte, 8<<20)
+		for i := range data {
+			data[i] = byte(i*7 + i>>13)
+		}
+		for k := int64(0); k < 4; k++ {
+			if _, err := f.WriteAt(data, b.cfg.size/4*k+b.cfg.size/16); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
 }

@@ -8,18 +8,19 @@ import (
 	"time"
 )
 
-// freshTarget makes an empty (sparse) image of cfg.size bytes for
-// writers, so every write run starts from the same state.
-func (b *bench) freshTarget(path string) {
-	os.Remove(path)
-	f, err := os.Create(path)
+// emptyTarget makes path an empty (sparse) image of cfg.size bytes for
+// writers, so every write run starts from the same state. It truncates
+// in place, so servers that have the file open keep their handle.
+func (b *bench) emptyTarget(path string) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
 	if err != nil {
-		fatalf("%v", err)
+		return err
 	}
-	if err := f.Truncate(b.cfg.size); err != nil {
-		fatalf("%v", err)
+	err = f.Truncate(b.cfg.size)
+	if cerr := f.Close(); err == nil {
+		err = cerr
 	}
-	f.Close()
+	return err
 }
 
 // serveGroup: nbdcopy reading and writing through snapmount serve against
@@ -27,7 +28,9 @@ func (b *bench) freshTarget(path string) {
 func (b *bench) serveGroup() {
 	random := b.randomImage("random.img")
 	target := filepath.Join(b.cfg.dir, "target.img")
-	b.freshTarget(target)
+	if err := b.emptyTarget(target); err != nil {
+		fatalf("%v", err)
+	}
 	ssock := filepath.Join(b.cfg.dir, fmt.Sprintf("serve-%d.sock", time.Now().UnixNano()))
 	serve := b.start(ssock, b.cfg.bin, "serve", "--no-tcp", "--socket", ssock, "--snapshot-linger", "0s", "random="+random, "target="+target)
 	defer serve.stop()
@@ -47,12 +50,8 @@ func (b *bench) serveGroup() {
 
 	write := func(uri string) func() (float64, error) {
 		return func() (float64, error) {
-			// Same starting state for both servers: an empty image
-			// (truncated in place, so the servers keep their handle).
-			if err := os.Truncate(target, 0); err != nil {
-				return 0, err
-			}
-			if err := os.Truncate(target, b.cfg.size); err != nil {
+			// Same starting state for both servers: an empty image.
+			if err := b.emptyTarget(target); err != nil {
 				return 0, err
 			}
 			secs, err := timed("nbdcopy", "-C", "4", "--flush", random, uri)
