@@ -29,7 +29,7 @@ func TestReadSlicesMatchesReadAt(t *testing.T) {
 	}{
 		{"plain", asPlain},
 		{"vec", asVec},
-		{"alloc", func(m *memSource) io.ReaderAt { return allocSource{vecSource{ctxSource{plainSource{m}}}} }},
+		{"alloc", asAlloc},
 	}
 	r := rand.New(rand.NewPCG(3, 4))
 	for _, k := range kinds {
