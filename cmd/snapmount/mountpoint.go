@@ -26,14 +26,14 @@ func prepareMountpoint(dir string) (string, error) {
 	// dead mount; statfs always asks the filesystem, so it tells.
 	var sfs unix.Statfs_t
 	if typ, ok := fusefs.MountType(abs); ok && strings.HasPrefix(typ, "fuse") && errors.Is(unix.Statfs(abs, &sfs), syscall.ENOTCONN) {
-		if err := fusermount("-u", "-z", abs); err != nil {
-			return "", fmt.Errorf("mountpoint %s is a dead FUSE mount and lazy unmounting it failed: %v", abs, err)
+		if err := unmountDead(abs); err != nil {
+			return "", err
 		}
 	}
 	st, err := os.Stat(abs)
 	if errors.Is(err, syscall.ENOTCONN) {
-		if err := fusermount("-u", "-z", abs); err != nil {
-			return "", fmt.Errorf("mountpoint %s is a dead FUSE mount and lazy unmounting it failed: %v", abs, err)
+		if err := unmountDead(abs); err != nil {
+			return "", err
 		}
 		st, err = os.Stat(abs)
 	}
@@ -57,6 +57,14 @@ func prepareMountpoint(dir string) (string, error) {
 		return "", fmt.Errorf("mountpoint %s is not empty: mount on an empty directory", abs)
 	}
 	return abs, nil
+}
+
+// unmountDead lazily unmounts the dead FUSE mount at dir.
+func unmountDead(dir string) error {
+	if err := fusermount("-u", "-z", dir); err != nil {
+		return fmt.Errorf("mountpoint %s is a dead FUSE mount and lazy unmounting it failed: %v; try: fusermount3 -u -z %s", dir, err, dir)
+	}
+	return nil
 }
 
 // fusermount runs fusermount3 (or fusermount) with args.
