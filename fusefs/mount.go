@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/hanwen/go-fuse/v2/fs"
@@ -138,7 +139,8 @@ const (
 // Mount mounts the tree of [NewRoot](r, opt) read-only at dir and returns
 // once the kernel's INIT handshake has completed, i.e. once the file is
 // readable. Unmount with server.Unmount (or fusermount3 -u dir); server.Wait
-// returns when the mount is gone. Without root, mounting goes through the
+// returns when the mount is gone. Root mounts with mount(2) itself, as
+// libfuse does; otherwise (or if that fails) mounting goes through the
 // setuid fusermount3, which must be installed; /dev/fuse must be accessible.
 //
 // Mount options: ro, default_permissions (the kernel checks modes itself,
@@ -216,6 +218,13 @@ func fsOptions(opt Options) *fs.Options {
 			// and for 1 MiB replies (more than the default
 			// pipe-max-size) fails and logs every time.
 			DisableSplice: true,
+			// As root, mount(2) directly instead of forking fusermount3
+			// (go-fuse falls back to it if the call fails), with the
+			// flags fusermount3 uses: from launching 'mount -f' to a
+			// readable file against nbdkit took 37-39 ms instead of 46
+			// (medians of 40), where nbdfuse took 27.
+			DirectMount:      os.Geteuid() == 0,
+			DirectMountFlags: syscall.MS_RDONLY | syscall.MS_NOSUID | syscall.MS_NODEV,
 			ExtraCapabilities: func() uint64 {
 				if opt.AsyncDirectIO {
 					return fuse.CAP_ASYNC_DIO

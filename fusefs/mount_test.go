@@ -151,8 +151,9 @@ func TestMountAttributes(t *testing.T) {
 	}
 }
 
-// TestMountOptions checks /proc/mounts: read-only, our type and source, and
-// 1 MiB reads.
+// TestMountOptions checks /proc/mounts: read-only, nosuid and nodev (as
+// fusermount3 mounts, also when root mounts directly), our type and
+// source, and 1 MiB reads.
 func TestMountOptions(t *testing.T) {
 	dir := testMount(t, patternReader{}, Options{Name: "disk", Size: 1, FsName: "nbd+unix:///disk?socket=/run/x.sock"})
 	m, ok := findMount(t, dir)
@@ -162,7 +163,7 @@ func TestMountOptions(t *testing.T) {
 	if m.fstype != "fuse.snapmount" || m.source != "nbd+unix:///disk?socket=/run/x.sock" {
 		t.Errorf("type %q source %q, want fuse.snapmount and the FsName", m.fstype, m.source)
 	}
-	for _, want := range []string{"ro", "max_read=1048576", "default_permissions"} {
+	for _, want := range []string{"ro", "nosuid", "nodev", "max_read=1048576", "default_permissions"} {
 		if !slices.Contains(m.options, want) {
 			t.Errorf("mount options %v lack %s", m.options, want)
 		}
