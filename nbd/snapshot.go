@@ -22,10 +22,11 @@ package nbd
 // Several snapshots of one export may be alive; each has its own store and
 // bitmap. The copy runs inside the kernel (copy_file_range: one page-cache
 // copy, none for blocks in holes of the image) where the file systems
-// allow, else one read of the old data serves every snapshot lacking it. When
-// a copy fails or the stores reach --snapshot-max, the snapshot breaks (its
-// readers get EIO, never newer data) and the writer goes on, or with
-// FailWriter the write fails and the snapshot stays whole.
+// allow, else one read of the old data serves every snapshot lacking it;
+// stores are written behind (see WriteBehind). When a copy fails or the
+// stores reach --snapshot-max, the snapshot breaks (its readers get EIO,
+// never newer data) and the writer goes on, or with FailWriter the write
+// fails and the snapshot stays whole.
 
 import (
 	"bytes"
@@ -60,6 +61,7 @@ type snapshot struct {
 	// once, a third of the server's time went to rwsem_spin_on_owner and
 	// a first-touch overwrite of 1 GiB took 2.9 s. Go parks the waiters.
 	copyMu sync.Mutex
+	behind *WriteBehind // of the store; its waits happen outside copyMu
 
 	storeMu   sync.RWMutex // protects following; store I/O holds it shared
 	store     *os.File     // nil once released
@@ -105,6 +107,12 @@ func (e *export) newSnapshot() (*snapshot, error) {
 		storePath: f.Name(),
 		refs:      1,
 	}
+	// The store is written once and read seldom (readers of a snapshot
+	// cache what they read): write-behind keeps it from taking a fresh
+	// page of the page cache for every byte preserved. A writer's first
+	// touch of 1 GiB under a snapshot ran at 0.54-0.65x the writer alone
+	// with it, 0.37-0.44x without (alternated, three rounds each).
+	s.behind = NewWriteBehind(int(f.Fd()))
 
 	e.snapMu.Lock() // no change of the image is in flight: the instant is now
 	e.mu.Lock()
@@ -500,6 +508,9 @@ func (s *snapshot) saveInKernel(first, last int64, hole []bool) error {
 		s.copyMu.Lock()
 		_, err := exportCopyRange(s.exp.file, s.store, from, n)
 		s.copyMu.Unlock()
+		if err == nil && s.behind != nil {
+			s.behind.Written(from, n)
+		}
 		if err != nil {
 			s.unreserve(n)
 			if errors.Is(err, errNoCopyRange) {
@@ -603,6 +614,9 @@ func (s *snapshot) save(buf []byte, off, first, last int64, zero []bool) error {
 		s.copyMu.Lock()
 		_, err := s.store.WriteAt(buf[from:from+n], off+from)
 		s.copyMu.Unlock()
+		if err == nil && s.behind != nil {
+			s.behind.Written(off+from, n)
+		}
 		if err != nil {
 			return fmt.Errorf("writing the snapshot store: %w", err)
 		}

@@ -14,7 +14,6 @@ import (
 	"time"
 
 	flag "github.com/spf13/pflag"
-	"golang.org/x/sys/unix"
 
 	"snapmount/nbd"
 )
@@ -143,13 +142,15 @@ func runCopy(ctx context.Context, std stdio, o *copyOptions) error {
 		toWrite = make(chan *chunk, inflight)
 		go func() {
 			defer close(writerDone)
-			wb := newWriteBehind(out)
+			// Write-behind: the destination would otherwise fill the
+			// page cache with fresh pages (see nbd.WriteBehind).
+			wb := nbd.NewWriteBehind(int(out.Fd()))
 			for c := range toWrite {
 				if ctx.Err() == nil {
 					if err := writeSparse(out, c.buf, c.off); err != nil {
 						c.err = fmt.Errorf("writing: %w", err)
 					} else {
-						wb.written(c.off, c.n)
+						wb.Written(c.off, c.n)
 					}
 				}
 				close(c.done)
@@ -299,40 +300,6 @@ func readChunk(ctx context.Context, client *nbd.Client, c *chunk, toWrite chan<-
 		return
 	}
 	toWrite <- c
-}
-
-// writeBehind keeps a copy from filling the page cache with the
-// destination: it starts writeback of each range as soon as it is
-// written and, once a range is writeBehindWindow behind, waits for it and
-// drops its pages. The copy then reuses a small, warm set of pages instead
-// of allocating new ones for every byte (which on VMs that back guest
-// memory lazily costs more than the copy itself), and evicts nothing else
-// from the cache; nbdcopy does the same. The data also reaches the disk
-// progressively.
-type writeBehind struct {
-	fd      int
-	pending []span // written, writeback started, pages still cached
-	bytes   int64
-}
-
-type span struct{ off, n int64 }
-
-const writeBehindWindow = 64 << 20
-
-func newWriteBehind(f *os.File) *writeBehind { return &writeBehind{fd: int(f.Fd())} }
-
-func (w *writeBehind) written(off, n int64) {
-	// Hints: a failure only costs cache, never data.
-	_ = unix.SyncFileRange(w.fd, off, n, unix.SYNC_FILE_RANGE_WRITE)
-	w.pending = append(w.pending, span{off, n})
-	w.bytes += n
-	for w.bytes > writeBehindWindow {
-		old := w.pending[0]
-		w.pending = w.pending[1:]
-		w.bytes -= old.n
-		_ = unix.SyncFileRange(w.fd, old.off, old.n, unix.SYNC_FILE_RANGE_WAIT_BEFORE|unix.SYNC_FILE_RANGE_WRITE|unix.SYNC_FILE_RANGE_WAIT_AFTER)
-		_ = unix.Fadvise(w.fd, old.off, old.n, unix.FADV_DONTNEED)
-	}
 }
 
 // zeroBlock is the granularity of zero detection: runs of all-zero
