@@ -27,7 +27,8 @@ package cache
 // took 3.5-4.2 s): a cold 1 GiB read through the mount ran at
 // 0.63-0.74 GB/s filling a 256 MiB cache and 0.97-1.07 GB/s in 16 MiB,
 // with half the mount's CPU. Random reads still fill the budget, and a
-// scan of an export that fits in the budget is cached whole.
+// scan of an export that fits in the budget is cached whole, unless the
+// caller keeps scans itself (Options.TransientScans).
 
 // reserve makes room for up to n more blocks of BlockSize bytes, evicting
 // as needed, and returns how many it reserved. forReadahead reservations
@@ -69,8 +70,8 @@ func (c *Cache) unreserve(n int) {
 	c.evictMu.Unlock()
 }
 
-// scanShare: scans of exports larger than the budget keep at most
-// 1/scanShare of it (see above).
+// scanShare: scans of exports larger than the budget (or all scans,
+// with TransientScans) keep at most 1/scanShare of it (see above).
 const scanShare = 8
 
 // scanLookbackBytes bounds how much of the most recent scan data
