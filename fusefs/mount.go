@@ -158,12 +158,6 @@ func Mount(dir string, r io.ReaderAt, opt Options) (*fuse.Server, error) {
 	if r == nil {
 		return nil, errors.New("fusefs: nil reader")
 	}
-	// The mount table lists the mountpoint with symlinks resolved, as
-	// fusermount3 mounts it; raiseReadAhead looks for it there.
-	mountpoint := absDir(dir)
-	if real, err := filepath.EvalSymlinks(mountpoint); err == nil {
-		mountpoint = real
-	}
 	root := NewRoot(r, opt)
 	fsOpts := fsOptions(opt)
 	// fs.Mount would drop the server if WaitMount failed, leaving the
@@ -177,19 +171,23 @@ func Mount(dir string, r io.ReaderAt, opt Options) (*fuse.Server, error) {
 		_ = server.Unmount()
 		return nil, fmt.Errorf("fusefs: mount %s: %w", dir, err)
 	}
-	if err := raiseReadAhead(mountpoint); err != nil && !errors.Is(err, os.ErrPermission) {
+	if err := raiseReadAhead(dir); err != nil && !errors.Is(err, os.ErrPermission) {
 		fsOpts.Logger.Printf("fusefs: cannot raise the readahead window of %s: %v", dir, err)
 	}
 	return server, nil
 }
 
-// absDir returns dir as the kernel lists it in mount tables: absolute and
-// clean, as go-fuse mounts it.
-func absDir(dir string) string {
-	if abs, err := filepath.Abs(dir); err == nil {
-		return abs
+// tableDir returns dir as the kernel lists it in mount tables: absolute,
+// clean and with symlinks resolved (as fusermount3 mounts it).
+func tableDir(dir string) string {
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return dir
 	}
-	return dir
+	if real, err := filepath.EvalSymlinks(abs); err == nil {
+		return real
+	}
+	return abs
 }
 
 // fsOptions returns the go-fuse options for opt; see Mount.

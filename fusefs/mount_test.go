@@ -549,3 +549,20 @@ func TestMountInterrupt(t *testing.T) {
 		t.Errorf("helper: %v", waitErr)
 	}
 }
+
+// KernelReadahead finds a mount by a path through a symlink, as the mount
+// command may be given one: the mount table lists the resolved path.
+func TestKernelReadaheadThroughSymlink(t *testing.T) {
+	dir := testMount(t, patternReader{}, Options{Name: "disk", Size: 1 << 20})
+	link := filepath.Join(t.TempDir(), "link")
+	if err := os.Symlink(dir, link); err != nil {
+		t.Fatal(err)
+	}
+	want, err := KernelReadahead(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := KernelReadahead(link); err != nil || got != want {
+		t.Fatalf("KernelReadahead through a symlink: %d, %v; want %d as for %s", got, err, want, dir)
+	}
+}

@@ -47,7 +47,7 @@ func raiseReadAhead(dir string) error {
 // KernelReadahead returns the kernel's readahead window, in bytes, for
 // the snapmount mount at dir (its backing device's read_ahead_kb).
 func KernelReadahead(dir string) (int64, error) {
-	path, err := readAheadFile(absDir(dir))
+	path, err := readAheadFile(dir)
 	if err != nil {
 		return 0, err
 	}
@@ -60,14 +60,14 @@ func KernelReadahead(dir string) (int64, error) {
 }
 
 // readAheadFile returns the sysfs file holding the readahead window of
-// the snapmount mount at dir (absolute and clean):
+// the snapmount mount at dir, found in the mount table under tableDir(dir):
 // /sys/class/bdi/MAJ:MIN/read_ahead_kb of its backing device.
 func readAheadFile(dir string) (string, error) {
 	mountinfo, err := os.ReadFile("/proc/self/mountinfo")
 	if err != nil {
 		return "", err
 	}
-	dev, ok := mountDevice(mountinfo, dir)
+	dev, ok := mountDevice(mountinfo, tableDir(dir))
 	if !ok {
 		return "", fmt.Errorf("%s is not a snapmount mount in /proc/self/mountinfo", dir)
 	}
