@@ -11,7 +11,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -364,23 +363,11 @@ func TestMountBufferedRequestSizes(t *testing.T) {
 // readAheadKB returns the kernel readahead window of the mount at dir.
 func readAheadKB(t *testing.T, dir string) int {
 	t.Helper()
-	mountinfo, err := os.ReadFile("/proc/self/mountinfo")
+	ra, err := KernelReadahead(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	dev, ok := mountDevice(mountinfo, dir)
-	if !ok {
-		t.Fatalf("%s not in /proc/self/mountinfo", dir)
-	}
-	data, err := os.ReadFile(filepath.Join("/sys/class/bdi", dev, "read_ahead_kb"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	kb, err := strconv.Atoi(strings.TrimSpace(string(data)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return kb
+	return int(ra >> 10)
 }
 
 // TestMountKeepCache: an immutable view keeps the page cache across opens,
