@@ -508,9 +508,6 @@ func (s *snapshot) saveInKernel(first, last int64, hole []bool) error {
 		s.copyMu.Lock()
 		_, err := exportCopyRange(s.exp.file, s.store, from, n)
 		s.copyMu.Unlock()
-		if err == nil && s.behind != nil {
-			s.behind.Written(from, n)
-		}
 		if err != nil {
 			s.unreserve(n)
 			if errors.Is(err, errNoCopyRange) {
@@ -518,6 +515,7 @@ func (s *snapshot) saveInKernel(first, last int64, hole []bool) error {
 			}
 			return fmt.Errorf("copying old data to the snapshot store: %w", err)
 		}
+		s.behind.Written(from, n)
 		// A short copy means another process shortened the image: the
 		// rest of the range reads as zeros in the store, as in the image.
 		for b := from >> shift; b < to; b++ {
@@ -614,12 +612,10 @@ func (s *snapshot) save(buf []byte, off, first, last int64, zero []bool) error {
 		s.copyMu.Lock()
 		_, err := s.store.WriteAt(buf[from:from+n], off+from)
 		s.copyMu.Unlock()
-		if err == nil && s.behind != nil {
-			s.behind.Written(off+from, n)
-		}
 		if err != nil {
 			return fmt.Errorf("writing the snapshot store: %w", err)
 		}
+		s.behind.Written(off+from, n)
 		for b := (off + from) >> shift; b < to; b++ {
 			s.setPreserved(b)
 		}

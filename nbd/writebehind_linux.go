@@ -9,14 +9,14 @@ import (
 // WriteBehind keeps a file that is written once and read seldom (a copy's
 // destination, a snapshot store) from filling the page cache: it starts
 // writeback of each range as soon as it is written and, once a range is
-// WriteBehindWindow behind, waits for it and drops its pages. The writer
+// writeBehindWindow behind, waits for it and drops its pages. The writer
 // then reuses a small, warm set of pages instead of allocating new ones
 // for every byte (which on VMs that back guest memory lazily costs more
 // than the copy itself), and evicts nothing hotter from the cache;
 // nbdcopy does the same. It is safe for concurrent use.
 type WriteBehind struct {
 	fd     int
-	window int64 // WriteBehindWindow; smaller in tests
+	window int64 // writeBehindWindow; smaller in tests
 
 	mu      sync.Mutex    // guards the following
 	pending []writtenSpan // writeback started, pages still cached
@@ -25,12 +25,12 @@ type WriteBehind struct {
 
 type writtenSpan struct{ off, n int64 }
 
-// WriteBehindWindow is how many written bytes stay cached.
-const WriteBehindWindow = 64 << 20
+// writeBehindWindow is how many written bytes stay cached.
+const writeBehindWindow = 64 << 20
 
 // NewWriteBehind tracks the file with descriptor fd, which must stay open
 // while Written is called.
-func NewWriteBehind(fd int) *WriteBehind { return &WriteBehind{fd: fd, window: WriteBehindWindow} }
+func NewWriteBehind(fd int) *WriteBehind { return &WriteBehind{fd: fd, window: writeBehindWindow} }
 
 // Written records that [off, off+n) was just written.
 func (w *WriteBehind) Written(off, n int64) {
