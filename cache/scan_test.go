@@ -7,12 +7,19 @@ import (
 
 // scanCache is a cache that recognises streams but does not prefetch,
 // as the mount runs it when the kernel reads ahead: evictions then follow
-// the reads exactly, so the tests are deterministic.
-func scanCache(t *testing.T, src *memSource, size, bs, budgetBlocks int64) *Cache {
-	c := newTestCache(t, asVec(src), size, Options{BlockSize: int(bs), MaxBytes: budgetBlocks * bs, MaxReadahead: 4 * bs})
+// the reads exactly, so the tests are deterministic. opt adds options.
+func scanCache(t *testing.T, src *memSource, size, bs, budgetBlocks int64, opt Options) *Cache {
+	opt.BlockSize, opt.MaxBytes, opt.MaxReadahead = int(bs), budgetBlocks*bs, 4*bs
+	c := newTestCache(t, asVec(src), size, opt)
 	c.SetMaxReadahead(0)
 	return c
 }
+
+// scanKeepLimit is the most blocks a scan may keep cached with a budget
+// of budget blocks: the scan share, the first read's 2 blocks (not yet a
+// stream) and the 2-block read in progress when the share was reached,
+// plus one.
+func scanKeepLimit(budget int64) int64 { return budget/scanShare + 2 + 2 + 1 }
 
 // scanThrough reads the first n blocks sequentially in 2-block reads: a
 // stream from its second read on.
@@ -24,14 +31,15 @@ func scanThrough(t *testing.T, c *Cache, data []byte, bs, n int64) {
 	idle(c)
 }
 
-// scannedCache returns a cache of budget blocks of 4 KiB over an export
-// of n blocks, its source and data, after one scan of the whole export.
-func scannedCache(t *testing.T, n, budget int64) (*Cache, *memSource, []byte) {
+// scannedCache returns a cache of budget blocks of 4 KiB (and opt) over
+// an export of n blocks, its source and data, after one scan of the whole
+// export.
+func scannedCache(t *testing.T, n, budget int64, opt Options) (*Cache, *memSource, []byte) {
 	t.Helper()
 	const bs = 4096
 	data := pattern(int(n * bs))
 	src := newMemSource(data)
-	c := scanCache(t, src, int64(len(data)), bs, budget)
+	c := scanCache(t, src, int64(len(data)), bs, budget, opt)
 	scanThrough(t, c, data, bs, n)
 	return c, src, data
 }
@@ -42,7 +50,7 @@ func TestScanKeepsWorkingSet(t *testing.T) {
 	const bs = 4096
 	data := pattern(256 * bs)
 	src := newMemSource(data)
-	c := scanCache(t, src, int64(len(data)), bs, 16)
+	c := scanCache(t, src, int64(len(data)), bs, 16, Options{})
 	hot := []int64{200, 210, 220, 230}
 	for range 2 {
 		for _, b := range hot {
@@ -69,7 +77,7 @@ func TestScanKeepsWorkingSet(t *testing.T) {
 // be a stream, so the kept part starts at its second.
 func TestScanKeepsItsStart(t *testing.T) {
 	const bs, budget = 4096, 64
-	c, src, data := scannedCache(t, 256, budget)
+	c, src, data := scannedCache(t, 256, budget, Options{})
 	before := len(src.Calls())
 	readOK(t, c, data, 2*bs, budget/scanShare*bs)
 	if n := len(src.Calls()) - before; n != 0 {
@@ -81,10 +89,8 @@ func TestScanKeepsItsStart(t *testing.T) {
 // buffers, so a long first pass touches little fresh memory.
 func TestScanRecyclesBeforeTheBudgetIsFull(t *testing.T) {
 	const bs, budget = 4096, 64
-	c, _, _ := scannedCache(t, 256, budget)
-	// The share, the first read's blocks (not yet a stream) and the one
-	// read in progress when the share was reached.
-	limit := int64(budget/scanShare + 2 + 2 + 1)
+	c, _, _ := scannedCache(t, 256, budget, Options{})
+	limit := scanKeepLimit(budget)
 	if st := c.Stats(); st.CachedBytes > limit*bs {
 		t.Fatalf("a scan of 256 blocks kept %d blocks cached, want at most %d of a %d-block budget", st.CachedBytes/bs, limit, budget)
 	}
@@ -95,7 +101,7 @@ func TestScanRecyclesBeforeTheBudgetIsFull(t *testing.T) {
 
 // A scan of an export that fits in the budget is kept whole.
 func TestScanOfASmallExportStaysCached(t *testing.T) {
-	c, src, data := scannedCache(t, 48, 64)
+	c, src, data := scannedCache(t, 48, 64, Options{})
 	before := len(src.Calls())
 	readOK(t, c, data, 0, len(data))
 	if n := len(src.Calls()) - before; n != 0 {
@@ -107,12 +113,8 @@ func TestScanOfASmallExportStaysCached(t *testing.T) {
 // keeps only the scan share: its caller keeps the data.
 func TestTransientScansOfASmallExport(t *testing.T) {
 	const bs, budget, n = 4096, 64, 48
-	data := pattern(n * bs)
-	src := newMemSource(data)
-	c := newTestCache(t, asVec(src), int64(len(data)), Options{BlockSize: bs, MaxBytes: budget * bs, MaxReadahead: 4 * bs, TransientScans: true})
-	c.SetMaxReadahead(0)
-	scanThrough(t, c, data, bs, n)
-	limit := int64(budget/scanShare + 2 + 2 + 1) // as TestScanRecyclesBeforeTheBudgetIsFull
+	c, _, _ := scannedCache(t, n, budget, Options{TransientScans: true})
+	limit := scanKeepLimit(budget)
 	if st := c.Stats(); st.CachedBytes > limit*bs {
 		t.Fatalf("a transient scan of %d blocks kept %d blocks cached, want at most %d", n, st.CachedBytes/bs, limit)
 	}
@@ -125,7 +127,7 @@ func TestScanRecyclesPastPinnedReads(t *testing.T) {
 	const bs, budget, perRead = 4096, 256, 32
 	data := pattern(1024 * bs)
 	src := newMemSource(data)
-	c := scanCache(t, src, int64(len(data)), bs, budget)
+	c := scanCache(t, src, int64(len(data)), bs, budget, Options{})
 	var held []func()
 	for off := int64(0); off < int64(len(data)); off += perRead * bs {
 		slices, release, err := c.ReadSlices(t.Context(), off, perRead*bs)
