@@ -314,7 +314,8 @@ func runMount(ctx context.Context, rep *reporter, u *nbd.URI, dopt nbd.DialOptio
 		MaxReadahead: readahead,
 		Disabled:     o.noCache,
 		// Random 4 KiB reads then fetch 4 KiB, not a 64 KiB block, and
-		// leave the cache to what is read twice (see the figures there).
+		// leave the cache to what is read twice: buffered random reads
+		// had a p99 of 1.2-1.4 ms against 5.9-6.2 (fresh cache memory).
 		AdmitOnSecondMiss: true,
 		// A frozen snapshot's file keeps the kernel page cache across
 		// opens (KEEP_CACHE): a second pass reads from there, so a
