@@ -284,7 +284,9 @@ func (b *bench) mountGroup() {
 		// starts a background process, which returns once the file is
 		// readable and costs a second process start). Each figure is
 		// the median of readySamples mounts: one mount takes tens of ms
-		// and the machine's jitter is several.
+		// and the machine's jitter is several. Unlike the row above,
+		// whose mounts follow a dropped page cache (binaries and
+		// libraries read from disk), these run with it warm.
 		readyFg := &row{Group: group, Figure: "mount ready, foreground (-f, as nbdfuse runs)", Unit: "s", Higher: false, AnchorIs: "nbdfuse", Target: "<= 1.5x nbdfuse's time"}
 		readyOf := func(m mounter) func() (float64, error) {
 			return func() (float64, error) {
