@@ -38,6 +38,13 @@ type Options struct {
 	// MaxRequest is the largest single read issued to the source, in
 	// bytes [4 MiB]; adjacent missing blocks are merged up to this.
 	MaxRequest int
+	// MaxMissRequest caps the fetches of blocks a read is missing, in
+	// bytes [MaxRequest]: a larger miss is fetched in pieces, in
+	// parallel, while readahead still merges up to MaxRequest. The
+	// reader waits for its misses but not for readahead, so for misses
+	// more, smaller requests spread over the connections are worth more
+	// than fewer large ones.
+	MaxMissRequest int
 	// MaxReadahead is the largest readahead window in bytes [8 MiB];
 	// negative disables readahead. Windows are also capped at a quarter
 	// of MaxBytes.
@@ -83,20 +90,21 @@ type shard struct {
 // io.ReaderAt. See the package documentation.
 type Cache struct {
 	// Set by New, read-only after.
-	src          io.ReaderAt
-	ctxSrc       ContextReaderAt // src, if it has ReadAtContext
-	vecSrc       VectorReader    // src, if it has ReadVecContext
-	geo          geometry
-	maxBytes     int64
-	maxEntries   int64 // bounds blocks of any kind, zero blocks included
-	maxRequest   int   // bytes per source request
-	maxRunBlocks int   // blocks merged into one fetch
-	disabled     bool
-	zeros        []byte     // BlockSize zero bytes, lent for holes; never written
-	alloc        *allocMap  // nil when the source reports no allocation
-	ra           *readahead // nil when readahead is off
-	ghosts       *ghosts    // nil unless AdmitOnSecondMiss
-	scratch      *scratchPool
+	src           io.ReaderAt
+	ctxSrc        ContextReaderAt // src, if it has ReadAtContext
+	vecSrc        VectorReader    // src, if it has ReadVecContext
+	geo           geometry
+	maxBytes      int64
+	maxEntries    int64 // bounds blocks of any kind, zero blocks included
+	maxRequest    int   // bytes per source request
+	maxRunBlocks  int   // blocks merged into one fetch
+	maxMissBlocks int   // blocks merged into one fetch of a read's misses
+	disabled      bool
+	zeros         []byte     // BlockSize zero bytes, lent for holes; never written
+	alloc         *allocMap  // nil when the source reports no allocation
+	ra            *readahead // nil when readahead is off
+	ghosts        *ghosts    // nil unless AdmitOnSecondMiss
+	scratch       *scratchPool
 
 	shards [numShards]shard
 	bufs   bufferPool
@@ -156,18 +164,22 @@ func New(src io.ReaderAt, size int64, opt Options) *Cache {
 	if opt.MaxRequest <= 0 {
 		opt.MaxRequest = DefaultMaxRequest
 	}
+	if opt.MaxMissRequest <= 0 {
+		opt.MaxMissRequest = opt.MaxRequest
+	}
 	if opt.MaxReadahead == 0 {
 		opt.MaxReadahead = DefaultMaxReadahead
 	}
 	c := &Cache{
-		src:          src,
-		geo:          newGeometry(bs, size),
-		maxBytes:     opt.MaxBytes,
-		maxRequest:   opt.MaxRequest,
-		maxRunBlocks: max(1, opt.MaxRequest/bs),
-		disabled:     opt.Disabled,
-		bufs:         bufferPool{size: bs},
-		zeros:        make([]byte, bs),
+		src:           src,
+		geo:           newGeometry(bs, size),
+		maxBytes:      opt.MaxBytes,
+		maxRequest:    opt.MaxRequest,
+		maxRunBlocks:  max(1, opt.MaxRequest/bs),
+		maxMissBlocks: max(1, min(opt.MaxRequest, opt.MaxMissRequest)/bs),
+		disabled:      opt.Disabled,
+		bufs:          bufferPool{size: bs},
+		zeros:         make([]byte, bs),
 	}
 	c.ctxSrc, _ = src.(ContextReaderAt)
 	c.vecSrc, _ = src.(VectorReader)

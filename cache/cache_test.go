@@ -100,7 +100,8 @@ func TestHitsAndMisses(t *testing.T) {
 
 // A 1 MiB read of 8 missing 128 KiB blocks is one source request: through
 // VectorReader straight into the 8 block buffers, otherwise one ReadAt.
-// MaxRequest splits runs, and a block already cached splits a run in two.
+// MaxRequest and MaxMissRequest split runs (the smaller wins), and a
+// block already cached splits a run in two.
 func TestMergeMisses(t *testing.T) {
 	const bs = 128 * kib
 	data := pattern(4 << 20)
@@ -108,20 +109,24 @@ func TestMergeMisses(t *testing.T) {
 		name       string
 		wrap       func(*memSource) io.ReaderAt
 		maxRequest int
+		maxMiss    int
 		warm       []int64 // blocks read first
 		want       []call
 	}{
-		{"vector", asVec, 0, nil, []call{{0, 1 << 20, 8}}},
-		{"plain", asPlain, 0, nil, []call{{0, 1 << 20, 1}}},
-		{"ctx", asCtx, 0, nil, []call{{0, 1 << 20, 1}}},
-		{"max request", asVec, 512 * kib, nil, []call{{0, 512 * kib, 4}, {512 * kib, 512 * kib, 4}}},
-		{"max request not a block multiple", asVec, 300 * kib, nil, []call{
+		{"vector", asVec, 0, 0, nil, []call{{0, 1 << 20, 8}}},
+		{"plain", asPlain, 0, 0, nil, []call{{0, 1 << 20, 1}}},
+		{"ctx", asCtx, 0, 0, nil, []call{{0, 1 << 20, 1}}},
+		{"max request", asVec, 512 * kib, 0, nil, []call{{0, 512 * kib, 4}, {512 * kib, 512 * kib, 4}}},
+		{"max request not a block multiple", asVec, 300 * kib, 0, nil, []call{
 			{0, 256 * kib, 2}, {256 * kib, 256 * kib, 2}, {512 * kib, 256 * kib, 2}, {768 * kib, 256 * kib, 2}}},
-		{"cached block splits run", asVec, 0, []int64{3}, []call{{3 * bs, bs, 1}, {0, 3 * bs, 3}, {4 * bs, 4 * bs, 4}}},
+		{"max miss request", asVec, 0, 256 * kib, nil, []call{
+			{0, 256 * kib, 2}, {256 * kib, 256 * kib, 2}, {512 * kib, 256 * kib, 2}, {768 * kib, 256 * kib, 2}}},
+		{"max request below max miss request", asVec, 512 * kib, 1 << 20, nil, []call{{0, 512 * kib, 4}, {512 * kib, 512 * kib, 4}}},
+		{"cached block splits run", asVec, 0, 0, []int64{3}, []call{{3 * bs, bs, 1}, {0, 3 * bs, 3}, {4 * bs, 4 * bs, 4}}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			src := newMemSource(data)
-			c := newTestCache(t, tc.wrap(src), int64(len(data)), Options{BlockSize: bs, MaxRequest: tc.maxRequest, MaxReadahead: -1})
+			c := newTestCache(t, tc.wrap(src), int64(len(data)), Options{BlockSize: bs, MaxRequest: tc.maxRequest, MaxMissRequest: tc.maxMiss, MaxReadahead: -1})
 			for _, idx := range tc.warm {
 				readOK(t, c, data, idx*bs, bs)
 			}

@@ -51,7 +51,7 @@
 //
 // A read that finds blocks missing claims them (an in-flight entry in the
 // index) and makes one fetch per run of adjacent claimed blocks, at most
-// MaxRequest long. The reader runs its last fetch itself and starts the
+// MaxMissRequest long (readahead merges up to MaxRequest). The reader runs its last fetch itself and starts the
 // others in goroutines, so a plain miss costs no hand-off between
 // goroutines (which cost a third of cold sequential throughput on two
 // CPUs). Later readers of those blocks pin them and wait for the fetch's

@@ -79,7 +79,7 @@ type slot struct {
 //  1. look every block up: pin resident ones, join fetches in flight;
 //  2. for the rest, consult the allocation map: holes need no fetch;
 //  3. reserve memory and claim the still-missing blocks, grouping
-//     adjacent ones into fetches of at most MaxRequest;
+//     adjacent ones into fetches of at most MaxMissRequest;
 //  4. start the fetches, let readahead look at the read, read blocks
 //     there was no memory for straight into p;
 //  5. copy everything out in order, waiting where needed.
@@ -280,7 +280,7 @@ func (c *Cache) unpinSlots(slots []slot) {
 }
 
 // claim reserves memory for the missing slots and registers them as in
-// flight, merging adjacent ones into fetches of at most maxRunBlocks. A
+// flight, merging adjacent ones into fetches of at most maxMissBlocks. A
 // block someone else claimed meanwhile is pinned or joined instead; blocks
 // there is no memory for become slotDirect. The fetches are returned
 // unstarted.
@@ -316,7 +316,7 @@ func (c *Cache) claim(first int64, slots []slot, missing int) []*fetch {
 			continue
 		}
 		reserved--
-		if cur == nil || cur.blocks[len(cur.blocks)-1].idx != idx-1 || len(cur.blocks) == c.maxRunBlocks {
+		if cur == nil || cur.blocks[len(cur.blocks)-1].idx != idx-1 || len(cur.blocks) == c.maxMissBlocks {
 			cur = &fetch{off: c.geo.blockStart(idx), done: make(chan struct{})}
 			runs = append(runs, cur)
 		}

@@ -12,7 +12,8 @@ import (
 
 // A sequential reader is served from readahead after its second read: the
 // window starts at two blocks, grows while the reader keeps up, never
-// exceeds the maximum, and requests never exceed MaxRequest.
+// exceeds the maximum, and requests never exceed MaxRequest (readahead
+// merges up to it even where a read's own misses go one block at a time).
 func TestReadaheadSequential(t *testing.T) {
 	const bs = 4096
 	const maxWindow = 16 * bs
@@ -20,7 +21,7 @@ func TestReadaheadSequential(t *testing.T) {
 	data := pattern(256 * bs)
 	src := newMemSource(data)
 	c := newTestCache(t, asVec(src), int64(len(data)), Options{
-		BlockSize: bs, MaxBytes: 256 * bs, MaxRequest: maxReq, MaxReadahead: maxWindow,
+		BlockSize: bs, MaxBytes: 256 * bs, MaxRequest: maxReq, MaxMissRequest: bs, MaxReadahead: maxWindow,
 	})
 	const reads = 64
 	for i := range int64(reads) {
