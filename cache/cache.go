@@ -39,12 +39,16 @@ type Options struct {
 	// bytes [4 MiB]; adjacent missing blocks are merged up to this.
 	MaxRequest int
 	// MaxMissRequest caps the fetches of blocks a read is missing, in
-	// bytes [MaxRequest]: a larger miss is fetched in pieces, in
-	// parallel, while readahead still merges up to MaxRequest. The
-	// reader waits for its misses but not for readahead, so for misses
-	// more, smaller requests spread over the connections are worth more
-	// than fewer large ones.
+	// bytes [MaxRequest], until the cache has fetched MissWarmup bytes
+	// [0]: a larger miss goes in pieces, in parallel. After the warm-up,
+	// and for readahead always, adjacent blocks merge up to MaxRequest.
+	// It is for servers that allocate each request's buffer per
+	// connection or thread (nbdkit does): large requests on new
+	// connections cost them fresh memory, which a short read never earns
+	// back, while a long read costs less CPU per byte in large requests.
 	MaxMissRequest int
+	// MissWarmup: see MaxMissRequest.
+	MissWarmup int64
 	// MaxReadahead is the largest readahead window in bytes [8 MiB];
 	// negative disables readahead. Windows are also capped at a quarter
 	// of MaxBytes.
@@ -98,7 +102,8 @@ type Cache struct {
 	maxEntries    int64 // bounds blocks of any kind, zero blocks included
 	maxRequest    int   // bytes per source request
 	maxRunBlocks  int   // blocks merged into one fetch
-	maxMissBlocks int   // blocks merged into one fetch of a read's misses
+	maxMissBlocks int   // blocks merged into one fetch of a read's misses, until missWarmup
+	missWarmup    int64 // bytes fetched before misses merge up to maxRunBlocks
 	disabled      bool
 	zeros         []byte     // BlockSize zero bytes, lent for holes; never written
 	alloc         *allocMap  // nil when the source reports no allocation
@@ -177,6 +182,7 @@ func New(src io.ReaderAt, size int64, opt Options) *Cache {
 		maxRequest:    opt.MaxRequest,
 		maxRunBlocks:  max(1, opt.MaxRequest/bs),
 		maxMissBlocks: max(1, min(opt.MaxRequest, opt.MaxMissRequest)/bs),
+		missWarmup:    opt.MissWarmup,
 		disabled:      opt.Disabled,
 		bufs:          bufferPool{size: bs},
 		zeros:         make([]byte, bs),

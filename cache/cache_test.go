@@ -100,8 +100,9 @@ func TestHitsAndMisses(t *testing.T) {
 
 // A 1 MiB read of 8 missing 128 KiB blocks is one source request: through
 // VectorReader straight into the 8 block buffers, otherwise one ReadAt.
-// MaxRequest and MaxMissRequest split runs (the smaller wins), and a
-// block already cached splits a run in two.
+// MaxRequest splits runs, and so does MaxMissRequest (the smaller wins)
+// until MissWarmup bytes were fetched; a block already cached splits a run
+// in two.
 func TestMergeMisses(t *testing.T) {
 	const bs = 128 * kib
 	data := pattern(4 << 20)
@@ -110,23 +111,27 @@ func TestMergeMisses(t *testing.T) {
 		wrap       func(*memSource) io.ReaderAt
 		maxRequest int
 		maxMiss    int
+		warmup     int64
 		warm       []int64 // blocks read first
 		want       []call
 	}{
-		{"vector", asVec, 0, 0, nil, []call{{0, 1 << 20, 8}}},
-		{"plain", asPlain, 0, 0, nil, []call{{0, 1 << 20, 1}}},
-		{"ctx", asCtx, 0, 0, nil, []call{{0, 1 << 20, 1}}},
-		{"max request", asVec, 512 * kib, 0, nil, []call{{0, 512 * kib, 4}, {512 * kib, 512 * kib, 4}}},
-		{"max request not a block multiple", asVec, 300 * kib, 0, nil, []call{
+		{"vector", asVec, 0, 0, 0, nil, []call{{0, 1 << 20, 8}}},
+		{"plain", asPlain, 0, 0, 0, nil, []call{{0, 1 << 20, 1}}},
+		{"ctx", asCtx, 0, 0, 0, nil, []call{{0, 1 << 20, 1}}},
+		{"max request", asVec, 512 * kib, 0, 0, nil, []call{{0, 512 * kib, 4}, {512 * kib, 512 * kib, 4}}},
+		{"max request not a block multiple", asVec, 300 * kib, 0, 0, nil, []call{
 			{0, 256 * kib, 2}, {256 * kib, 256 * kib, 2}, {512 * kib, 256 * kib, 2}, {768 * kib, 256 * kib, 2}}},
-		{"max miss request", asVec, 0, 256 * kib, nil, []call{
+		{"max miss request in warm-up", asVec, 0, 256 * kib, 1 << 30, nil, []call{
 			{0, 256 * kib, 2}, {256 * kib, 256 * kib, 2}, {512 * kib, 256 * kib, 2}, {768 * kib, 256 * kib, 2}}},
-		{"max request below max miss request", asVec, 512 * kib, 1 << 20, nil, []call{{0, 512 * kib, 4}, {512 * kib, 512 * kib, 4}}},
-		{"cached block splits run", asVec, 0, 0, []int64{3}, []call{{3 * bs, bs, 1}, {0, 3 * bs, 3}, {4 * bs, 4 * bs, 4}}},
+		{"max miss request in warm-up, cached block", asVec, 0, 256 * kib, 1 << 30, []int64{3}, []call{
+			{3 * bs, bs, 1}, {0, 2 * bs, 2}, {2 * bs, bs, 1}, {4 * bs, 2 * bs, 2}, {6 * bs, 2 * bs, 2}}},
+		{"max miss request after warm-up", asVec, 0, 256 * kib, bs, []int64{3}, []call{{3 * bs, bs, 1}, {0, 3 * bs, 3}, {4 * bs, 4 * bs, 4}}},
+		{"max request below max miss request", asVec, 512 * kib, 1 << 20, 1 << 30, nil, []call{{0, 512 * kib, 4}, {512 * kib, 512 * kib, 4}}},
+		{"cached block splits run", asVec, 0, 0, 0, []int64{3}, []call{{3 * bs, bs, 1}, {0, 3 * bs, 3}, {4 * bs, 4 * bs, 4}}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			src := newMemSource(data)
-			c := newTestCache(t, tc.wrap(src), int64(len(data)), Options{BlockSize: bs, MaxRequest: tc.maxRequest, MaxMissRequest: tc.maxMiss, MaxReadahead: -1})
+			c := newTestCache(t, tc.wrap(src), int64(len(data)), Options{BlockSize: bs, MaxRequest: tc.maxRequest, MaxMissRequest: tc.maxMiss, MissWarmup: tc.warmup, MaxReadahead: -1})
 			for _, idx := range tc.warm {
 				readOK(t, c, data, idx*bs, bs)
 			}

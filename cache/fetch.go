@@ -280,12 +280,17 @@ func (c *Cache) unpinSlots(slots []slot) {
 }
 
 // claim reserves memory for the missing slots and registers them as in
-// flight, merging adjacent ones into fetches of at most maxMissBlocks. A
+// flight, merging adjacent ones into fetches of at most maxRunBlocks
+// (maxMissBlocks until missWarmup bytes were fetched). A
 // block someone else claimed meanwhile is pinned or joined instead; blocks
 // there is no memory for become slotDirect. The fetches are returned
 // unstarted.
 func (c *Cache) claim(first int64, slots []slot, missing int) []*fetch {
 	reserved := c.reserve(missing, false)
+	runBlocks := c.maxRunBlocks
+	if c.stats.bytesFetched.Load() < c.missWarmup {
+		runBlocks = c.maxMissBlocks
+	}
 	var runs []*fetch
 	var cur *fetch
 	for i := range slots {
@@ -316,7 +321,7 @@ func (c *Cache) claim(first int64, slots []slot, missing int) []*fetch {
 			continue
 		}
 		reserved--
-		if cur == nil || cur.blocks[len(cur.blocks)-1].idx != idx-1 || len(cur.blocks) == c.maxMissBlocks {
+		if cur == nil || cur.blocks[len(cur.blocks)-1].idx != idx-1 || len(cur.blocks) == runBlocks {
 			cur = &fetch{off: c.geo.blockStart(idx), done: make(chan struct{})}
 			runs = append(runs, cur)
 		}

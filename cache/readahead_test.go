@@ -21,7 +21,7 @@ func TestReadaheadSequential(t *testing.T) {
 	data := pattern(256 * bs)
 	src := newMemSource(data)
 	c := newTestCache(t, asVec(src), int64(len(data)), Options{
-		BlockSize: bs, MaxBytes: 256 * bs, MaxRequest: maxReq, MaxMissRequest: bs, MaxReadahead: maxWindow,
+		BlockSize: bs, MaxBytes: 256 * bs, MaxRequest: maxReq, MaxMissRequest: bs, MissWarmup: 1 << 30, MaxReadahead: maxWindow,
 	})
 	const reads = 64
 	for i := range int64(reads) {

@@ -58,27 +58,34 @@ Works as an ordinary user through fusermount3.`,
 			// 8 MiB of 4 MiB, and nbdfuse at 845 (747-1013), alternated.
 			// Root's reads, at most 1 MiB, are not affected.
 			//
-			// A read's own misses go in pieces of at most 256 KiB, in
-			// parallel (missRequestSize). As root the kernel reads ahead
-			// in 1 MiB reads, which all miss; a server that allocates
-			// each request's buffer (nbdkit does, per thread) faults in
-			// fresh memory for large requests on new connections. Reading
-			// the first 64 MiB of a fresh mount in 64 KiB reads from a
-			// freshly started nbdkit took 190-286 ms with 1 MiB pieces
-			// and 121-185 ms with 256 KiB (nbdkit faulted 11,500 pages
-			// and used 378 ms of CPU, against 1,200 and 87 ms); nbdfuse
-			// 92-122. A cold 1 GiB read was no slower (940-1235 MB/s
-			// against 862-1158). After many mounts one nbdkit's heap
-			// stays warm and the gap closes (1 MiB: 99-154 ms, 256 KiB: 102-131).
+			// Until the mount has fetched 256 MiB, a read's own misses go
+			// in pieces of at most 256 KiB, in parallel (missRequestSize,
+			// missWarmup). As root the kernel reads ahead in 1 MiB reads,
+			// which all miss; a server that allocates each request's
+			// buffer (nbdkit does, per thread) faults in fresh memory for
+			// large requests on new connections, which a short read, such
+			// as the partition tables and file system headers at the start
+			// of a disk, never earns back. Reading the first 64 MiB of a
+			// fresh mount in 64 KiB reads from a freshly started nbdkit
+			// took 190-286 ms with 1 MiB pieces and 121-185 ms with
+			// 256 KiB (nbdkit faulted 11,500 pages and used 378 ms of
+			// CPU, against 1,200 and 87 ms); nbdfuse 92-122. On a long
+			// read large pieces cost less CPU per byte: with 256 KiB
+			// pieces throughout, the second pass of 1 GiB through a live
+			// view fell from 1541 to 1131 MB/s in a full benchmark run.
+			// With the warm-up, 8 alternated rounds: first 64 MiB
+			// 126-305 ms against 216-370 (1 MiB from the start), cold
+			// 1 GiB 663-875 MB/s against 717-991, second pass 1000-1494
+			// against 770-1499; a 64 MiB warm-up measured the same.
 			// Readahead pieces of 256 KiB would cost: as an ordinary user
-			// the 1 GiB read ran at 654-692 MB/s against 756-899.
+			// the cold 1 GiB read ran at 654-692 MB/s against 756-899.
 			o := &mountOptions{cacheSize: 256 << 20, blockSize: 64 << 10, readahead: 32 << 20, requestSize: 1 << 20, conns: 4}
 			fs.StringVar(&o.name, "name", "", "name of the file in the mount (default: the export name)")
 			fs.IntVar(&o.conns, "conns", o.conns, "connections when the server allows multi-conn")
 			fs.Var(sizeFlag{&o.cacheSize}, "cache-size", "memory for cached blocks")
 			fs.Var(sizeFlag{&o.blockSize}, "block-size", "cache block size (rounded to the server's preferred size)")
 			fs.Var(sizeFlag{&o.readahead}, "readahead", "largest readahead window for sequential reads (0: off)")
-			fs.Var(sizeFlag{&o.requestSize}, "request-size", "largest NBD read the cache sends (readahead; a read's misses go in parallel pieces of at most 256K)")
+			fs.Var(sizeFlag{&o.requestSize}, "request-size", "largest NBD read the cache sends (a read's misses go in 256K pieces until 256M were fetched)")
 			fs.BoolVar(&o.noCache, "no-cache", false, "read through without caching (a live view then never shows stale data from this process)")
 			fs.BoolVar(&o.allowOther, "allow-other", false, "let other users read the mount (needs user_allow_other in /etc/fuse.conf unless root)")
 			fs.BoolVarP(&o.foreground, "foreground", "f", false, "stay in the foreground; unmount on SIGINT/SIGTERM")
@@ -319,7 +326,7 @@ func runMount(ctx context.Context, rep *reporter, u *nbd.URI, dopt nbd.DialOptio
 		blockSize = (blockSize/pref + 1) * pref
 	}
 	// Pieces of a read's misses: see the comment on the mount command's defaults.
-	const missRequestSize = 256 << 10
+	const missRequestSize, missWarmup = 256 << 10, 256 << 20
 	readahead := o.readahead
 	if readahead == 0 {
 		readahead = -1 // the cache's way to say off
@@ -329,6 +336,7 @@ func runMount(ctx context.Context, rep *reporter, u *nbd.URI, dopt nbd.DialOptio
 		MaxBytes:       o.cacheSize,
 		MaxRequest:     int(min(int64(info.BlockSize.Max), o.requestSize)),
 		MaxMissRequest: missRequestSize,
+		MissWarmup:     missWarmup,
 		MaxReadahead:   readahead,
 		Disabled:       o.noCache,
 		// Random 4 KiB reads then fetch 4 KiB, not a 64 KiB block, and
