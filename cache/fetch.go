@@ -79,7 +79,8 @@ type slot struct {
 //  1. look every block up: pin resident ones, join fetches in flight;
 //  2. for the rest, consult the allocation map: holes need no fetch;
 //  3. reserve memory and claim the still-missing blocks, grouping
-//     adjacent ones into fetches of at most MaxMissRequest;
+//     adjacent ones into fetches of at most MaxRequest (MaxMissRequest
+//     during the warm-up);
 //  4. start the fetches, let readahead look at the read, read blocks
 //     there was no memory for straight into p;
 //  5. copy everything out in order, waiting where needed.
