@@ -3,6 +3,7 @@ package fusefs
 import (
 	"context"
 	"io"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -28,6 +29,7 @@ type view struct {
 	stats          func() []byte
 	onWriteAttempt func(op string, pid, uid uint32)
 	errs           *errorLog
+	procs          atomic.Pointer[procGovernor] // set by Mount (Options.SerialProcs)
 }
 
 // rootNode is the mount root: a read-only directory holding the file.

@@ -380,6 +380,8 @@ func runMount(ctx context.Context, rep *reporter, u *nbd.URI, dopt nbd.DialOptio
 		// Every read is bounded by --timeout, so an O_DIRECT reader
 		// that cannot be interrupted still never waits for ever.
 		AsyncDirectIO: true,
+		// The mount process does nothing but serve the mount.
+		SerialProcs: true,
 	})
 	if err != nil {
 		return withCode(exitMount, fmt.Errorf("mounting on %s: %w", dir, err))
