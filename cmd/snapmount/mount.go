@@ -24,6 +24,12 @@ import (
 	"snapmount/nbd"
 )
 
+// A read's misses go to the server in pieces of at most missRequestSize
+// until the mount has fetched missWarmup bytes (cache.Options
+// MaxMissRequest, MissWarmup); see the comment on the mount command's
+// defaults for why and the figures.
+const missRequestSize, missWarmup = 256 << 10, 256 << 20
+
 // readyFDEnv names the file descriptor on which a background mount
 // process reports to the command that started it.
 const readyFDEnv = "SNAPMOUNT_READY_FD"
@@ -85,7 +91,8 @@ Works as an ordinary user through fusermount3.`,
 			fs.Var(sizeFlag{&o.cacheSize}, "cache-size", "memory for cached blocks")
 			fs.Var(sizeFlag{&o.blockSize}, "block-size", "cache block size (rounded to the server's preferred size)")
 			fs.Var(sizeFlag{&o.readahead}, "readahead", "largest readahead window for sequential reads (0: off)")
-			fs.Var(sizeFlag{&o.requestSize}, "request-size", "largest NBD read the cache sends (a read's misses go in 256K pieces until 256M were fetched)")
+			fs.Var(sizeFlag{&o.requestSize}, "request-size", fmt.Sprintf("largest NBD read the cache sends (a read's misses go in %s pieces until %s were fetched)",
+				humanSize(missRequestSize), humanSize(missWarmup)))
 			fs.BoolVar(&o.noCache, "no-cache", false, "read through without caching (a live view then never shows stale data from this process)")
 			fs.BoolVar(&o.allowOther, "allow-other", false, "let other users read the mount (needs user_allow_other in /etc/fuse.conf unless root)")
 			fs.BoolVarP(&o.foreground, "foreground", "f", false, "stay in the foreground; unmount on SIGINT/SIGTERM")
@@ -325,8 +332,6 @@ func runMount(ctx context.Context, rep *reporter, u *nbd.URI, dopt nbd.DialOptio
 	if pref := int64(info.BlockSize.Preferred); blockSize%pref != 0 {
 		blockSize = (blockSize/pref + 1) * pref
 	}
-	// Pieces of a read's misses: see the comment on the mount command's defaults.
-	const missRequestSize, missWarmup = 256 << 10, 256 << 20
 	readahead := o.readahead
 	if readahead == 0 {
 		readahead = -1 // the cache's way to say off
