@@ -196,19 +196,30 @@ var logVerb = regexp.MustCompile(`connection=\d+ (\w+) `)
 // logVerbs counts the request kinds in an nbdkit log filter file.
 func logVerbs(t testing.TB, path string) map[string]int {
 	t.Helper()
+	verbs := map[string]int{}
+	for _, m := range logMatches(t, path, logVerb) {
+		verbs[m[1]]++
+	}
+	return verbs
+}
+
+// logMatches returns re's submatches on every matching line of an nbdkit
+// log filter's file.
+func logMatches(t testing.TB, path string, re *regexp.Regexp) [][]string {
+	t.Helper()
 	f, err := os.Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	verbs := map[string]int{}
+	var out [][]string
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
-		if m := logVerb.FindStringSubmatch(sc.Text()); m != nil {
-			verbs[m[1]]++
+		if m := re.FindStringSubmatch(sc.Text()); m != nil {
+			out = append(out, m)
 		}
 	}
-	return verbs
+	return out
 }
 
 func TestCopyTLS(t *testing.T) {
