@@ -233,7 +233,7 @@ func (b *bench) measureSet(rows []*row, ours, anchor func() ([]float64, error)) 
 			}
 			vals, err := fn()
 			if err != nil {
-				b.logf("%s / %s (%s): %v", rows[0].Figure, []string{"snapmount", rows[0].AnchorIs}[side], rows[0].Group, err)
+				b.logf("%s / %s (%s): %v", rows[0].Figure, rows[0].contender(side), rows[0].Group, err)
 				continue
 			}
 			for k, r := range rows {
@@ -246,12 +246,20 @@ func (b *bench) measureSet(rows []*row, ours, anchor func() ([]float64, error)) 
 					r.Anchor = append(r.Anchor, vals[k])
 				}
 				if b.cfg.verbose {
-					b.logf("  %-52s %-9s %10.1f %s", r.Figure, []string{"snapmount", r.AnchorIs}[side], vals[k], r.Unit)
+					b.logf("  %-52s %-9s %10.1f %s", r.Figure, r.contender(side), vals[k], r.Unit)
 				}
 			}
 		}
 	}
 	b.rows = append(b.rows, rows...)
+}
+
+// contender names side 0 (snapmount) or 1 (the row's anchor).
+func (r *row) contender(side int) string {
+	if side == 0 {
+		return "snapmount"
+	}
+	return r.AnchorIs
 }
 
 func (b *bench) printTable(w io.Writer) {
