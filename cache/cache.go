@@ -61,8 +61,8 @@ type Options struct {
 	// and the cache no more than their bytes, while blocks read twice,
 	// such as file system metadata, still end up cached. [off]
 	AdmitOnSecondMiss bool
-	// TransientScans makes sequential scans keep at most an eighth of
-	// the budget whatever the export's size, as scans of exports larger
+	// TransientScans makes sequential scans keep at most 1/32 of the
+	// budget whatever the export's size, as scans of exports larger
 	// than the budget always do (see clock.go). For a caller that keeps
 	// what scans read itself, such as a mount whose file the kernel page
 	// cache keeps across opens (FOPEN_KEEP_CACHE): caching a scan twice
