@@ -126,7 +126,7 @@ func (r *readahead) continues(off int64, n int) bool {
 // nearestLocked returns the slot of the stream a read of n bytes at off
 // continues (the one whose end is nearest, within the slack), or -1.
 func (r *readahead) nearestLocked(off int64, n int) int {
-	slack := r.slack(n)
+	ahead, behind := r.slack(n)
 	best := -1
 	var bestDist int64
 	for i := range r.streams {
@@ -134,30 +134,43 @@ func (r *readahead) nearestLocked(off int64, n int) int {
 		if s.gen == 0 {
 			continue
 		}
-		d := off - s.next
+		d, within := off-s.next, false
 		if d < 0 {
-			d = -d
+			d, within = -d, -d <= behind
+		} else {
+			within = d <= ahead
 		}
-		if d <= slack && (best < 0 || d < bestDist) {
+		if within && (best < 0 || d < bestDist) {
 			best, bestDist = i, d
 		}
 	}
 	return best
 }
 
-// slack is how far from a stream's end a read of n bytes may start and
+// lateReads is how many reads behind its stream's end a large read may
+// start and still continue it (see slack).
+const lateReads = 16
+
+// slack is how far a read of n bytes may start ahead of a stream's end
+// (it overtook reads of the stream) or behind it (it was overtaken) and
 // still continue it.
-func (r *readahead) slack(n int) int64 {
-	slack := reorderReads * max(int64(n), r.c.geo.blockSize)
+func (r *readahead) slack(n int) (ahead, behind int64) {
+	ahead = reorderReads * max(int64(n), r.c.geo.blockSize)
+	behind = ahead
 	if int64(n) >= 4*r.c.geo.blockSize {
 		// Reads this large are the kernel's readahead, with several in
 		// flight (a 4 MiB window in 1 MiB reads): more reordering. With
 		// 2 reads of slack, parts of a cold 1 GiB read through the mount
-		// were not seen as the stream (79-81 MiB stayed cached of a 32 MiB
-		// scan share; with 4 reads, 55-58 MiB).
-		slack *= 2
+		// were not seen as the stream (79-81 MiB stayed cached of the
+		// then 32 MiB scan share; with 4 reads, 55-58 MiB). Reads also
+		// come late by as much as the kernel keeps in flight, two
+		// windows: with 4 reads either way, 9 reads of a cold 1 GiB read
+		// started 6-7 MiB behind the stream's end, and their 10 MiB were
+		// cached as random reads, more than the whole scan share.
+		ahead *= 2
+		behind = lateReads * int64(n)
 	}
-	return slack
+	return ahead, behind
 }
 
 // startStreamLocked records a read that continues no stream, in a free

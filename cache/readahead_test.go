@@ -327,8 +327,9 @@ func TestReadaheadFirstUseIsNotAHit(t *testing.T) {
 }
 
 // Large reads are the kernel's readahead, several in flight, so they may
-// arrive further out of order and still continue their stream; small
-// reads that far off do not.
+// arrive further out of order and still continue their stream, up to
+// lateReads behind its end (overtaken by the rest of what is in flight);
+// small reads that far off do not.
 func TestReadaheadSlackForLargeReads(t *testing.T) {
 	const bs = 4096
 	data := pattern(256 * bs)
@@ -341,8 +342,18 @@ func TestReadaheadSlackForLargeReads(t *testing.T) {
 	if c.ra.continues(6*large, large) {
 		t.Fatal("a 4-block read five reads past the stream's end continues it")
 	}
+	c.ra.observe(200*bs, large) // a stream ending at block 204
+	if !c.ra.continues(204*bs-lateReads*large, large) {
+		t.Fatalf("a 4-block read %d reads behind the stream's end does not continue it", lateReads)
+	}
+	if c.ra.continues(204*bs-(lateReads+1)*large-bs, large) {
+		t.Fatalf("a 4-block read more than %d reads behind the stream's end continues it", lateReads)
+	}
 	c.ra.observe(100*bs, bs) // a stream of 1-block reads
 	if c.ra.continues(104*bs, bs) {
 		t.Fatal("a 1-block read three reads past a stream's end continues it")
+	}
+	if c.ra.continues(97*bs, bs) {
+		t.Fatal("a 1-block read three reads behind a stream's end continues it")
 	}
 }
