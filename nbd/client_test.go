@@ -348,6 +348,121 @@ func TestConnAbandonedRead(t *testing.T) {
 	}
 }
 
+// Replies are read by the callers waiting for them, so a connection
+// nobody uses reads only through its watcher: a server that hangs up on
+// an idle connection must still make it dead (and the pool reconnect)
+// within about idleWatch, without a request.
+func TestConnIdleHangUpIsNoticed(t *testing.T) {
+	c, s := testConn(t, true)
+	s.c.Close()
+	select {
+	case <-c.Dead():
+	case <-time.After(10 * idleWatch):
+		t.Fatalf("an idle connection whose server hung up is still alive after %v", 10*idleWatch)
+	}
+	var ce *ConnError
+	if err := c.ReadVec(context.Background(), [][]byte{make([]byte, 8)}, 0); !errors.As(err, &ce) {
+		t.Fatalf("a read on it: got %v, want a connection error", err)
+	}
+}
+
+// A caller that reads replies for others and for itself: three reads in
+// flight, replies in reverse order, the first two callers give up before
+// theirs come. Whoever reads, each surviving caller gets its own bytes
+// and no abandoned buffer is written.
+func TestConnLeaderReadsForOthers(t *testing.T) {
+	c, s := testConn(t, true)
+	ctx0, cancel0 := context.WithCancel(context.Background())
+	ctx1, cancel1 := context.WithCancel(context.Background())
+	b0, b1 := make([]byte, 4), make([]byte, 4)
+	r0 := goRead(ctx0, c, 0, b0)
+	q0 := s.readRequest()
+	r1 := goRead(ctx1, c, 4, b1)
+	q1 := s.readRequest()
+	r2 := goRead(context.Background(), c, 8, make([]byte, 4))
+	q2 := s.readRequest()
+	cancel0()
+	cancel1()
+	for _, r := range []<-chan readResult{r0, r1} {
+		if g := <-r; !errors.Is(g.err, context.Canceled) {
+			t.Fatalf("a cancelled read: got %v, want context.Canceled", g.err)
+		}
+	}
+	s.chunk(ReplyFlagDone, ChunkOffsetData, q2.Cookie, dataChunk(8, []byte("CCCC")))
+	s.chunk(ReplyFlagDone, ChunkOffsetData, q1.Cookie, dataChunk(4, []byte("BBBB")))
+	s.chunk(ReplyFlagDone, ChunkOffsetData, q0.Cookie, dataChunk(0, []byte("AAAA")))
+	if g := <-r2; g.err != nil || string(g.buf) != "CCCC" {
+		t.Fatalf("the surviving read: %q %v", g.buf, g.err)
+	}
+	// A fourth read proves the abandoned replies were consumed in step.
+	r3 := goRead(context.Background(), c, 12, make([]byte, 2))
+	q3 := s.readRequest()
+	s.chunk(ReplyFlagDone, ChunkOffsetData, q3.Cookie, dataChunk(12, []byte("ok")))
+	if g := <-r3; g.err != nil || string(g.buf) != "ok" {
+		t.Fatalf("after abandoned reads: %q %v", g.buf, g.err)
+	}
+	if string(b0)+string(b1) != string(make([]byte, 8)) {
+		t.Fatalf("abandoned buffers were written: %q %q", b0, b1)
+	}
+}
+
+// A caller that gives up on a reply the server stalled in the middle of
+// must return, and the connection go after stallGrace, whoever reads the
+// reply: the caller itself (it was reading when it gave up) or, when it
+// gave up before, the watcher, which drops the payload. Otherwise the
+// reader waits until the server moves, for ever.
+func TestConnGivesUpOnAStalledReply(t *testing.T) {
+	stalled := func(s *fakeServer, cookie uint64) {
+		payload := dataChunk(0, []byte("abcdefgh"))
+		hdr := appendChunkHeader(nil, ReplyFlagDone, ChunkOffsetData, cookie, uint32(len(payload)))
+		s.write(append(hdr, payload[:len(payload)-3]...)) // 3 bytes short
+	}
+	dead := func(t *testing.T, c *Conn) {
+		select {
+		case <-c.Dead():
+		case <-time.After(10 * stallGrace):
+			t.Fatal("the connection with a reply cut in the middle is still alive")
+		}
+	}
+	t.Run("caller reading", func(t *testing.T) {
+		started := make(chan struct{}, 1)
+		testHookReplyStarts = func() {
+			select {
+			case started <- struct{}{}:
+			default:
+			}
+		}
+		t.Cleanup(func() { testHookReplyStarts = nil })
+		c, s := testConn(t, true)
+		ctx, cancel := context.WithCancel(context.Background())
+		res := goRead(ctx, c, 0, make([]byte, 8))
+		stalled(s, s.readRequest().Cookie)
+		<-started
+		cancel()
+		select {
+		case g := <-res:
+			if g.err == nil {
+				t.Fatal("a read whose reply stalled succeeded")
+			}
+		case <-time.After(10 * stallGrace):
+			t.Fatalf("a caller that gave up still waits on a stalled reply after %v", 10*stallGrace)
+		}
+		dead(t, c)
+	})
+	t.Run("caller gone", func(t *testing.T) {
+		c, s := testConn(t, true)
+		ctx, cancel := context.WithCancel(context.Background())
+		res := goRead(ctx, c, 0, make([]byte, 8))
+		r := s.readRequest()
+		cancel()
+		if g := <-res; !errors.Is(g.err, context.Canceled) {
+			t.Fatalf("got %v, want context.Canceled", g.err)
+		}
+		stalled(s, r.Cookie)
+		dead(t, c)
+	})
+}
+
 // No write-type command can leave a client connection.
 func TestConnRefusesWrites(t *testing.T) {
 	c, s := testConn(t, true)

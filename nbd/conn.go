@@ -7,16 +7,28 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
 )
 
 // Conn is one client connection in the transmission phase. Requests are
-// pipelined: any number may be in flight, written under one mutex, and a
-// single reader goroutine matches replies to requests by cookie (the shape
-// of net/rpc's client). READ payloads are read from the socket straight
-// into the caller's buffers.
+// pipelined: any number may be in flight, written under one mutex, and
+// replies are matched to requests by cookie (the shape of net/rpc's
+// client). READ payloads are read from the socket straight into the
+// caller's buffers.
+//
+// Replies are read leader/follower: a caller waiting for its reply takes
+// the right to read (readTok) if nobody has it and reads replies, its own
+// and others', until its own has come; the others wait for their reply or
+// for the right. So a lone request's caller reads its own reply from the
+// socket, and no other goroutine has to wake to hand it over: 4 KiB
+// random reads through the mount (one at a time, so on one Go processor)
+// took 9-20% less time and 10-25% less of its CPU than with a reader
+// goroutine, in 6 alternated rounds on the benchmark VM. While nobody
+// waits, a watcher reads once a second (idleWatch), so a server that hangs
+// up is noticed, and the pool reconnects, without a request.
 //
 // Conn has no method that changes data: it can send READ, BLOCK_STATUS and
 // DISC and nothing else, whatever the server advertises.
@@ -35,9 +47,21 @@ type Conn struct {
 	cookie  uint64
 	err     error // why the connection is unusable; nil while it works
 
-	dead     chan struct{} // closed when the reader goroutine has ended
+	// readTok holds the one right to read replies while nobody uses it.
+	readTok chan struct{}
+	// kickMu guards kickFor and the read deadline that kicks a reading
+	// caller whose context ended out of its wait for the next reply.
+	kickMu  sync.Mutex
+	kickFor *call
+	between bool // lead waits for a reply to start
+	kicked  bool // the kick set the read deadline
+
+	dead     chan struct{} // closed when the connection has failed or closed
 	inflight atomic.Int64  // bytes requested and not yet answered
 }
+
+// idleWatch is how often the watcher reads when no caller does.
+const idleWatch = time.Second
 
 // callState tells the reader goroutine whether it may write into a
 // call's buffers. Guarded by Conn.mu.
@@ -67,9 +91,11 @@ func newConn(nc net.Conn, br *bufio.Reader, info *ExportInfo) *Conn {
 		info:    info,
 		pending: make(map[uint64]*call),
 		dead:    make(chan struct{}),
+		readTok: make(chan struct{}, 1),
 	}
+	c.readTok <- struct{}{}
 	c.allocID, c.hasAlloc = info.ContextID(ContextBaseAllocation)
-	go c.readLoop()
+	go c.watch()
 	return c
 }
 
@@ -139,10 +165,15 @@ func (c *Conn) start(ctx context.Context, typ Cmd, flags CmdFlags, off uint64, l
 // the reader is copying into its buffers waits for the copy to stop, so
 // its buffers are never written after it returns.
 func (c *Conn) wait(ctx context.Context, cl *call) error {
-	select {
-	case <-cl.done:
-		return cl.err
-	case <-ctx.Done():
+	for ctx.Err() == nil {
+		select {
+		case <-cl.done:
+			return cl.err
+		case <-c.readTok:
+			c.lead(ctx, cl)
+			c.readTok <- struct{}{}
+		case <-ctx.Done():
+		}
 	}
 	c.mu.Lock()
 	select {
@@ -160,7 +191,7 @@ func (c *Conn) wait(ctx context.Context, cl *call) error {
 	// The payload is arriving right now; from a live server that takes
 	// microseconds. A server stalled mid-payload leaves the stream
 	// useless anyway, so after a grace period the connection goes.
-	t := time.NewTimer(time.Second)
+	t := time.NewTimer(stallGrace)
 	defer t.Stop()
 	select {
 	case <-cl.done:
@@ -178,7 +209,23 @@ func (c *Conn) fail(err error) {
 		c.err = err
 	}
 	c.mu.Unlock()
+	c.kill()
+}
+
+// kill makes every read and write of the socket fail at once, after c.err
+// is set; kickMu orders it after any deadline a reading caller clears.
+// Whoever reads replies then shuts the connection down, and if nobody
+// does, kill does.
+func (c *Conn) kill() {
+	c.kickMu.Lock()
 	_ = c.nc.SetDeadline(time.Unix(1, 0))
+	c.kickMu.Unlock()
+	select {
+	case <-c.readTok:
+		c.shutdown(nil)
+		c.readTok <- struct{}{}
+	default:
+	}
 }
 
 // Close ends the connection: NBD_CMD_DISC if it is healthy, then the
@@ -198,24 +245,137 @@ func (c *Conn) Close() error {
 		_, _ = c.nc.Write(b[:])
 		c.wmu.Unlock()
 	}
-	_ = c.nc.SetDeadline(time.Unix(1, 0))
+	c.kill()
 	<-c.dead
 	return nil
 }
 
-func (c *Conn) readLoop() {
-	var hbuf [chunkHeaderLen]byte
-	var err error
-	for err == nil {
-		var h replyHeader
-		h, err = readReplyHeader(c.br, &hbuf)
-		if err == nil {
-			err = c.handleReply(h)
+// lead reads replies, holding readTok, until cl's has come or the
+// connection fails, or cl's ctx ends. When ctx ends while lead waits for
+// a reply to start, a read deadline in the past (the kick) stops the wait
+// at once; in the middle of a reply it gives the reply stallGrace to end,
+// as a caller waiting for another reader does, and then the connection
+// goes: a reply cut in the middle leaves the stream unusable.
+func (c *Conn) lead(ctx context.Context, cl *call) {
+	stop := context.AfterFunc(ctx, func() { c.kick(cl) })
+	defer func() {
+		stop()
+		c.setKick(nil, false)
+	}()
+	for ctx.Err() == nil && !isDone(cl.done) {
+		c.setKick(cl, true)
+		if _, err := c.br.Peek(1); err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) && c.Err() == nil {
+				return // the kick: the caller abandons cl
+			}
+			c.shutdown(err)
+			return
+		}
+		c.setKick(cl, false)
+		if testHookReplyStarts != nil {
+			testHookReplyStarts()
+		}
+		if err := c.readOne(); err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) && c.Err() == nil {
+				err = errors.New("server stalled in the middle of a reply")
+			}
+			c.shutdown(err)
+			return
 		}
 	}
+}
+
+// testHookReplyStarts, if set, runs when a reading caller has seen a
+// reply start, before reading it.
+var testHookReplyStarts func()
+
+// stallGrace is how long a reply already arriving may take once the
+// caller it belongs to has given up.
+const stallGrace = time.Second
+
+// kick ends lead's wait for cl when cl's ctx ends (see lead).
+func (c *Conn) kick(cl *call) {
+	c.kickMu.Lock()
+	defer c.kickMu.Unlock()
+	if c.kickFor != cl || c.Err() != nil {
+		return
+	}
+	if c.between {
+		_ = c.nc.SetReadDeadline(time.Unix(1, 0))
+	} else {
+		_ = c.nc.SetReadDeadline(time.Now().Add(stallGrace))
+	}
+	c.kicked = true
+}
+
+// setKick says what lead is doing for cl: waiting for a reply to start
+// (between) or reading one; cl nil when lead ends. A kick that came stays
+// in force as a grace deadline if a reply starts after it, and is
+// cleared otherwise, unless the connection is being killed (kill's
+// deadline must stand).
+func (c *Conn) setKick(cl *call, between bool) {
+	c.kickMu.Lock()
+	defer c.kickMu.Unlock()
+	c.kickFor, c.between = cl, between
+	if !c.kicked || c.Err() != nil {
+		return
+	}
+	if cl != nil && !between {
+		_ = c.nc.SetReadDeadline(time.Now().Add(stallGrace))
+		return
+	}
+	_ = c.nc.SetReadDeadline(time.Time{})
+	c.kicked = false
+}
+
+// watch reads replies while no caller does, once every idleWatch: a
+// server that hangs up on an idle connection is then noticed. A reply
+// that arrives meanwhile is read here and handed to its caller as before
+// leader/follower reading, at most once a watch.
+func (c *Conn) watch() {
+	t := time.NewTicker(idleWatch)
+	defer t.Stop()
+	for {
+		select {
+		case <-c.dead:
+			return
+		case <-t.C:
+		}
+		select {
+		case <-c.readTok:
+		default:
+			continue // a caller reads
+		}
+		if _, err := c.br.Peek(1); err != nil {
+			c.shutdown(err)
+		} else if err := c.readOne(); err != nil {
+			c.shutdown(err)
+		}
+		c.readTok <- struct{}{}
+	}
+}
+
+// readOne reads one reply chunk and hands it to its call.
+func (c *Conn) readOne() error {
+	var hbuf [chunkHeaderLen]byte
+	h, err := readReplyHeader(c.br, &hbuf)
+	if err != nil {
+		return err
+	}
+	return c.handleReply(h)
+}
+
+// shutdown ends the connection after a read failed (err) or it was killed
+// (err nil: c.err says why): it fails every call in flight and closes
+// dead. Only the holder of readTok calls it; the first call does the work.
+func (c *Conn) shutdown(err error) {
 	c.mu.Lock()
+	if c.pending == nil {
+		c.mu.Unlock()
+		return
+	}
 	if c.err == nil {
-		if errors.Is(err, io.EOF) {
+		if err == nil || errors.Is(err, io.EOF) {
 			err = errors.New("server closed the connection")
 		}
 		c.err = err
@@ -234,6 +394,15 @@ func (c *Conn) readLoop() {
 		close(cl.done)
 	}
 	close(c.dead)
+}
+
+func isDone(ch <-chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
 }
 
 // maxStatusPayload bounds a BLOCK_STATUS chunk: the spec's 2^20 extents.
@@ -388,7 +557,7 @@ func (c *Conn) receive(cl *call, rel uint64, n uint32) error {
 	c.mu.Lock()
 	if cl.state == callAbandoned {
 		c.mu.Unlock()
-		return discard(c.br, int64(n))
+		return c.discardAbandoned(n)
 	}
 	cl.state = callReceiving
 	c.mu.Unlock()
@@ -398,6 +567,29 @@ func (c *Conn) receive(cl *call, rel uint64, n uint32) error {
 		cl.state = callWaiting
 	}
 	c.mu.Unlock()
+	return err
+}
+
+// discardAbandoned drops n payload bytes of a call whose caller has gone.
+// Nobody waits for them, so a server that stalls in the middle gets
+// stallGrace, as it does while their caller waits to leave, and then the
+// connection goes (whoever reads here, a caller or the watcher, would
+// otherwise wait for ever).
+func (c *Conn) discardAbandoned(n uint32) error {
+	c.kickMu.Lock()
+	if c.Err() == nil {
+		_ = c.nc.SetReadDeadline(time.Now().Add(stallGrace))
+	}
+	c.kickMu.Unlock()
+	err := discard(c.br, int64(n))
+	c.kickMu.Lock()
+	if c.Err() == nil {
+		_ = c.nc.SetReadDeadline(time.Time{})
+	}
+	c.kickMu.Unlock()
+	if errors.Is(err, os.ErrDeadlineExceeded) && c.Err() == nil {
+		err = errors.New("server stalled in the middle of a reply")
+	}
 	return err
 }
 
