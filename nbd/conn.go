@@ -262,7 +262,12 @@ func (c *Conn) lead(ctx context.Context, cl *call) {
 		stop()
 		c.setKick(nil, false)
 	}()
-	for ctx.Err() == nil && !isDone(cl.done) {
+	for ctx.Err() == nil {
+		select {
+		case <-cl.done:
+			return
+		default:
+		}
 		c.setKick(cl, true)
 		if _, err := c.br.Peek(1); err != nil {
 			if errors.Is(err, os.ErrDeadlineExceeded) && c.Err() == nil {
@@ -394,15 +399,6 @@ func (c *Conn) shutdown(err error) {
 		close(cl.done)
 	}
 	close(c.dead)
-}
-
-func isDone(ch <-chan struct{}) bool {
-	select {
-	case <-ch:
-		return true
-	default:
-		return false
-	}
 }
 
 // maxStatusPayload bounds a BLOCK_STATUS chunk: the spec's 2^20 extents.
