@@ -63,7 +63,7 @@ type Conn struct {
 // idleWatch is how often the watcher reads when no caller does.
 const idleWatch = time.Second
 
-// callState tells the reader goroutine whether it may write into a
+// callState tells whoever reads replies whether it may write into a
 // call's buffers. Guarded by Conn.mu.
 type callState uint8
 
@@ -132,7 +132,7 @@ func (c *Conn) start(ctx context.Context, typ Cmd, flags CmdFlags, off uint64, l
 	default:
 		return nil, fmt.Errorf("%w (refused %s)", ErrWriteRefused, typ)
 	}
-	// dst is set before the request is visible to the reader goroutine:
+	// dst is set before the request is visible to whoever reads replies:
 	// the reply can arrive as soon as the header is written.
 	cl := &call{req: Request{Flags: flags, Type: typ, Offset: off, Length: length}, dst: dst, done: make(chan struct{})}
 	c.mu.Lock()
@@ -155,7 +155,7 @@ func (c *Conn) start(ctx context.Context, typ Cmd, flags CmdFlags, off uint64, l
 	c.wmu.Unlock()
 	if err != nil {
 		// A partial header leaves the stream unusable: kill the
-		// connection; the reader goroutine then fails this call too.
+		// connection; whoever reads replies then fails this call too.
 		c.fail(fmt.Errorf("sending %s: %w", typ, err))
 	}
 	return cl, nil
@@ -196,7 +196,7 @@ func (c *Conn) wait(ctx context.Context, cl *call) error {
 	select {
 	case <-cl.done:
 	case <-t.C:
-		c.fail(fmt.Errorf("server stalled in the middle of a reply"))
+		c.fail(errStalled)
 		<-cl.done
 	}
 	return ctx.Err()
@@ -270,7 +270,7 @@ func (c *Conn) lead(ctx context.Context, cl *call) {
 		}
 		c.setKick(cl, true)
 		if _, err := c.br.Peek(1); err != nil {
-			if errors.Is(err, os.ErrDeadlineExceeded) && c.Err() == nil {
+			if c.ownDeadline(err) {
 				return // the kick: the caller abandons cl
 			}
 			c.shutdown(err)
@@ -281,13 +281,23 @@ func (c *Conn) lead(ctx context.Context, cl *call) {
 			testHookReplyStarts()
 		}
 		if err := c.readOne(); err != nil {
-			if errors.Is(err, os.ErrDeadlineExceeded) && c.Err() == nil {
-				err = errors.New("server stalled in the middle of a reply")
+			if c.ownDeadline(err) {
+				err = errStalled
 			}
 			c.shutdown(err)
 			return
 		}
 	}
+}
+
+// errStalled ends a connection whose server stopped in the middle of a
+// reply that nobody is waiting for any more (see stallGrace).
+var errStalled = errors.New("server stalled in the middle of a reply")
+
+// ownDeadline reports whether err is a read deadline this connection set
+// for its own reasons (a kick or a stall grace), not kill's.
+func (c *Conn) ownDeadline(err error) bool {
+	return errors.Is(err, os.ErrDeadlineExceeded) && c.Err() == nil
 }
 
 // testHookReplyStarts, if set, runs when a reading caller has seen a
@@ -583,8 +593,8 @@ func (c *Conn) discardAbandoned(n uint32) error {
 		_ = c.nc.SetReadDeadline(time.Time{})
 	}
 	c.kickMu.Unlock()
-	if errors.Is(err, os.ErrDeadlineExceeded) && c.Err() == nil {
-		err = errors.New("server stalled in the middle of a reply")
+	if c.ownDeadline(err) {
+		err = errStalled
 	}
 	return err
 }
