@@ -134,13 +134,11 @@ func (r *readahead) nearestLocked(off int64, n int) int {
 		if s.gen == 0 {
 			continue
 		}
-		d, within := off-s.next, false
+		d, limit := off-s.next, ahead
 		if d < 0 {
-			d, within = -d, -d <= behind
-		} else {
-			within = d <= ahead
+			d, limit = -d, behind
 		}
-		if within && (best < 0 || d < bestDist) {
+		if d <= limit && (best < 0 || d < bestDist) {
 			best, bestDist = i, d
 		}
 	}
