@@ -183,11 +183,11 @@ func Mount(dir string, r io.ReaderAt, opt Options) (*fuse.Server, error) {
 		_ = server.Unmount()
 		return nil, fmt.Errorf("fusefs: mount %s: %w", dir, err)
 	}
-	err = raiseReadAhead(dir)
-	if err != nil && !errors.Is(err, os.ErrPermission) {
-		fsOpts.Logger.Printf("fusefs: cannot raise the readahead window of %s: %v", dir, err)
+	raiseErr := raiseReadAhead(dir)
+	if raiseErr != nil && !errors.Is(raiseErr, os.ErrPermission) {
+		fsOpts.Logger.Printf("fusefs: cannot raise the readahead window of %s: %v", dir, raiseErr)
 	}
-	if full := runtime.GOMAXPROCS(0); opt.SerialProcs && err == nil && full > 1 {
+	if full := runtime.GOMAXPROCS(0); opt.SerialProcs && raiseErr == nil && full > 1 {
 		g := newProcGovernor(full, serialInterval, func(n int) { runtime.GOMAXPROCS(n) })
 		root.(*rootNode).v.procs.Store(g)
 		stop := make(chan struct{})

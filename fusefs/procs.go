@@ -9,18 +9,20 @@ import (
 // one at a time, and with all of them as soon as two overlap
 // (Options.SerialProcs).
 //
-// Why: with more than one processor, every hand-off between goroutines
-// (a reply reader waking the FUSE reader it answered) wakes an idle
-// processor's thread, which finds nothing to do and sleeps again, and
-// go-fuse's readers block in read(2) holding processors, which the
+// Why: with more than one processor, every goroutine made runnable (a
+// reader whose reply another goroutine read, a new go-fuse reader) wakes
+// an idle processor's thread, which finds nothing to do and sleeps again,
+// and go-fuse's readers block in read(2) holding processors, which the
 // runtime's monitor takes back every 20 µs. A single reader, one read at a
 // time, pays for all that and gains nothing from the second processor. On
 // the benchmark VM (2 vCPUs, where every context switch traps to the
 // hypervisor) one processor cut the mount's CPU per 4 KiB random read by
 // 25-35% and the time by 15-20%, and the first 64 MiB of a fresh mount in
-// 64 KiB reads took 106-123 ms against 211-279; but one processor for good
-// cost cold sequential reads 10-20%, so overlapping reads get them all
-// back at once.
+// 64 KiB reads took 106-123 ms against 211-279 (measured when a reader
+// goroutine handed every NBD reply over; now that callers read their own,
+// 4 or 6 processors were still slower than one); but one processor for
+// good cost cold sequential reads 10-20%, so overlapping reads get them
+// all back at once.
 type procGovernor struct {
 	full     int           // processors while reads overlap: GOMAXPROCS at start
 	set      func(int)     // runtime.GOMAXPROCS, or a test's recorder
