@@ -48,7 +48,9 @@ type Client struct {
 
 	dialCtx  context.Context // cancelled by Close, ends redials
 	stopDial context.CancelFunc
-	wg       sync.WaitGroup // redial goroutines
+	wg       sync.WaitGroup // join, watch and redial goroutines
+	joining  atomic.Int32   // joins Open started that have not ended
+	joined   chan struct{}  // closed when joining reaches 0
 
 	reconnects atomic.Int64
 	requests   atomic.Int64
@@ -57,7 +59,10 @@ type Client struct {
 	timeouts   atomic.Int64
 }
 
-// Open connects to the export u names and opens the connection pool.
+// Open connects to the export u names and opens the connection pool. It
+// returns once the first connection is up; the others (up to
+// ClientOptions.Conns, if the server allows multi-conn) connect in the
+// background, and WaitConns waits for them.
 func Open(ctx context.Context, u *URI, opt ClientOptions) (*Client, error) {
 	if opt.Conns <= 0 {
 		opt.Conns = 4
@@ -87,39 +92,82 @@ func Open(ctx context.Context, u *URI, opt ClientOptions) (*Client, error) {
 	}
 	c.conns = make([]*Conn, n)
 	c.conns[0] = first
+	c.watch(0, first)
 	// The other connections join the canonical name, so with snapshot
-	// servers they all see the same instant.
-	var wg sync.WaitGroup
-	errs := make([]error, n)
-	for i := 1; i < n; i++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			conn, err := c.dialVerified(ctx)
-			if err != nil {
-				errs[i] = err
-				return
-			}
-			c.conns[i] = conn
-		}()
+	// servers they all see the same instant. They connect while the
+	// caller goes on (WaitConns waits for them): a mount sets up FUSE
+	// meanwhile, and its file was readable 2-3 ms sooner.
+	c.joined = make(chan struct{})
+	c.joining.Store(int32(n - 1))
+	if n == 1 {
+		close(c.joined)
 	}
-	wg.Wait()
 	for i := 1; i < n; i++ {
-		if errs[i] != nil {
-			if c.isPermanent(errs[i]) {
-				c.Close()
-				return nil, errs[i]
-			}
-			c.logf("connection %d of %d failed, retrying in the background: %v", i+1, n, errs[i])
-			c.startRedial(i)
-		}
-	}
-	for i := 0; i < n; i++ {
-		if c.conns[i] != nil {
-			c.watch(i, c.conns[i])
-		}
+		c.wg.Add(1)
+		go c.join(i)
 	}
 	return c, nil
+}
+
+// join opens slot i's first connection. A permanent error breaks the
+// pool (the export changed or vanished since the first connection); any
+// other is retried in the background.
+func (c *Client) join(i int) {
+	defer c.wg.Done()
+	defer func() {
+		if c.joining.Add(-1) == 0 {
+			close(c.joined)
+		}
+	}()
+	ctx, cancel := context.WithTimeout(c.dialCtx, redialTimeout)
+	conn, err := c.dialVerified(ctx)
+	cancel()
+	switch {
+	case err == nil:
+		c.mu.Lock()
+		if c.closed {
+			c.mu.Unlock()
+			conn.Close()
+			return
+		}
+		c.conns[i] = conn
+		c.mu.Unlock()
+		c.watch(i, conn)
+	case c.dialCtx.Err() != nil:
+	case c.isPermanent(err):
+		c.breakPool(err)
+	default:
+		c.logf("connection %d of %d failed, retrying in the background: %v", i+1, len(c.conns), err)
+		c.startRedial(i)
+	}
+}
+
+// WaitConns waits until each connection Open started beside the first
+// has connected or failed once, and returns the error that broke the pool
+// if one did (a failure that is not permanent leaves the slot
+// reconnecting in the background, and is no error).
+func (c *Client) WaitConns(ctx context.Context) error {
+	select {
+	case <-c.joined:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.broken
+}
+
+// breakPool records a permanent error: every request fails with it from
+// now on.
+func (c *Client) breakPool(err error) {
+	c.mu.Lock()
+	if c.broken == nil {
+		c.broken = err
+		close(c.changed)
+		c.changed = make(chan struct{})
+	}
+	c.mu.Unlock()
+	c.logf("%v", err)
 }
 
 // Info describes the export (from the first connection).
@@ -266,6 +314,9 @@ func (c *Client) watch(i int, conn *Conn) {
 	}()
 }
 
+// redialTimeout bounds one background connection attempt.
+const redialTimeout = 10 * time.Second
+
 // startRedial reconnects slot i in the background with backoff.
 func (c *Client) startRedial(i int) {
 	c.wg.Add(1)
@@ -273,7 +324,7 @@ func (c *Client) startRedial(i int) {
 		defer c.wg.Done()
 		backoff := 20 * time.Millisecond
 		for {
-			ctx, cancel := context.WithTimeout(c.dialCtx, 10*time.Second)
+			ctx, cancel := context.WithTimeout(c.dialCtx, redialTimeout)
 			conn, err := c.dialVerified(ctx)
 			cancel()
 			if err == nil {
@@ -296,14 +347,7 @@ func (c *Client) startRedial(i int) {
 				return
 			}
 			if c.isPermanent(err) {
-				c.mu.Lock()
-				if c.broken == nil {
-					c.broken = err
-					close(c.changed)
-					c.changed = make(chan struct{})
-				}
-				c.mu.Unlock()
-				c.logf("%v", err)
+				c.breakPool(err)
 				return
 			}
 			t := time.NewTimer(backoff)

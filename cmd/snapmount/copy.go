@@ -90,6 +90,9 @@ func runCopy(ctx context.Context, std stdio, o *copyOptions) error {
 		return withCode(exitConnect, err)
 	}
 	defer client.Close()
+	if err := client.WaitConns(ctx); err != nil {
+		return withCode(exitConnect, err)
+	}
 	size := client.Size()
 
 	// Destination: a regular file is truncated to the export's size so

@@ -58,7 +58,8 @@ func init() {
 		name:  "mount",
 		args:  "URI MOUNTPOINT",
 		short: "mount an export read-only as one file, ideally a frozen snapshot",
-		long: `Connects and negotiates before mounting (errors fail fast and nothing is
+		long: `Connects and negotiates before mounting (the other connections of the
+pool join while the mount is set up; errors fail fast and nothing is
 left mounted), sends the read-only promise, and shows the export as one
 read-only file (mode 0444) in MOUNTPOINT, which must be an empty
 directory. Against snapmount serve the export name NAME (or NAME@snapshot)
@@ -410,6 +411,13 @@ func runMount(ctx context.Context, rep *reporter, u *nbd.URI, dopt nbd.DialOptio
 	})
 	if err != nil {
 		return withCode(exitMount, fmt.Errorf("mounting on %s: %w", dir, err))
+	}
+	// The pool's other connections joined while FUSE was set up; one
+	// that found the export changed or gone fails the mount as it would
+	// have before mounting.
+	if err := client.WaitConns(ctx); err != nil {
+		unmount(srv, dir, logger)
+		return withCode(exitConnect, err)
 	}
 	// When the kernel reads ahead far enough itself (the mount could
 	// raise its window: root), the cache's own readahead only makes

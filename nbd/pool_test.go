@@ -1,0 +1,161 @@
+package nbd
+
+import (
+	"context"
+	"errors"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+)
+
+// listenPool serves every connection to a new Unix socket with fn, each
+// in its own goroutine; n counts connections from 1.
+func listenPool(t *testing.T, fn func(n int, s *fakeServer)) *URI {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "nbdt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	path := filepath.Join(dir, "s")
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var (
+		wg      sync.WaitGroup
+		mu      sync.Mutex
+		servers []*fakeServer
+	)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for n := 1; ; n++ {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			s := newFakeServer(t, c)
+			mu.Lock()
+			servers = append(servers, s)
+			mu.Unlock()
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer c.Close()
+				fn(n, s)
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		l.Close()
+		mu.Lock()
+		for _, s := range servers {
+			s.stopped.Store(true)
+			s.c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	u, err := ParseURI("nbd+unix:///disk?socket=" + path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return u
+}
+
+// serveExport answers the handshake with a multi-conn read-only export of
+// 1 MiB whose canonical name is canonical (every other option is
+// unsupported), then reads requests until the client disconnects.
+func serveExport(s *fakeServer, canonical string) {
+	s.greet(HandshakeFixedNewstyle | HandshakeNoZeroes)
+	for {
+		opt, _ := s.readOption()
+		if opt != OptGo {
+			s.reply(opt, RepErrUnsup, nil)
+			continue
+		}
+		s.reply(OptGo, RepInfo, appendInfoText(nil, InfoName, canonical))
+		s.reply(OptGo, RepInfo, appendInfoExport(nil, 1<<20, FlagHasFlags|FlagReadOnly|FlagCanMultiConn))
+		s.reply(OptGo, RepAck, nil)
+		break
+	}
+	s.stopped.Store(true) // from here on the client may just hang up
+	for s.readRequest().Type != CmdDisc {
+	}
+}
+
+// Open returns with the first connection; the others join in the
+// background, and WaitConns waits for them and reports one that found the
+// export changed.
+func TestOpenJoinsConnectionsInBackground(t *testing.T) {
+	for _, c := range []struct {
+		name     string
+		renamed  int // connection that reports another canonical name (0: none)
+		wantErr  bool
+		wantLive int
+	}{
+		{"all join", 0, false, 4},
+		{"one finds the export changed", 3, true, 3},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			release := make(chan struct{})
+			u := listenPool(t, func(n int, s *fakeServer) {
+				if n == 1 {
+					serveExport(s, "disk@s1")
+					return
+				}
+				<-release
+				if n == c.renamed {
+					serveExport(s, "disk@s2")
+					return
+				}
+				serveExport(s, "disk@s1")
+			})
+			opened := make(chan *Client, 1)
+			go func() {
+				cl, err := Open(context.Background(), u, ClientOptions{Conns: 4})
+				if err != nil {
+					t.Errorf("Open: %v", err)
+				}
+				opened <- cl
+			}()
+			var cl *Client
+			select {
+			case cl = <-opened:
+			case <-time.After(20 * time.Second):
+				close(release)
+				t.Fatal("Open waited for the connections beside the first")
+			}
+			if cl == nil {
+				close(release)
+				return
+			}
+			t.Cleanup(func() { cl.Close() })
+
+			ctx, cancel := context.WithCancel(context.Background())
+			cancel()
+			if err := cl.WaitConns(ctx); !errors.Is(err, context.Canceled) {
+				t.Errorf("WaitConns while connections join: %v, want it to wait (context canceled)", err)
+			}
+			close(release)
+			err := cl.WaitConns(context.Background())
+			var changed *changedError
+			if c.wantErr != errors.As(err, &changed) {
+				t.Fatalf("WaitConns: %v, want a changed export: %v", err, c.wantErr)
+			}
+			if live := cl.Stats().Conns; live != c.wantLive {
+				t.Errorf("%d connections alive, want %d", live, c.wantLive)
+			}
+			if !c.wantErr {
+				return
+			}
+			if _, err := cl.ReadAt(make([]byte, 512), 0); !errors.As(err, &changed) {
+				t.Errorf("read after the export changed: %v, want the change reported", err)
+			}
+		})
+	}
+}
