@@ -124,15 +124,7 @@ func (c *Client) join(i int) {
 	cancel()
 	switch {
 	case err == nil:
-		c.mu.Lock()
-		if c.closed {
-			c.mu.Unlock()
-			conn.Close()
-			return
-		}
-		c.conns[i] = conn
-		c.mu.Unlock()
-		c.watch(i, conn)
+		c.install(i, conn)
 	case c.dialCtx.Err() != nil:
 	case c.isPermanent(err):
 		c.breakPool(err)
@@ -155,6 +147,23 @@ func (c *Client) WaitConns(ctx context.Context) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.broken
+}
+
+// install puts conn in slot i, wakes requests waiting for a connection,
+// and watches it; it reports false (closing conn) if the pool is closed.
+func (c *Client) install(i int, conn *Conn) bool {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		conn.Close()
+		return false
+	}
+	c.conns[i] = conn
+	close(c.changed)
+	c.changed = make(chan struct{})
+	c.mu.Unlock()
+	c.watch(i, conn)
+	return true
 }
 
 // breakPool records a permanent error: every request fails with it from
@@ -328,19 +337,10 @@ func (c *Client) startRedial(i int) {
 			conn, err := c.dialVerified(ctx)
 			cancel()
 			if err == nil {
-				c.mu.Lock()
-				if c.closed {
-					c.mu.Unlock()
-					conn.Close()
-					return
+				if c.install(i, conn) {
+					c.reconnects.Add(1)
+					c.logf("reconnected to %s", c.uri.Display())
 				}
-				c.conns[i] = conn
-				close(c.changed)
-				c.changed = make(chan struct{})
-				c.mu.Unlock()
-				c.reconnects.Add(1)
-				c.logf("reconnected to %s", c.uri.Display())
-				c.watch(i, conn)
 				return
 			}
 			if c.dialCtx.Err() != nil {

@@ -67,10 +67,36 @@ func listenPool(t *testing.T, fn func(n int, s *fakeServer)) *URI {
 	return u
 }
 
-// serveExport answers the handshake with a multi-conn read-only export of
-// 1 MiB whose canonical name is canonical (every other option is
-// unsupported), then reads requests until the client disconnects.
+// serveReads answers the handshake like serveExport, then every READ
+// with bytes that are their offset's low byte, until the client
+// disconnects.
+func serveReads(s *fakeServer, canonical string) {
+	handshake(s, canonical)
+	for {
+		r := s.readRequest()
+		if r.Type != CmdRead {
+			return
+		}
+		b := appendSimpleReply(nil, 0, r.Cookie)
+		for i := range uint64(r.Length) {
+			b = append(b, byte(r.Offset+i))
+		}
+		s.write(b)
+	}
+}
+
+// serveExport answers the handshake (see handshake), then reads requests
+// until the client disconnects.
 func serveExport(s *fakeServer, canonical string) {
+	handshake(s, canonical)
+	for s.readRequest().Type != CmdDisc {
+	}
+}
+
+// handshake answers the handshake with a multi-conn read-only export of
+// 1 MiB whose canonical name is canonical (every other option is
+// unsupported); from then on the client may hang up at any time.
+func handshake(s *fakeServer, canonical string) {
 	s.greet(HandshakeFixedNewstyle | HandshakeNoZeroes)
 	for {
 		opt, _ := s.readOption()
@@ -83,9 +109,7 @@ func serveExport(s *fakeServer, canonical string) {
 		s.reply(OptGo, RepAck, nil)
 		break
 	}
-	s.stopped.Store(true) // from here on the client may just hang up
-	for s.readRequest().Type != CmdDisc {
-	}
+	s.stopped.Store(true)
 }
 
 // Open returns with the first connection; the others join in the
@@ -157,5 +181,49 @@ func TestOpenJoinsConnectionsInBackground(t *testing.T) {
 				t.Errorf("read after the export changed: %v, want the change reported", err)
 			}
 		})
+	}
+}
+
+// A request waiting for a connection (the first one lost) is served as
+// soon as one of the others joins.
+func TestJoinWakesWaitingRequests(t *testing.T) {
+	release, over := make(chan struct{}), make(chan struct{})
+	u := listenPool(t, func(n int, s *fakeServer) {
+		switch {
+		case n == 1:
+			handshake(s, "disk@s1") // and hang up
+		case n <= 4:
+			<-release
+			serveReads(s, "disk@s1")
+		default: // the first slot's redials: never answered
+			<-over
+		}
+	})
+	t.Cleanup(func() { close(over) })
+	cl, err := Open(context.Background(), u, ClientOptions{Conns: 4, Timeout: 10 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cl.Close() })
+	read := make(chan error, 1)
+	buf := make([]byte, 4096)
+	go func() {
+		_, err := cl.ReadAt(buf, 8192)
+		read <- err
+	}()
+	// The read found the first connection gone; the others are held.
+	for cl.Stats().Retries == 0 {
+		select {
+		case err := <-read:
+			t.Fatalf("read ended while no connection could serve it: %v", err)
+		case <-time.After(time.Millisecond):
+		}
+	}
+	close(release)
+	if err := <-read; err != nil {
+		t.Fatalf("read after the other connections joined: %v", err)
+	}
+	if buf[0] != 0 || buf[1] != 1 {
+		t.Fatalf("read got % x...", buf[:2])
 	}
 }
