@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -526,8 +527,19 @@ func TestConnCloseFailsPending(t *testing.T) {
 	}
 }
 
-// listenFake starts a listener whose single connection is scripted by fn.
+// listenFake starts a listener whose first connection is scripted by fn
+// (later ones are closed at once).
 func listenFake(t *testing.T, fn func(s *fakeServer)) *URI {
+	return listenPool(t, func(n int, s *fakeServer) {
+		if n == 1 {
+			fn(s)
+		}
+	})
+}
+
+// listenPool serves every connection to a new Unix socket with fn, each
+// in its own goroutine; n counts connections from 1.
+func listenPool(t *testing.T, fn func(n int, s *fakeServer)) *URI {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "nbdt")
 	if err != nil {
@@ -539,30 +551,40 @@ func listenFake(t *testing.T, fn func(s *fakeServer)) *URI {
 	if err != nil {
 		t.Fatal(err)
 	}
-	done := make(chan struct{})
-	accepted := make(chan *fakeServer, 1)
+	var (
+		wg      sync.WaitGroup
+		mu      sync.Mutex
+		servers []*fakeServer
+	)
+	wg.Add(1)
 	go func() {
-		defer close(done)
-		c, err := l.Accept()
-		if err != nil {
-			return
+		defer wg.Done()
+		for n := 1; ; n++ {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			s := newFakeServer(t, c)
+			mu.Lock()
+			servers = append(servers, s)
+			mu.Unlock()
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer c.Close()
+				fn(n, s)
+			}()
 		}
-		defer c.Close()
-		s := newFakeServer(t, c)
-		accepted <- s
-		fn(s)
 	}()
-	// On any failure the script may wait for bytes that never come:
-	// closing its connection ends it.
 	t.Cleanup(func() {
 		l.Close()
-		select {
-		case s := <-accepted:
+		mu.Lock()
+		for _, s := range servers {
 			s.stopped.Store(true)
 			s.c.Close()
-		default:
 		}
-		<-done
+		mu.Unlock()
+		wg.Wait()
 	})
 	u, err := ParseURI("nbd+unix:///disk?socket=" + path)
 	if err != nil {

@@ -3,69 +3,9 @@ package nbd
 import (
 	"context"
 	"errors"
-	"net"
-	"os"
-	"path/filepath"
-	"sync"
 	"testing"
 	"time"
 )
-
-// listenPool serves every connection to a new Unix socket with fn, each
-// in its own goroutine; n counts connections from 1.
-func listenPool(t *testing.T, fn func(n int, s *fakeServer)) *URI {
-	t.Helper()
-	dir, err := os.MkdirTemp("", "nbdt")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	path := filepath.Join(dir, "s")
-	l, err := net.Listen("unix", path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var (
-		wg      sync.WaitGroup
-		mu      sync.Mutex
-		servers []*fakeServer
-	)
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for n := 1; ; n++ {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			s := newFakeServer(t, c)
-			mu.Lock()
-			servers = append(servers, s)
-			mu.Unlock()
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				fn(n, s)
-			}()
-		}
-	}()
-	t.Cleanup(func() {
-		l.Close()
-		mu.Lock()
-		for _, s := range servers {
-			s.stopped.Store(true)
-			s.c.Close()
-		}
-		mu.Unlock()
-		wg.Wait()
-	})
-	u, err := ParseURI("nbd+unix:///disk?socket=" + path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return u
-}
 
 // serveReads answers the handshake like serveExport, then every READ
 // with bytes that are their offset's low byte, until the client
