@@ -109,9 +109,8 @@ func Open(ctx context.Context, u *URI, opt ClientOptions) (*Client, error) {
 	return c, nil
 }
 
-// join opens slot i's first connection. A permanent error breaks the
-// pool (the export changed or vanished since the first connection); any
-// other is retried in the background.
+// join opens slot i's first connection, and retries in the background if
+// that attempt fails for a reason that may pass.
 func (c *Client) join(i int) {
 	defer c.wg.Done()
 	defer func() {
@@ -119,19 +118,30 @@ func (c *Client) join(i int) {
 			close(c.joined)
 		}
 	}()
+	if _, err := c.connectSlot(i); err != nil {
+		c.logf("connection %d of %d failed, retrying in the background: %v", i+1, len(c.conns), err)
+		c.startRedial(i)
+	}
+}
+
+// connectSlot makes one attempt to connect slot i. It installs the
+// connection, or breaks the pool on a permanent error (the export changed
+// or vanished since the first connection), or does nothing once the pool
+// is closed; it returns the error of an attempt worth repeating.
+func (c *Client) connectSlot(i int) (installed bool, retry error) {
 	ctx, cancel := context.WithTimeout(c.dialCtx, redialTimeout)
 	conn, err := c.dialVerified(ctx)
 	cancel()
 	switch {
 	case err == nil:
-		c.install(i, conn)
+		return c.install(i, conn), nil
 	case c.dialCtx.Err() != nil:
+		return false, nil
 	case c.isPermanent(err):
 		c.breakPool(err)
-	default:
-		c.logf("connection %d of %d failed, retrying in the background: %v", i+1, len(c.conns), err)
-		c.startRedial(i)
+		return false, nil
 	}
+	return false, err
 }
 
 // WaitConns waits until each connection Open started beside the first
@@ -291,7 +301,7 @@ type changedError struct {
 }
 
 func (e *changedError) Error() string {
-	return fmt.Sprintf("nbd: export %q changed across a reconnect: %v", e.export, e.err)
+	return fmt.Sprintf("nbd: export %q changed since the client first connected: %v", e.export, e.err)
 }
 func (e *changedError) Unwrap() error { return syscall.EIO }
 
@@ -333,21 +343,12 @@ func (c *Client) startRedial(i int) {
 		defer c.wg.Done()
 		backoff := 20 * time.Millisecond
 		for {
-			ctx, cancel := context.WithTimeout(c.dialCtx, redialTimeout)
-			conn, err := c.dialVerified(ctx)
-			cancel()
+			installed, err := c.connectSlot(i)
+			if installed {
+				c.reconnects.Add(1)
+				c.logf("reconnected to %s", c.uri.Display())
+			}
 			if err == nil {
-				if c.install(i, conn) {
-					c.reconnects.Add(1)
-					c.logf("reconnected to %s", c.uri.Display())
-				}
-				return
-			}
-			if c.dialCtx.Err() != nil {
-				return
-			}
-			if c.isPermanent(err) {
-				c.breakPool(err)
 				return
 			}
 			t := time.NewTimer(backoff)
