@@ -361,9 +361,7 @@ func (c *Conn) watch() {
 		default:
 			continue // a caller reads
 		}
-		if _, err := c.br.Peek(1); err != nil {
-			c.shutdown(err)
-		} else if err := c.readOne(); err != nil {
+		if err := c.readOne(); err != nil {
 			c.shutdown(err)
 		}
 		c.readTok <- struct{}{}
