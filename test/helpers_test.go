@@ -108,8 +108,16 @@ func (l *lockedBuffer) String() string {
 // the test ends; its output is printed if the test failed.
 func startProc(t testing.TB, name string, args ...string) *proc {
 	t.Helper()
+	return startProcEnv(t, nil, name, args...)
+}
+
+// startProcEnv is startProc with env as the child's environment (nil: the
+// test's).
+func startProcEnv(t testing.TB, env []string, name string, args ...string) *proc {
+	t.Helper()
 	p := &proc{t: t, name: name, exited: make(chan struct{})}
 	p.cmd = exec.Command(name, args...)
+	p.cmd.Env = env
 	p.cmd.Stdout = &p.out
 	p.cmd.Stderr = &p.out
 	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}

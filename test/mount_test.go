@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -430,4 +431,49 @@ func processRunning(pid int) bool {
 	s := string(b)
 	i := strings.LastIndexByte(s, ')')
 	return i < 0 || i+2 >= len(s) || (s[i+2] != 'Z' && s[i+2] != 'X')
+}
+
+// The mount process collects garbage at GOGC 200, so that starting a
+// mount runs no collection. GODEBUG=gctrace=1 makes the runtime print a
+// line per collection, with its heap goal: the first goal is 4 MB times
+// GOGC/100, 4 MB at the default. (A mount built without -race usually
+// starts, reads and ends without any; a -race build allocates more.)
+func TestMountCollectsAtGOGC200(t *testing.T) {
+	requireFUSE(t)
+	dir := shortTempDir(t)
+	image := filepath.Join(dir, "disk.img")
+	writeRandomImage(t, image, 1<<20, 3)
+	sock, _ := startNbdkit(t, dir, "-r", "file", image)
+	mnt := mountDir(t, dir, "mnt")
+	logfile := filepath.Join(dir, "mount.log")
+	env := []string{"GODEBUG=gctrace=1"}
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "GOGC=") && !strings.HasPrefix(kv, "GODEBUG=") {
+			env = append(env, kv)
+		}
+	}
+	// The log goes to a file, so the runtime's trace is alone on stderr.
+	p := startProcEnv(t, env, snapmountBin, "mount", "-f", "--log", logfile, unixURI("", sock), mnt)
+	waitForFile(t, logfile, "mounted ")
+	t.Cleanup(func() { unmountSM(t, mnt) })
+	f, err := os.Open(filepath.Join(mnt, "nbd"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = f.ReadAt(make([]byte, 4096), 0)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	unmountSM(t, mnt)
+	if err := p.waitExit(30 * time.Second); err != nil {
+		t.Fatalf("after unmount: %v", err)
+	}
+	m := regexp.MustCompile(`(\d+) MB goal`).FindStringSubmatch(p.out.String())
+	if m == nil {
+		return // no collection at all
+	}
+	if goal, _ := strconv.Atoi(m[1]); goal < 8 {
+		t.Errorf("the mount's first collection had a heap goal of %d MB, want 8 (GOGC 200):\n%s", goal, p.out.String())
+	}
 }
