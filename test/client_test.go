@@ -144,10 +144,7 @@ func TestCopyFromStockServers(t *testing.T) {
 }
 
 func TestCopyToStdout(t *testing.T) {
-	dir := shortTempDir(t)
-	image := filepath.Join(dir, "disk.img")
-	writeRandomImage(t, image, 5<<20+512, 3) // not a multiple of the request size
-	sock, _ := startNbdkit(t, dir, "-r", "file", image)
+	_, image, sock := nbdkitImage(t, 5<<20+512, 3) // not a multiple of the request size
 	r := snapmount(t, time.Minute, "copy", "--sha256", "--conns", "2", unixURI("", sock), "-")
 	if r.code != 0 {
 		t.Fatalf("exit %d: %s", r.code, r.stderr)

@@ -339,6 +339,18 @@ func snapmount(t testing.TB, timeout time.Duration, args ...string) result {
 	return runCmd(t, timeout, snapmountBin, args...)
 }
 
+// nbdkitImage writes a random image of size bytes (from seed) in a new
+// temporary directory and serves it read-only with nbdkit file; it
+// returns the directory, the image's path and nbdkit's socket.
+func nbdkitImage(t testing.TB, size, seed int64) (dir, image, sock string) {
+	t.Helper()
+	dir = shortTempDir(t)
+	image = filepath.Join(dir, "disk.img")
+	writeRandomImage(t, image, size, seed)
+	sock, _ = startNbdkit(t, dir, "-r", "file", image)
+	return dir, image, sock
+}
+
 // startNbdkit starts nbdkit in the foreground on a Unix socket in dir and
 // waits until it accepts connections. args are plugin, filters and params.
 func startNbdkit(t testing.TB, dir string, args ...string) (sock string, p *proc) {

@@ -195,10 +195,7 @@ func TestMountSendsNoWrites(t *testing.T) {
 // nothing is mounted and the mount process has exited.
 func TestMountReadinessAndUmount(t *testing.T) {
 	requireFUSE(t)
-	dir := shortTempDir(t)
-	image := filepath.Join(dir, "disk.img")
-	writeRandomImage(t, image, 4<<20, 8)
-	sock, _ := startNbdkit(t, dir, "-r", "file", image)
+	dir, _, sock := nbdkitImage(t, 4<<20, 8)
 	mnt := mountDir(t, dir, "mnt")
 	pidfile := filepath.Join(dir, "mount.pid")
 	r := snapmount(t, time.Minute, "mount", "--pidfile", pidfile, "--name", "evidence.raw", unixURI("", sock), mnt)
@@ -245,10 +242,7 @@ func TestMountReadinessAndUmount(t *testing.T) {
 // In the foreground, SIGTERM unmounts cleanly and the process exits 0.
 func TestMountForegroundSignal(t *testing.T) {
 	requireFUSE(t)
-	dir := shortTempDir(t)
-	image := filepath.Join(dir, "disk.img")
-	writeRandomImage(t, image, 1<<20, 2)
-	sock, _ := startNbdkit(t, dir, "-r", "file", image)
+	dir, image, sock := nbdkitImage(t, 1<<20, 2)
 	mnt := mountDir(t, dir, "mnt")
 	p := startProc(t, snapmountBin, "mount", "-f", "-v", unixURI("", sock), mnt)
 	p.waitOutput("mounted ", 30*time.Second)
@@ -271,10 +265,7 @@ func TestMountForegroundSignal(t *testing.T) {
 // A mountpoint left by a crashed run (ENOTCONN) is recovered.
 func TestMountStaleMountpoint(t *testing.T) {
 	requireFUSE(t)
-	dir := shortTempDir(t)
-	image := filepath.Join(dir, "disk.img")
-	writeRandomImage(t, image, 1<<20, 3)
-	sock, _ := startNbdkit(t, dir, "-r", "file", image)
+	dir, image, sock := nbdkitImage(t, 1<<20, 3)
 	mnt := mountDir(t, dir, "mnt")
 	p := startProc(t, snapmountBin, "mount", "-f", unixURI("", sock), mnt)
 	p.waitOutput("mounted ", 30*time.Second)
@@ -296,10 +287,7 @@ func TestMountStaleMountpoint(t *testing.T) {
 
 func TestMountBadInput(t *testing.T) {
 	requireFUSE(t)
-	dir := shortTempDir(t)
-	image := filepath.Join(dir, "disk.img")
-	writeRandomImage(t, image, 1<<20, 3)
-	sock, _ := startNbdkit(t, dir, "-r", "file", image)
+	dir, image, sock := nbdkitImage(t, 1<<20, 3)
 	uri := unixURI("", sock)
 	full := mountDir(t, dir, "full")
 	os.WriteFile(filepath.Join(full, "x"), nil, 0o644)
@@ -440,10 +428,7 @@ func processRunning(pid int) bool {
 // starts, reads and ends without any; a -race build allocates more.)
 func TestMountCollectsAtGOGC200(t *testing.T) {
 	requireFUSE(t)
-	dir := shortTempDir(t)
-	image := filepath.Join(dir, "disk.img")
-	writeRandomImage(t, image, 1<<20, 3)
-	sock, _ := startNbdkit(t, dir, "-r", "file", image)
+	dir, _, sock := nbdkitImage(t, 1<<20, 3)
 	mnt := mountDir(t, dir, "mnt")
 	logfile := filepath.Join(dir, "mount.log")
 	env := []string{"GODEBUG=gctrace=1"}
