@@ -364,8 +364,10 @@ func (c *Client) startRedial(i int) {
 }
 
 // pick returns the live connection with the least work in flight, waiting
-// for one to come back if all are down.
-func (c *Client) pick(ctx context.Context) (*Conn, error) {
+// for one to come back if all are down, until ctx ends or the deadline
+// passes (then ErrNoReply).
+func (c *Client) pick(ctx context.Context, deadline time.Time) (*Conn, error) {
+	var timeout <-chan time.Time // made only when there is nothing to pick
 	for {
 		c.mu.Lock()
 		if c.closed {
@@ -388,31 +390,43 @@ func (c *Client) pick(ctx context.Context) (*Conn, error) {
 		if best != nil {
 			return best, nil
 		}
+		if timeout == nil {
+			t := time.NewTimer(time.Until(deadline))
+			defer t.Stop()
+			timeout = t.C
+		}
 		select {
 		case <-changed:
 		case <-ctx.Done():
 			return nil, ctx.Err()
+		case <-timeout:
+			return nil, ErrNoReply
 		}
 	}
 }
 
 // do runs one request with retries on other or re-established connections
-// until it succeeds, the server reports an error, or ctx ends.
-func (c *Client) do(ctx context.Context, op func(ctx context.Context, conn *Conn) error) error {
-	parent := ctx
-	ctx, cancel := context.WithTimeout(ctx, c.opt.Timeout)
-	defer cancel()
-	for attempt := 0; ; attempt++ {
-		conn, err := c.pick(ctx)
+// until it succeeds, the server reports an error, ctx ends, or Timeout
+// passes. The timeout is a deadline the connection's guard enforces (see
+// Conn), not a context with a timer per request (see Conn for why).
+func (c *Client) do(ctx context.Context, op func(ctx context.Context, deadline time.Time, conn *Conn) error) error {
+	deadline := time.Now().Add(c.opt.Timeout)
+	for {
+		conn, err := c.pick(ctx, deadline)
 		if err == nil {
 			c.requests.Add(1)
-			err = op(ctx, conn)
+			err = op(ctx, deadline, conn)
 		}
 		var ce *ConnError
 		var re *RequestError
 		switch {
 		case err == nil:
 			return nil
+		case errors.Is(err, ErrNoReply) && !time.Now().Before(deadline):
+			// Our own deadline, not the caller's: the server did not
+			// answer in time (the guard has replaced a stuck connection).
+			c.timeouts.Add(1)
+			return fmt.Errorf("nbd: no reply from %s within %v: %w", c.uri.Display(), c.opt.Timeout, syscall.EIO)
 		case errors.As(err, &ce):
 			c.retries.Add(1)
 			continue
@@ -422,16 +436,8 @@ func (c *Client) do(ctx context.Context, op func(ctx context.Context, conn *Conn
 			conn.Close()
 			c.retries.Add(1)
 			continue
-		case ctx.Err() != nil && parent.Err() == nil:
-			// Our own deadline, not the caller's: the server did not
-			// answer in time. A stuck connection is replaced.
-			c.timeouts.Add(1)
-			if conn != nil {
-				conn.fail(errors.New("request timed out"))
-			}
-			return fmt.Errorf("nbd: no reply from %s within %v: %w", c.uri.Display(), c.opt.Timeout, syscall.EIO)
-		case parent.Err() != nil:
-			return parent.Err()
+		case ctx.Err() != nil:
+			return ctx.Err()
 		}
 		return err
 	}
@@ -507,8 +513,8 @@ func (c *Client) ReadVecContext(ctx context.Context, bufs [][]byte, off int64) e
 }
 
 func (c *Client) readPiece(ctx context.Context, bufs [][]byte, off, n int64) error {
-	err := c.do(ctx, func(ctx context.Context, conn *Conn) error {
-		return conn.ReadVec(ctx, bufs, off)
+	err := c.do(ctx, func(ctx context.Context, deadline time.Time, conn *Conn) error {
+		return conn.readVec(ctx, deadline, bufs, off)
 	})
 	if err == nil {
 		c.bytesRead.Add(n)
@@ -572,9 +578,9 @@ func (c *Client) BlockStatus(ctx context.Context, off, length int64) ([]Extent, 
 		length = min(length, c.size-aligned)
 	}
 	var ext []Extent
-	err := c.do(ctx, func(ctx context.Context, conn *Conn) error {
+	err := c.do(ctx, func(ctx context.Context, deadline time.Time, conn *Conn) error {
 		var err error
-		ext, err = conn.BlockStatus(ctx, aligned, length)
+		ext, err = conn.blockStatus(ctx, deadline, aligned, length)
 		return err
 	})
 	if err != nil {

@@ -64,7 +64,7 @@ func FuzzClientReplies(f *testing.F) {
 			{CmdRead, 8192, 512, scatter{make([]byte, 100), make([]byte, 412)}},
 			{CmdBlockStatus, 0, 65536, nil},
 		} {
-			cl, err := c.start(ctx, r.typ, 0, r.off, r.length, r.dst)
+			cl, err := c.start(ctx, time.Time{}, r.typ, 0, r.off, r.length, r.dst)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -468,7 +468,7 @@ func TestConnGivesUpOnAStalledReply(t *testing.T) {
 func TestConnRefusesWrites(t *testing.T) {
 	c, s := testConn(t, true)
 	for _, cmd := range []Cmd{CmdWrite, CmdTrim, CmdWriteZeroes, CmdResize, CmdFlush, CmdCache, Cmd(99)} {
-		if _, err := c.start(context.Background(), cmd, 0, 0, 512, nil); !errors.Is(err, ErrWriteRefused) {
+		if _, err := c.start(context.Background(), time.Time{}, cmd, 0, 0, 512, nil); !errors.Is(err, ErrWriteRefused) {
 			t.Errorf("%s: got %v, want ErrWriteRefused", cmd, err)
 		}
 	}

@@ -3,6 +3,8 @@ package nbd
 import (
 	"context"
 	"errors"
+	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -165,5 +167,66 @@ func TestJoinWakesWaitingRequests(t *testing.T) {
 	}
 	if buf[0] != 0 || buf[1] != 1 {
 		t.Fatalf("read got % x...", buf[:2])
+	}
+	// The fake server takes a hang-up in the middle of a handshake for a
+	// failure: let the joins still under way end before Close.
+	if err := cl.WaitConns(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A read the server never answers fails with EIO once Timeout has
+// passed; the guard fails the stuck connection, the pool replaces it,
+// and the next read is served. Once nothing is in flight, the guard stops
+// (an idle mount runs no timer).
+func TestClientTimeoutReplacesAStuckConnection(t *testing.T) {
+	over := make(chan struct{})
+	u := listenPool(t, func(n int, s *fakeServer) {
+		if n > 1 {
+			serveReads(s, "disk@s1")
+			return
+		}
+		handshake(s, "disk@s1")
+		s.readRequest() // and never answer it
+		<-over
+	})
+	t.Cleanup(func() { close(over) })
+	const timeout = 300 * time.Millisecond
+	cl, err := Open(context.Background(), u, ClientOptions{Conns: 1, Timeout: timeout})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cl.Close() })
+	start := time.Now()
+	read := make(chan error, 1)
+	go func() {
+		_, err := cl.ReadAt(make([]byte, 4096), 0)
+		read <- err
+	}()
+	select {
+	case err = <-read:
+	case <-time.After(timeout + 10*time.Second):
+		t.Fatal("a read the server never answers still waits, long past the timeout")
+	}
+	if took := time.Since(start); err == nil || !errors.Is(err, syscall.EIO) || !strings.Contains(err.Error(), "no reply") {
+		t.Fatalf("read the server never answers: %v after %v, want EIO, no reply", err, took)
+	} else if took < timeout || took > timeout+time.Second {
+		t.Errorf("the read failed after %v, want about %v", took, timeout)
+	}
+	if st := cl.Stats(); st.Timeouts != 1 {
+		t.Errorf("%d timeouts counted, want 1", st.Timeouts)
+	}
+	buf := make([]byte, 4096)
+	if _, err := cl.ReadAt(buf, 4096); err != nil || buf[1] != 1 {
+		t.Fatalf("read after the stuck connection was replaced: %v, % x...", err, buf[:2])
+	}
+	cl.mu.Lock()
+	conn := cl.conns[0]
+	cl.mu.Unlock()
+	for deadline := time.Now().Add(10 * time.Second); conn.guarding.Load(); {
+		if time.Now().After(deadline) {
+			t.Fatal("the guard still runs on an idle connection")
+		}
+		time.Sleep(guardInterval)
 	}
 }
