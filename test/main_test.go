@@ -5,11 +5,16 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"testing"
 )
 
 // snapmountBin is the binary built once for the whole suite.
 var snapmountBin string
+
+// defaultProcs is a Go program's GOMAXPROCS on this machine, taken before
+// testing's -cpu flag can change this process's.
+var defaultProcs = runtime.GOMAXPROCS(0)
 
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "snapmount-e2e-bin-")

@@ -225,6 +225,11 @@ func TestMountReadinessAndUmount(t *testing.T) {
 	if st.code != 0 || !strings.Contains(st.stdout, fmt.Sprintf("pid:            %d", pid)) || !strings.Contains(st.stdout, "connections:    4 of 4 alive") {
 		t.Errorf("stats: %d %q %q", st.code, st.stdout, st.stderr)
 	}
+	// The mount runs with one Go processor more than a Go program's
+	// default here (setMountProcs), unless the environment sets one.
+	if os.Getenv("GOMAXPROCS") == "" && !strings.Contains(st.stdout, fmt.Sprintf(", %d Go processors", defaultProcs+1)) {
+		t.Errorf("stats do not show %d Go processors: %q", defaultProcs+1, st.stdout)
+	}
 	if r := snapmount(t, time.Minute, "umount", mnt); r.code != 0 {
 		t.Fatalf("umount: %d %s", r.code, r.stderr)
 	}

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"runtime/debug"
 	"strconv"
 	"strings"
@@ -47,6 +48,25 @@ func setMountGC(getenv func(string) string) {
 	if getenv("GOGC") == "" {
 		debug.SetGCPercent(mountGCPercent)
 	}
+}
+
+// setMountProcs gives the mount process one Go processor more than the
+// runtime's default, unless getenv("GOMAXPROCS") is set, and returns the
+// count. go-fuse keeps a reader blocked in read(2) on /dev/fuse whenever
+// it can, and a goroutine in a system call holds its processor until the
+// runtime's monitor takes it back, 20 µs to 10 ms later: with as many
+// processors as CPUs, overlapping reads wait for that. With one more
+// (alternated by hand on the 2-CPU benchmark VM), 4 KiB random reads from
+// 4 jobs ran 10-15% faster (20.7-22.0k IOPS against 18.5-19.5k from
+// nbdkit, nbdfuse 17.5-18.9k; 18.9k against 16.5k medians from snapmount
+// serve), and one read at a time and cold sequential reads the same.
+// (While reads come one at a time, a root mount runs on one processor:
+// fusefs.Options.SerialProcs.)
+func setMountProcs(getenv func(string) string) int {
+	if getenv("GOMAXPROCS") == "" {
+		runtime.GOMAXPROCS(runtime.GOMAXPROCS(0) + 1)
+	}
+	return runtime.GOMAXPROCS(0)
 }
 
 // readyFDEnv names the file descriptor on which a background mount
@@ -303,6 +323,7 @@ type mountStats struct {
 	Frozen    bool            `json:"frozen_snapshot"`
 	Size      int64           `json:"size"`
 	MountedAt time.Time       `json:"mounted_at"`
+	Procs     int             `json:"go_procs"` // Go processors while reads overlap
 	Client    nbd.ClientStats `json:"nbd"`
 	Cache     cache.Stats     `json:"cache"`
 }
@@ -322,6 +343,7 @@ func runMount(ctx context.Context, rep *reporter, u *nbd.URI, dopt nbd.DialOptio
 	}
 	logger := log.New(logw, "snapmount: ", log.LstdFlags)
 	setMountGC(os.Getenv)
+	procs := setMountProcs(os.Getenv)
 
 	dir, err := prepareMountpoint(mountpoint)
 	if err != nil {
@@ -384,7 +406,7 @@ func runMount(ctx context.Context, rep *reporter, u *nbd.URI, dopt nbd.DialOptio
 	statsOf := func() mountStats {
 		return mountStats{
 			PID: os.Getpid(), URI: u.String(), Export: info.CanonicalName, Frozen: frozen,
-			Size: client.Size(), MountedAt: mounted, Client: client.Stats(), Cache: c.Stats(),
+			Size: client.Size(), MountedAt: mounted, Procs: procs, Client: client.Stats(), Cache: c.Stats(),
 		}
 	}
 	srv, err := fusefs.Mount(dir, c, fusefs.Options{

@@ -147,7 +147,7 @@ func printStats(std stdio, st *mountStats) {
 	fmt.Fprintf(w, "export:         %s (%s)\n", st.Export, view)
 	fmt.Fprintf(w, "uri:            %s\n", st.URI)
 	fmt.Fprintf(w, "size:           %d (%s)\n", st.Size, humanSize(uint64(st.Size)))
-	fmt.Fprintf(w, "pid:            %d, mounted %s\n", st.PID, st.MountedAt.Format(time.RFC3339))
+	fmt.Fprintf(w, "pid:            %d, mounted %s, %d Go processors\n", st.PID, st.MountedAt.Format(time.RFC3339), st.Procs)
 	fmt.Fprintf(w, "connections:    %d of %d alive, %d reconnects, %d retries, %d timeouts\n", n.Conns, n.Slots, n.Reconnects, n.Retries, n.Timeouts)
 	fmt.Fprintf(w, "requests:       %d (%s read from the server)\n", n.Requests, humanSize(uint64(n.BytesRead)))
 	fmt.Fprintf(w, "cache:          %s of %s in %s blocks\n", humanSize(uint64(c.CachedBytes)), humanSize(uint64(c.MaxBytes)), humanSize(uint64(c.BlockSize)))
