@@ -210,8 +210,8 @@ func TestClientTimeoutReplacesAStuckConnection(t *testing.T) {
 	}
 	if took := time.Since(start); err == nil || !errors.Is(err, syscall.EIO) || !strings.Contains(err.Error(), "no reply") {
 		t.Fatalf("read the server never answers: %v after %v, want EIO, no reply", err, took)
-	} else if took < timeout || took > timeout+time.Second {
-		t.Errorf("the read failed after %v, want about %v", took, timeout)
+	} else if took < timeout {
+		t.Errorf("the read failed after %v, before its timeout of %v", took, timeout)
 	}
 	if st := cl.Stats(); st.Timeouts != 1 {
 		t.Errorf("%d timeouts counted, want 1", st.Timeouts)
