@@ -365,7 +365,7 @@ func (c *Client) startRedial(i int) {
 
 // pick returns the live connection with the least work in flight, waiting
 // for one to come back if all are down, until ctx ends or the deadline
-// passes (then ErrNoReply).
+// passes (then errNoReply).
 func (c *Client) pick(ctx context.Context, deadline time.Time) (*Conn, error) {
 	var timeout <-chan time.Time // made only when there is nothing to pick
 	for {
@@ -400,15 +400,15 @@ func (c *Client) pick(ctx context.Context, deadline time.Time) (*Conn, error) {
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		case <-timeout:
-			return nil, ErrNoReply
+			return nil, errNoReply
 		}
 	}
 }
 
 // do runs one request with retries on other or re-established connections
 // until it succeeds, the server reports an error, ctx ends, or Timeout
-// passes. The timeout is a deadline the connection's guard enforces (see
-// Conn), not a context with a timer per request (see Conn for why).
+// passes. The timeout is a deadline that each connection's guard
+// enforces, not a context with a timer per request (see Conn for why).
 func (c *Client) do(ctx context.Context, op func(ctx context.Context, deadline time.Time, conn *Conn) error) error {
 	deadline := time.Now().Add(c.opt.Timeout)
 	for {
@@ -422,7 +422,7 @@ func (c *Client) do(ctx context.Context, op func(ctx context.Context, deadline t
 		switch {
 		case err == nil:
 			return nil
-		case errors.Is(err, ErrNoReply) && !time.Now().Before(deadline):
+		case errors.Is(err, errNoReply) && !time.Now().Before(deadline):
 			// Our own deadline, not the caller's: the server did not
 			// answer in time (the guard has replaced a stuck connection).
 			c.timeouts.Add(1)

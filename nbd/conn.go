@@ -374,10 +374,11 @@ func (c *Conn) setKick(cl *call, between bool) {
 // connection whose server missed a call's deadline fails.
 const guardInterval = 50 * time.Millisecond
 
-// ErrNoReply is why a connection failed on which a call passed its
+// errNoReply is why a connection failed on which a call passed its
 // deadline: a server that does not answer in time counts as stuck, and
-// the pool replaces the connection.
-var ErrNoReply = errors.New("nbd: the server did not answer in time")
+// the pool replaces the connection. Client.do turns it into EIO for the
+// call whose deadline passed; it never reaches a caller itself.
+var errNoReply = errors.New("nbd: the server did not answer in time")
 
 // checkCalls is the guard. It fails the connection once a call is past
 // its deadline, kicks a reading caller whose context ended, and runs
@@ -394,7 +395,7 @@ func (c *Conn) checkCalls() {
 	}
 	c.mu.Unlock()
 	if late {
-		c.fail(ErrNoReply)
+		c.fail(errNoReply)
 		return
 	}
 	c.kickMu.Lock()
