@@ -114,7 +114,7 @@ func newConn(nc net.Conn, br *bufio.Reader, info *ExportInfo) *Conn {
 	c.allocID, c.hasAlloc = info.ContextID(ContextBaseAllocation)
 	c.guard = time.AfterFunc(time.Hour, c.checkCalls)
 	c.guard.Stop()
-	go c.watch()
+	go c.watchIdle()
 	return c
 }
 
@@ -417,11 +417,11 @@ func (c *Conn) checkCalls() {
 	c.guard.Reset(guardInterval)
 }
 
-// watch reads replies while no caller does, once every idleWatch: a
+// watchIdle reads replies while no caller does, once every idleWatch: a
 // server that hangs up on an idle connection is then noticed. A reply
 // that arrives meanwhile is read here and handed to its caller as before
 // leader/follower reading, at most once a watch.
-func (c *Conn) watch() {
+func (c *Conn) watchIdle() {
 	t := time.NewTicker(idleWatch)
 	defer t.Stop()
 	for {
