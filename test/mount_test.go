@@ -226,7 +226,7 @@ func TestMountReadinessAndUmount(t *testing.T) {
 		t.Errorf("stats: %d %q %q", st.code, st.stdout, st.stderr)
 	}
 	// The mount runs with one Go processor more than a Go program's
-	// default here (setMountProcs), unless the environment sets one.
+	// default here (tuneMountRuntime), unless the environment sets one.
 	if os.Getenv("GOMAXPROCS") == "" && !strings.Contains(st.stdout, fmt.Sprintf(", %d Go processors", defaultProcs+1)) {
 		t.Errorf("stats do not show %d Go processors: %q", defaultProcs+1, st.stdout)
 	}

@@ -43,26 +43,25 @@ const missRequestSize, missWarmup = 256 << 10, 256 << 20
 // RSS of a cold 1 GiB read stayed at 41-44 MiB.
 const mountGCPercent = 200
 
-// setMountGC applies mountGCPercent unless getenv("GOGC") is set.
-func setMountGC(getenv func(string) string) {
+// tuneMountRuntime sets the mount process's garbage collection to
+// mountGCPercent unless getenv("GOGC") is set, and its Go processors to
+// one more than the runtime's default unless getenv("GOMAXPROCS") is set;
+// it returns the processor count.
+//
+// Why one more processor: go-fuse keeps a reader blocked in read(2) on
+// /dev/fuse whenever it can, and a goroutine in a system call holds its
+// processor until the runtime's monitor takes it back, 20 µs to 10 ms
+// later: with as many processors as CPUs, overlapping reads wait for that.
+// With one more (alternated by hand on the 2-CPU benchmark VM), 4 KiB
+// random reads from 4 jobs ran 10-15% faster (20.7-22.0k IOPS against
+// 18.5-19.5k from nbdkit, nbdfuse 17.5-18.9k; 18.9k against 16.5k medians
+// from snapmount serve), and one read at a time and cold sequential reads
+// the same. (While reads come one at a time, a root mount runs on one
+// processor: fusefs.Options.SerialProcs.)
+func tuneMountRuntime(getenv func(string) string) (procs int) {
 	if getenv("GOGC") == "" {
 		debug.SetGCPercent(mountGCPercent)
 	}
-}
-
-// setMountProcs gives the mount process one Go processor more than the
-// runtime's default, unless getenv("GOMAXPROCS") is set, and returns the
-// count. go-fuse keeps a reader blocked in read(2) on /dev/fuse whenever
-// it can, and a goroutine in a system call holds its processor until the
-// runtime's monitor takes it back, 20 µs to 10 ms later: with as many
-// processors as CPUs, overlapping reads wait for that. With one more
-// (alternated by hand on the 2-CPU benchmark VM), 4 KiB random reads from
-// 4 jobs ran 10-15% faster (20.7-22.0k IOPS against 18.5-19.5k from
-// nbdkit, nbdfuse 17.5-18.9k; 18.9k against 16.5k medians from snapmount
-// serve), and one read at a time and cold sequential reads the same.
-// (While reads come one at a time, a root mount runs on one processor:
-// fusefs.Options.SerialProcs.)
-func setMountProcs(getenv func(string) string) int {
 	if getenv("GOMAXPROCS") == "" {
 		runtime.GOMAXPROCS(runtime.GOMAXPROCS(0) + 1)
 	}
@@ -342,8 +341,7 @@ func runMount(ctx context.Context, rep *reporter, u *nbd.URI, dopt nbd.DialOptio
 		logw = rep.stderr
 	}
 	logger := log.New(logw, "snapmount: ", log.LstdFlags)
-	setMountGC(os.Getenv)
-	procs := setMountProcs(os.Getenv)
+	procs := tuneMountRuntime(os.Getenv)
 
 	dir, err := prepareMountpoint(mountpoint)
 	if err != nil {

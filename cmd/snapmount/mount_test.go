@@ -6,42 +6,39 @@ import (
 	"testing"
 )
 
-// The mount process collects at mountGCPercent unless GOGC says otherwise.
-func TestSetMountGC(t *testing.T) {
-	prev := debug.SetGCPercent(100)
-	t.Cleanup(func() { debug.SetGCPercent(prev) })
-
-	setMountGC(func(string) string { return "" })
-	if got := debug.SetGCPercent(100); got != mountGCPercent {
-		t.Errorf("without GOGC: GC percent %d, want %d", got, mountGCPercent)
-	}
-	setMountGC(func(k string) string {
-		if k == "GOGC" {
-			return "50"
-		}
-		return ""
+// The mount process collects at mountGCPercent and runs with one Go
+// processor more than the default, unless GOGC or GOMAXPROCS say
+// otherwise.
+func TestTuneMountRuntime(t *testing.T) {
+	prevGC := debug.SetGCPercent(100)
+	prevProcs := runtime.GOMAXPROCS(0)
+	t.Cleanup(func() {
+		debug.SetGCPercent(prevGC)
+		runtime.GOMAXPROCS(prevProcs)
 	})
-	if got := debug.SetGCPercent(100); got != 100 {
-		t.Errorf("with GOGC set: GC percent changed to %d", got)
-	}
-}
 
-// The mount process runs with one Go processor more than the default
-// unless GOMAXPROCS says otherwise.
-func TestSetMountProcs(t *testing.T) {
-	prev := runtime.GOMAXPROCS(0)
-	t.Cleanup(func() { runtime.GOMAXPROCS(prev) })
-
-	if got := setMountProcs(func(string) string { return "" }); got != prev+1 || runtime.GOMAXPROCS(0) != prev+1 {
-		t.Errorf("without GOMAXPROCS: %d processors (returned %d), want %d", runtime.GOMAXPROCS(0), got, prev+1)
+	got := tuneMountRuntime(func(string) string { return "" })
+	if gc := debug.SetGCPercent(100); gc != mountGCPercent {
+		t.Errorf("without GOGC: GC percent %d, want %d", gc, mountGCPercent)
 	}
-	runtime.GOMAXPROCS(prev)
-	if got := setMountProcs(func(k string) string {
-		if k == "GOMAXPROCS" {
+	if got != prevProcs+1 || runtime.GOMAXPROCS(0) != prevProcs+1 {
+		t.Errorf("without GOMAXPROCS: %d processors (returned %d), want %d", runtime.GOMAXPROCS(0), got, prevProcs+1)
+	}
+
+	runtime.GOMAXPROCS(prevProcs)
+	got = tuneMountRuntime(func(k string) string {
+		switch k {
+		case "GOGC":
+			return "50"
+		case "GOMAXPROCS":
 			return "1"
 		}
 		return ""
-	}); got != prev || runtime.GOMAXPROCS(0) != prev {
-		t.Errorf("with GOMAXPROCS set: %d processors (returned %d), want %d unchanged", runtime.GOMAXPROCS(0), got, prev)
+	})
+	if gc := debug.SetGCPercent(100); gc != 100 {
+		t.Errorf("with GOGC set: GC percent changed to %d", gc)
+	}
+	if got != prevProcs || runtime.GOMAXPROCS(0) != prevProcs {
+		t.Errorf("with GOMAXPROCS set: %d processors (returned %d), want %d unchanged", runtime.GOMAXPROCS(0), got, prevProcs)
 	}
 }
