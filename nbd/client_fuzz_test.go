@@ -22,19 +22,19 @@ func FuzzClientReplies(f *testing.F) {
 		return all
 	}
 	ch := func(flags uint16, typ ChunkType, cookie uint64, p []byte) []byte {
-		return append(appendChunkHeader(nil, flags, typ, cookie, uint32(len(p))), p...)
+		return append(AppendChunkHeader(nil, flags, typ, cookie, uint32(len(p))), p...)
 	}
 	f.Add(ok(
 		ch(ReplyFlagDone, ChunkOffsetData, 1, dataChunk(0, make([]byte, 4096))),
 		ch(0, ChunkOffsetHole, 2, holeChunk(8192, 256)),
 		ch(ReplyFlagDone, ChunkOffsetData, 2, dataChunk(8192+256, make([]byte, 256))),
-		ch(ReplyFlagDone, ChunkBlockStatus, 3, appendBlockStatusPayload(nil, 7, []WireExtent{{4096, 0}, {1 << 20, 3}})),
+		ch(ReplyFlagDone, ChunkBlockStatus, 3, AppendBlockStatusPayload(nil, 7, []WireExtent{{4096, 0}, {1 << 20, 3}})),
 	), true)
 	f.Add(ok(
-		append(appendSimpleReply(nil, 0, 1), make([]byte, 4096)...),
-		appendSimpleReply(nil, 5, 2),
+		append(AppendSimpleReply(nil, 0, 1), make([]byte, 4096)...),
+		AppendSimpleReply(nil, 5, 2),
 	), false)
-	f.Add(ok(ch(ReplyFlagDone, ChunkErrorOffset, 1, appendErrorChunkPayload(nil, EIO, "x", 100))), true)
+	f.Add(ok(ch(ReplyFlagDone, ChunkErrorOffset, 1, AppendErrorChunkPayload(nil, EIO, "x", 100))), true)
 	f.Add(ok(ch(ReplyFlagDone, ChunkOffsetData, 1, dataChunk(0, make([]byte, 5000)))), true)
 	f.Add([]byte{0x66, 0x8e, 0x33, 0xef, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff}, true)
 

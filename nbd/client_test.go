@@ -75,7 +75,7 @@ func (s *fakeServer) write(b []byte) {
 
 func (s *fakeServer) greet(flags HandshakeFlags) ClientFlags {
 	s.t.Helper()
-	s.write(appendGreeting(nil, flags))
+	s.write(AppendGreeting(nil, flags))
 	var b [4]byte
 	if _, err := io.ReadFull(s.br, b[:]); err != nil {
 		s.fatalf("reading client flags: %v", err)
@@ -85,11 +85,11 @@ func (s *fakeServer) greet(flags HandshakeFlags) ClientFlags {
 
 func (s *fakeServer) readOption() (Option, []byte) {
 	s.t.Helper()
-	var h [optionHeaderLen]byte
+	var h [OptionHeaderLen]byte
 	if _, err := io.ReadFull(s.br, h[:]); err != nil {
 		s.fatalf("reading option: %v", err)
 	}
-	opt, n, err := parseOptionHeader(h[:])
+	opt, n, err := ParseOptionHeader(h[:])
 	if err != nil {
 		s.t.Fatal(err)
 	}
@@ -110,16 +110,16 @@ func (s *fakeServer) expectOption(want Option) []byte {
 }
 
 func (s *fakeServer) reply(opt Option, typ Reply, data []byte) {
-	s.write(appendOptionReply(nil, opt, typ, data))
+	s.write(AppendOptionReply(nil, opt, typ, data))
 }
 
 func (s *fakeServer) readRequest() Request {
 	s.t.Helper()
-	var b [requestHeaderLen]byte
+	var b [RequestHeaderLen]byte
 	if _, err := io.ReadFull(s.br, b[:]); err != nil {
 		s.fatalf("reading request: %v", err)
 	}
-	r, err := parseRequest(b[:])
+	r, err := ParseRequest(b[:])
 	if err != nil {
 		s.t.Fatal(err)
 	}
@@ -127,7 +127,7 @@ func (s *fakeServer) readRequest() Request {
 }
 
 func (s *fakeServer) chunk(flags uint16, typ ChunkType, cookie uint64, payload []byte) {
-	s.write(append(appendChunkHeader(nil, flags, typ, cookie, uint32(len(payload))), payload...))
+	s.write(append(AppendChunkHeader(nil, flags, typ, cookie, uint32(len(payload))), payload...))
 }
 
 func dataChunk(off uint64, data []byte) []byte {
@@ -198,8 +198,8 @@ func TestConnPipelinedOutOfOrder(t *testing.T) {
 	if r1.Cookie == r2.Cookie {
 		t.Fatal("two requests in flight share a cookie")
 	}
-	s.write(append(appendSimpleReply(nil, 0, r2.Cookie), "2222"...))
-	s.write(append(appendSimpleReply(nil, 0, r1.Cookie), "1111"...))
+	s.write(append(AppendSimpleReply(nil, 0, r2.Cookie), "2222"...))
+	s.write(append(AppendSimpleReply(nil, 0, r1.Cookie), "1111"...))
 	if g := <-first; g.err != nil || string(g.buf) != "1111" {
 		t.Fatalf("first: %q %v", g.buf, g.err)
 	}
@@ -213,7 +213,7 @@ func TestConnRequestErrorsKeepConnection(t *testing.T) {
 	res := goRead(context.Background(), c, 8192, make([]byte, 4096))
 	r := s.readRequest()
 	s.chunk(0, ChunkOffsetData, r.Cookie, dataChunk(8192, make([]byte, 512)))
-	s.chunk(ReplyFlagDone, ChunkErrorOffset, r.Cookie, appendErrorChunkPayload(nil, EIO, "bad sector", 8192+512))
+	s.chunk(ReplyFlagDone, ChunkErrorOffset, r.Cookie, AppendErrorChunkPayload(nil, EIO, "bad sector", 8192+512))
 	g := <-res
 	var re *RequestError
 	if !errors.As(g.err, &re) || re.Errno != EIO || re.Offset != 8192+512 || re.Msg != "bad sector" {
@@ -238,14 +238,14 @@ func TestConnSimpleErrors(t *testing.T) {
 	c, s := testConn(t, false)
 	res := goRead(context.Background(), c, 0, make([]byte, 4))
 	r := s.readRequest()
-	s.write(appendSimpleReply(nil, 1234, r.Cookie)) // unknown errno: EINVAL to the caller
+	s.write(AppendSimpleReply(nil, 1234, r.Cookie)) // unknown errno: EINVAL to the caller
 	g := <-res
 	if !errors.Is(g.err, syscall.EINVAL) {
 		t.Fatalf("got %v", g.err)
 	}
 	res = goRead(context.Background(), c, 0, make([]byte, 2))
 	r = s.readRequest()
-	s.write(append(appendSimpleReply(nil, 0, r.Cookie), "hi"...))
+	s.write(append(AppendSimpleReply(nil, 0, r.Cookie), "hi"...))
 	if g := <-res; g.err != nil || string(g.buf) != "hi" {
 		t.Fatalf("%q %v", g.buf, g.err)
 	}
@@ -277,7 +277,7 @@ func TestConnProtocolViolations(t *testing.T) {
 			s.chunk(ReplyFlagDone, ChunkOffsetData, k, dataChunk(0, []byte("abcd")))
 		}},
 		{"simple reply to a structured read", true, func(s *fakeServer, k uint64) {
-			s.write(append(appendSimpleReply(nil, 0, k), "12345678"...))
+			s.write(append(AppendSimpleReply(nil, 0, k), "12345678"...))
 		}},
 		{"none without done", true, func(s *fakeServer, k uint64) {
 			s.chunk(0, ChunkNone, k, nil)
@@ -289,14 +289,14 @@ func TestConnProtocolViolations(t *testing.T) {
 			s.chunk(ReplyFlagDone, ChunkOffsetHole, k, holeChunk(0, 0))
 		}},
 		{"block status to a read", true, func(s *fakeServer, k uint64) {
-			s.chunk(ReplyFlagDone, ChunkBlockStatus, k, appendBlockStatusPayload(nil, 7, []WireExtent{{8, 0}}))
+			s.chunk(ReplyFlagDone, ChunkBlockStatus, k, AppendBlockStatusPayload(nil, 7, []WireExtent{{8, 0}}))
 		}},
 		{"error with errno 0", true, func(s *fakeServer, k uint64) {
-			s.chunk(ReplyFlagDone, ChunkError, k, appendErrorChunkPayload(nil, 0, "", -1))
+			s.chunk(ReplyFlagDone, ChunkError, k, AppendErrorChunkPayload(nil, 0, "", -1))
 		}},
 		{"server hangs up", false, func(s *fakeServer, k uint64) { s.c.Close() }},
 		{"truncated payload", false, func(s *fakeServer, k uint64) {
-			s.write(append(appendSimpleReply(nil, 0, k), "1234"...))
+			s.write(append(AppendSimpleReply(nil, 0, k), "1234"...))
 			s.c.Close()
 		}},
 	} {
@@ -415,7 +415,7 @@ func TestConnLeaderReadsForOthers(t *testing.T) {
 func TestConnGivesUpOnAStalledReply(t *testing.T) {
 	stalled := func(s *fakeServer, cookie uint64) {
 		payload := dataChunk(0, []byte("abcdefgh"))
-		hdr := appendChunkHeader(nil, ReplyFlagDone, ChunkOffsetData, cookie, uint32(len(payload)))
+		hdr := AppendChunkHeader(nil, ReplyFlagDone, ChunkOffsetData, cookie, uint32(len(payload)))
 		s.write(append(hdr, payload[:len(payload)-3]...)) // 3 bytes short
 	}
 	dead := func(t *testing.T, c *Conn) {
@@ -501,8 +501,8 @@ func TestConnBlockStatus(t *testing.T) {
 	}
 	// A context the client did not ask for is ignored; the last extent
 	// may run past the request and is clipped to the export.
-	s.chunk(0, ChunkBlockStatus, r.Cookie, appendBlockStatusPayload(nil, 99, []WireExtent{{512, 0}}))
-	s.chunk(ReplyFlagDone, ChunkBlockStatus, r.Cookie, appendBlockStatusPayload(nil, 7, []WireExtent{{65536, 0}, {1 << 20, StateHole | StateZero}}))
+	s.chunk(0, ChunkBlockStatus, r.Cookie, AppendBlockStatusPayload(nil, 99, []WireExtent{{512, 0}}))
+	s.chunk(ReplyFlagDone, ChunkBlockStatus, r.Cookie, AppendBlockStatusPayload(nil, 7, []WireExtent{{65536, 0}, {1 << 20, StateHole | StateZero}}))
 	g := <-ch
 	want := []Extent{{1 << 19, 65536, 0}, {1<<19 + 65536, 1<<19 - 65536, StateHole | StateZero}}
 	if g.err != nil || len(g.ext) != 2 || g.ext[0] != want[0] || g.ext[1] != want[1] {
@@ -604,20 +604,20 @@ func TestDialNegotiatesEverything(t *testing.T) {
 			t.Errorf("promise carries %d bytes", len(d))
 		}
 		s.reply(OptXReadOnly, RepErrUnsup, []byte("unknown option"))
-		req, err := parseMetaContextRequest(s.expectOption(OptSetMetaContext))
+		req, err := ParseMetaContextRequest(s.expectOption(OptSetMetaContext))
 		if err != nil || req.Export != "disk" || len(req.Queries) != 1 || req.Queries[0] != ContextBaseAllocation {
 			t.Errorf("meta context request %+v %v", req, err)
 		}
-		s.reply(OptSetMetaContext, RepMetaContext, appendMetaContextReply(nil, 5, ContextBaseAllocation))
+		s.reply(OptSetMetaContext, RepMetaContext, AppendMetaContextReply(nil, 5, ContextBaseAllocation))
 		s.reply(OptSetMetaContext, RepAck, nil)
-		er, err := parseExportRequest(s.expectOption(OptGo))
+		er, err := ParseExportRequest(s.expectOption(OptGo))
 		if err != nil || er.Name != "disk" {
 			t.Errorf("GO %+v %v", er, err)
 		}
-		s.reply(OptGo, RepInfo, appendInfoText(nil, InfoName, "disk@s4"))
+		s.reply(OptGo, RepInfo, AppendInfoText(nil, InfoName, "disk@s4"))
 		s.reply(OptGo, RepInfo, []byte{0, 42, 1, 2}) // unknown info: ignored
-		s.reply(OptGo, RepInfo, appendInfoBlockSize(nil, BlockSize{512, 4096, 1 << 20}))
-		s.reply(OptGo, RepInfo, appendInfoExport(nil, 1<<20, FlagHasFlags|FlagReadOnly|FlagCanMultiConn))
+		s.reply(OptGo, RepInfo, AppendInfoBlockSize(nil, BlockSize{512, 4096, 1 << 20}))
+		s.reply(OptGo, RepInfo, AppendInfoExport(nil, 1<<20, FlagHasFlags|FlagReadOnly|FlagCanMultiConn))
 		s.reply(OptGo, RepAck, nil)
 		r := s.readRequest()
 		if r.Type != CmdDisc {
@@ -666,7 +666,7 @@ func TestDialFallsBackToExportName(t *testing.T) {
 			if r.Length != 512 {
 				t.Errorf("read of %d bytes, want 512 (the default minimum block)", r.Length)
 			}
-			s.write(append(appendSimpleReply(nil, 0, r.Cookie), make([]byte, 512)...))
+			s.write(append(AppendSimpleReply(nil, 0, r.Cookie), make([]byte, 512)...))
 			s.readRequest() // DISC
 		})
 		c, err := Dial(context.Background(), u, DialOptions{})

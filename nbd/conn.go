@@ -49,7 +49,7 @@ type Conn struct {
 	hasAlloc bool
 
 	wmu  sync.Mutex // serializes request writes; protects wbuf
-	wbuf [requestHeaderLen]byte
+	wbuf [RequestHeaderLen]byte
 
 	mu      sync.Mutex // protects following
 	pending map[uint64]*call
@@ -178,7 +178,7 @@ func (c *Conn) start(ctx context.Context, deadline time.Time, typ Cmd, flags Cmd
 		_ = c.nc.SetWriteDeadline(dl)
 		c.writeDL = dl
 	}
-	cl.req.encode(c.wbuf[:])
+	cl.req.Encode(c.wbuf[:])
 	_, err := c.nc.Write(c.wbuf[:])
 	c.wmu.Unlock()
 	if err != nil {
@@ -266,10 +266,10 @@ func (c *Conn) Close() error {
 	}
 	c.mu.Unlock()
 	if alive {
-		var b [requestHeaderLen]byte
+		var b [RequestHeaderLen]byte
 		c.wmu.Lock()
 		_ = c.nc.SetWriteDeadline(time.Now().Add(time.Second))
-		(&Request{Type: CmdDisc}).encode(b[:])
+		(&Request{Type: CmdDisc}).Encode(b[:])
 		_, _ = c.nc.Write(b[:])
 		c.wmu.Unlock()
 	}
@@ -444,8 +444,8 @@ func (c *Conn) watchIdle() {
 
 // readOne reads one reply chunk and hands it to its call.
 func (c *Conn) readOne() error {
-	var hbuf [chunkHeaderLen]byte
-	h, err := readReplyHeader(c.br, &hbuf)
+	var hbuf [ChunkHeaderLen]byte
+	h, err := ReadReplyHeader(c.br, &hbuf)
 	if err != nil {
 		return err
 	}
@@ -491,20 +491,20 @@ const maxStatusPayload = 4 + 8<<20
 // an offset, with room for error types this code does not know.
 const maxErrorPayload = 64 << 10
 
-func (c *Conn) handleReply(h replyHeader) error {
+func (c *Conn) handleReply(h ReplyHeader) error {
 	c.mu.Lock()
-	cl := c.pending[h.cookie]
+	cl := c.pending[h.Cookie]
 	c.mu.Unlock()
 	if cl == nil {
-		return protoErrorf("reply for cookie %d, which is not in flight", h.cookie)
+		return protoErrorf("reply for cookie %d, which is not in flight", h.Cookie)
 	}
 	isRead := cl.req.Type == CmdRead
-	if !h.structured {
+	if !h.Structured {
 		if isRead && c.info.Structured {
 			return protoErrorf("simple reply to READ after structured replies were negotiated")
 		}
-		if h.errno != 0 {
-			cl.err = c.requestError(cl, h.errno, "", cl.req.Offset)
+		if h.Errno != 0 {
+			cl.err = c.requestError(cl, h.Errno, "", cl.req.Offset)
 		} else if isRead {
 			if err := c.receive(cl, 0, cl.req.Length); err != nil {
 				return err
@@ -516,21 +516,21 @@ func (c *Conn) handleReply(h replyHeader) error {
 		c.finish(cl)
 		return nil
 	}
-	done := h.flags&ReplyFlagDone != 0
-	switch h.typ {
+	done := h.Flags&ReplyFlagDone != 0
+	switch h.Type {
 	case ChunkNone:
-		if h.length != 0 || !done {
-			return protoErrorf("NONE chunk with length %d and flags %#x", h.length, h.flags)
+		if h.Length != 0 || !done {
+			return protoErrorf("NONE chunk with length %d and flags %#x", h.Length, h.Flags)
 		}
 	case ChunkOffsetData:
-		if !isRead || h.length < 9 {
-			return protoErrorf("OFFSET_DATA chunk of %d bytes for %s", h.length, cl.req.Type)
+		if !isRead || h.Length < 9 {
+			return protoErrorf("OFFSET_DATA chunk of %d bytes for %s", h.Length, cl.req.Type)
 		}
 		var ob [8]byte
 		if _, err := io.ReadFull(c.br, ob[:]); err != nil {
 			return err
 		}
-		rel, n, err := cl.place(be.Uint64(ob[:]), uint64(h.length-8))
+		rel, n, err := cl.place(be.Uint64(ob[:]), uint64(h.Length-8))
 		if err != nil {
 			return err
 		}
@@ -538,8 +538,8 @@ func (c *Conn) handleReply(h replyHeader) error {
 			return err
 		}
 	case ChunkOffsetHole:
-		if !isRead || h.length != 12 {
-			return protoErrorf("OFFSET_HOLE chunk of %d bytes for %s", h.length, cl.req.Type)
+		if !isRead || h.Length != 12 {
+			return protoErrorf("OFFSET_HOLE chunk of %d bytes for %s", h.Length, cl.req.Type)
 		}
 		var hb [12]byte
 		if _, err := io.ReadFull(c.br, hb[:]); err != nil {
@@ -555,14 +555,14 @@ func (c *Conn) handleReply(h replyHeader) error {
 		}
 		c.zero(cl, rel, n)
 	case ChunkBlockStatus:
-		if cl.req.Type != CmdBlockStatus || h.length > maxStatusPayload {
-			return protoErrorf("BLOCK_STATUS chunk of %d bytes for %s", h.length, cl.req.Type)
+		if cl.req.Type != CmdBlockStatus || h.Length > maxStatusPayload {
+			return protoErrorf("BLOCK_STATUS chunk of %d bytes for %s", h.Length, cl.req.Type)
 		}
-		p := make([]byte, h.length)
+		p := make([]byte, h.Length)
 		if _, err := io.ReadFull(c.br, p); err != nil {
 			return err
 		}
-		id, ext, err := parseBlockStatusPayload(p)
+		id, ext, err := ParseBlockStatusPayload(p)
 		if err != nil {
 			return err
 		}
@@ -573,29 +573,29 @@ func (c *Conn) handleReply(h replyHeader) error {
 			cl.extents = c.extents(cl.req.Offset, ext)
 		}
 	default:
-		if !h.typ.IsError() {
-			return protoErrorf("unknown chunk type %s", h.typ)
+		if !h.Type.IsError() {
+			return protoErrorf("unknown chunk type %s", h.Type)
 		}
-		if h.length > maxErrorPayload {
-			return protoErrorf("error chunk of %d bytes", h.length)
+		if h.Length > maxErrorPayload {
+			return protoErrorf("error chunk of %d bytes", h.Length)
 		}
-		p := make([]byte, h.length)
+		p := make([]byte, h.Length)
 		if _, err := io.ReadFull(c.br, p); err != nil {
 			return err
 		}
-		ec, err := parseErrorChunk(h.typ, p)
+		ec, err := ParseErrorChunk(h.Type, p)
 		if err != nil {
 			return err
 		}
 		off := cl.req.Offset
-		if ec.hasOffset {
-			if ec.offset < cl.req.Offset || ec.offset-cl.req.Offset >= uint64(cl.req.Length) {
-				return protoErrorf("ERROR_OFFSET %d outside the request [%d, +%d)", ec.offset, cl.req.Offset, cl.req.Length)
+		if ec.HasOffset {
+			if ec.Offset < cl.req.Offset || ec.Offset-cl.req.Offset >= uint64(cl.req.Length) {
+				return protoErrorf("ERROR_OFFSET %d outside the request [%d, +%d)", ec.Offset, cl.req.Offset, cl.req.Length)
 			}
-			off = ec.offset
+			off = ec.Offset
 		}
 		if cl.err == nil {
-			cl.err = c.requestError(cl, ec.errno, ec.msg, off)
+			cl.err = c.requestError(cl, ec.Errno, ec.Msg, off)
 		}
 	}
 	if done {

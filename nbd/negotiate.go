@@ -41,7 +41,7 @@ type Negotiator struct {
 // flags. It recognises oldstyle servers and peers that are not NBD.
 func Greet(conn net.Conn) (*Negotiator, error) {
 	n := &Negotiator{conn: conn, br: bufio.NewReaderSize(conn, 64<<10)}
-	var b [greetingLen]byte
+	var b [GreetingLen]byte
 	if _, err := io.ReadFull(n.br, b[:16]); err != nil {
 		return nil, fmt.Errorf("nbd: reading the server's greeting: %w", noEOF(err))
 	}
@@ -88,7 +88,7 @@ func (n *Negotiator) send(opt Option, data []byte) error {
 	if !n.fixed && opt != OptExportName {
 		return fmt.Errorf("nbd: server is not fixed-newstyle, %s cannot be sent", opt)
 	}
-	if _, err := n.conn.Write(appendOption(nil, opt, data)); err != nil {
+	if _, err := n.conn.Write(AppendOption(nil, opt, data)); err != nil {
 		return fmt.Errorf("nbd: sending %s: %w", opt, noEOF(err))
 	}
 	return nil
@@ -96,11 +96,11 @@ func (n *Negotiator) send(opt Option, data []byte) error {
 
 // reply reads one option reply to opt.
 func (n *Negotiator) reply(opt Option) (Reply, []byte, error) {
-	var h [optionReplyLen]byte
+	var h [OptionReplyLen]byte
 	if _, err := io.ReadFull(n.br, h[:]); err != nil {
 		return 0, nil, fmt.Errorf("nbd: reading the reply to %s: %w", opt, noEOF(err))
 	}
-	echo, typ, length, err := parseOptionReplyHeader(h[:])
+	echo, typ, length, err := ParseOptionReplyHeader(h[:])
 	if err != nil {
 		return 0, nil, err
 	}
@@ -124,7 +124,7 @@ func (n *Negotiator) reply(opt Option) (Reply, []byte, error) {
 // message when it is readable text.
 func optionError(opt Option, typ Reply, data []byte) error {
 	msg := ""
-	if checkString("message", data) == nil {
+	if CheckString("message", data) == nil {
 		msg = string(data)
 	}
 	if !typ.IsError() {
@@ -244,7 +244,7 @@ type metaContext struct {
 
 func (n *Negotiator) metaContext(opt Option, export string, queries []string) ([]metaContext, error) {
 	req := MetaContextRequest{Export: export, Queries: queries}
-	if err := n.send(opt, req.encode()); err != nil {
+	if err := n.send(opt, req.Encode()); err != nil {
 		return nil, err
 	}
 	var got []metaContext
@@ -255,7 +255,7 @@ func (n *Negotiator) metaContext(opt Option, export string, queries []string) ([
 		}
 		switch typ {
 		case RepMetaContext:
-			id, name, err := parseMetaContextReply(d)
+			id, name, err := ParseMetaContextReply(d)
 			if err != nil {
 				return nil, err
 			}
@@ -284,7 +284,7 @@ func (n *Negotiator) List() ([]ExportEntry, error) {
 		}
 		switch typ {
 		case RepServer:
-			e, err := parseServerReply(d)
+			e, err := ParseServerReply(d)
 			if err != nil {
 				return nil, err
 			}
@@ -356,7 +356,7 @@ func (n *Negotiator) Go(export string) (*ExportInfo, error) {
 
 func (n *Negotiator) infoOrGo(opt Option, export string) (*ExportInfo, error) {
 	req := ExportRequest{Name: export, Infos: defaultInfos}
-	if err := n.send(opt, req.encode()); err != nil {
+	if err := n.send(opt, req.Encode()); err != nil {
 		return nil, err
 	}
 	info := n.newInfo(export)
@@ -368,7 +368,7 @@ func (n *Negotiator) infoOrGo(opt Option, export string) (*ExportInfo, error) {
 		}
 		switch typ {
 		case RepInfo:
-			r, err := parseInfoReply(d)
+			r, err := ParseInfoReply(d)
 			if err != nil {
 				return nil, err
 			}
@@ -437,10 +437,10 @@ func (n *Negotiator) ExportName(export string) (*ExportInfo, error) {
 	if err := n.send(OptExportName, []byte(export)); err != nil {
 		return nil, err
 	}
-	var b [exportNameReplyLen + exportNamePadLen]byte
-	want := exportNameReplyLen
+	var b [ExportNameReplyLen + ExportNamePadLen]byte
+	want := ExportNameReplyLen
 	if !n.noZeroes {
-		want += exportNamePadLen
+		want += ExportNamePadLen
 	}
 	if _, err := io.ReadFull(n.br, b[:want]); err != nil {
 		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
@@ -449,7 +449,7 @@ func (n *Negotiator) ExportName(export string) (*ExportInfo, error) {
 		return nil, fmt.Errorf("nbd: reading the reply to NBD_OPT_EXPORT_NAME: %w", err)
 	}
 	info := n.newInfo(export)
-	info.Size, info.Flags = parseExportNameReply(b[:])
+	info.Size, info.Flags = ParseExportNameReply(b[:])
 	info.ExportName = true
 	if err := info.check(); err != nil {
 		return nil, err

@@ -19,7 +19,7 @@ func serveReads(s *fakeServer, canonical string) {
 		if r.Type != CmdRead {
 			return
 		}
-		b := appendSimpleReply(nil, 0, r.Cookie)
+		b := AppendSimpleReply(nil, 0, r.Cookie)
 		for i := range uint64(r.Length) {
 			b = append(b, byte(r.Offset+i))
 		}
@@ -46,8 +46,8 @@ func handshake(s *fakeServer, canonical string) {
 			s.reply(opt, RepErrUnsup, nil)
 			continue
 		}
-		s.reply(OptGo, RepInfo, appendInfoText(nil, InfoName, canonical))
-		s.reply(OptGo, RepInfo, appendInfoExport(nil, 1<<20, FlagHasFlags|FlagReadOnly|FlagCanMultiConn))
+		s.reply(OptGo, RepInfo, AppendInfoText(nil, InfoName, canonical))
+		s.reply(OptGo, RepInfo, AppendInfoExport(nil, 1<<20, FlagHasFlags|FlagReadOnly|FlagCanMultiConn))
 		s.reply(OptGo, RepAck, nil)
 		break
 	}

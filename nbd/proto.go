@@ -30,15 +30,15 @@ const DefaultPort = 10809
 
 // Sizes of fixed headers on the wire.
 const (
-	greetingLen        = 18  // NBDMAGIC + IHAVEOPT + u16 handshake flags
-	optionHeaderLen    = 16  // IHAVEOPT + u32 option + u32 length
-	optionReplyLen     = 20  // magic + u32 option + u32 type + u32 length
-	requestHeaderLen   = 28  // compact request
-	simpleReplyLen     = 16  // simple reply
-	chunkHeaderLen     = 20  // structured reply chunk
-	exportNameReplyLen = 10  // u64 size + u16 flags after NBD_OPT_EXPORT_NAME
-	exportNamePadLen   = 124 // zero padding after it unless NO_ZEROES
-	oldstyleRestLen    = 152 - 16
+	GreetingLen        = 18  // NBDMAGIC + IHAVEOPT + u16 handshake flags
+	OptionHeaderLen    = 16  // IHAVEOPT + u32 option + u32 length
+	OptionReplyLen     = 20  // magic + u32 option + u32 type + u32 length
+	RequestHeaderLen   = 28  // compact request
+	SimpleReplyLen     = 16  // simple reply
+	ChunkHeaderLen     = 20  // structured reply chunk
+	ExportNameReplyLen = 10  // u64 size + u16 flags after NBD_OPT_EXPORT_NAME
+	ExportNamePadLen   = 124 // zero padding after it unless NO_ZEROES
+	OldstyleRestLen    = 152 - 16
 )
 
 // Limits the spec sets or that every peer honours.

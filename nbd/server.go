@@ -230,7 +230,7 @@ func CheckExportName(name string) error {
 	if strings.Contains(name, "@") {
 		return fmt.Errorf("nbd: export name %q contains '@', which is reserved for views such as NAME@snapshot (rename it with NAME=IMAGE)", name)
 	}
-	if err := checkString("export name", []byte(name)); err != nil {
+	if err := CheckString("export name", []byte(name)); err != nil {
 		return fmt.Errorf("nbd: export name %q: %w", name, err)
 	}
 	return nil

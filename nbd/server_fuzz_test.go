@@ -77,19 +77,19 @@ func runServerOn(t *testing.T, input []byte) {
 // SET_META_CONTEXT base:allocation and GO for export name.
 func handshakePrefix(name string, promise bool) []byte {
 	b := be.AppendUint32(nil, uint32(ClientFixedNewstyle|ClientNoZeroes))
-	b = appendOption(b, OptStructuredReply, nil)
+	b = AppendOption(b, OptStructuredReply, nil)
 	if promise {
-		b = appendOption(b, OptXReadOnly, nil)
+		b = AppendOption(b, OptXReadOnly, nil)
 	}
 	mc := MetaContextRequest{Export: name, Queries: []string{ContextBaseAllocation}}
-	b = appendOption(b, OptSetMetaContext, mc.encode())
+	b = AppendOption(b, OptSetMetaContext, mc.Encode())
 	req := ExportRequest{Name: name, Infos: []InfoType{InfoName, InfoBlockSize}}
-	return appendOption(b, OptGo, req.encode())
+	return AppendOption(b, OptGo, req.Encode())
 }
 
 func requestBytes(typ Cmd, flags CmdFlags, off uint64, length uint32, payload []byte) []byte {
-	b := make([]byte, requestHeaderLen)
-	(&Request{Flags: flags, Type: typ, Cookie: 7, Offset: off, Length: length}).encode(b)
+	b := make([]byte, RequestHeaderLen)
+	(&Request{Flags: flags, Type: typ, Cookie: 7, Offset: off, Length: length}).Encode(b)
 	return append(b, payload...)
 }
 
@@ -100,12 +100,12 @@ func FuzzServerHandshake(f *testing.F) {
 	f.Add(be.AppendUint32(nil, 3))
 	f.Add(handshakePrefix("disk", false))
 	f.Add(handshakePrefix("disk@snapshot", true))
-	f.Add(append(be.AppendUint32(nil, 3), appendOption(nil, OptList, nil)...))
-	f.Add(append(be.AppendUint32(nil, 3), appendOption(nil, OptExportName, []byte("disk"))...))
-	f.Add(append(be.AppendUint32(nil, 3), appendOption(nil, OptInfo, []byte{0, 0, 0, 4, 'd', 'i', 's', 'k', 0, 1, 0, 3})...))
-	f.Add(append(be.AppendUint32(nil, 3), appendOption(nil, OptListMetaContext, []byte{0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 5, 'b', 'a', 's', 'e', ':'})...))
-	f.Add(append(be.AppendUint32(nil, 3), appendOption(nil, OptAbort, nil)...))
-	f.Add(append(be.AppendUint32(nil, 3), appendOption(nil, Option(0x12345678), []byte("junk"))...))
+	f.Add(append(be.AppendUint32(nil, 3), AppendOption(nil, OptList, nil)...))
+	f.Add(append(be.AppendUint32(nil, 3), AppendOption(nil, OptExportName, []byte("disk"))...))
+	f.Add(append(be.AppendUint32(nil, 3), AppendOption(nil, OptInfo, []byte{0, 0, 0, 4, 'd', 'i', 's', 'k', 0, 1, 0, 3})...))
+	f.Add(append(be.AppendUint32(nil, 3), AppendOption(nil, OptListMetaContext, []byte{0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 5, 'b', 'a', 's', 'e', ':'})...))
+	f.Add(append(be.AppendUint32(nil, 3), AppendOption(nil, OptAbort, nil)...))
+	f.Add(append(be.AppendUint32(nil, 3), AppendOption(nil, Option(0x12345678), []byte("junk"))...))
 	hdr := be.AppendUint32(nil, 3)
 	hdr = be.AppendUint64(hdr, IHaveOpt)
 	hdr = be.AppendUint32(hdr, uint32(OptGo))

@@ -128,7 +128,7 @@ func (c *serverConn) send(b []byte) error {
 }
 
 func (c *serverConn) reply(opt Option, typ Reply, data []byte) error {
-	return c.send(appendOptionReply(nil, opt, typ, data))
+	return c.send(AppendOptionReply(nil, opt, typ, data))
 }
 
 // replyErr answers an option with an error reply carrying a message.
@@ -144,10 +144,10 @@ func (c *serverConn) replyErr(opt Option, typ Reply, format string, args ...any)
 // handshake runs the fixed-newstyle negotiation until the client opens an
 // export (GO or EXPORT_NAME) and returns the view it opened.
 func (c *serverConn) handshake() (*exportView, error) {
-	if err := c.send(appendGreeting(nil, HandshakeFixedNewstyle|HandshakeNoZeroes)); err != nil {
+	if err := c.send(AppendGreeting(nil, HandshakeFixedNewstyle|HandshakeNoZeroes)); err != nil {
 		return nil, err
 	}
-	var buf [optionHeaderLen]byte
+	var buf [OptionHeaderLen]byte
 	if _, err := io.ReadFull(c.conn, buf[:4]); err != nil {
 		return nil, fmt.Errorf("reading client flags: %w", err)
 	}
@@ -165,7 +165,7 @@ func (c *serverConn) handshake() (*exportView, error) {
 		if _, err := io.ReadFull(c.conn, buf[:]); err != nil {
 			return nil, fmt.Errorf("reading option: %w", err)
 		}
-		opt, length, err := parseOptionHeader(buf[:])
+		opt, length, err := ParseOptionHeader(buf[:])
 		if err != nil {
 			return nil, err
 		}
@@ -238,7 +238,7 @@ func (c *serverConn) option(opt Option, data []byte) (*exportView, error) {
 }
 
 func (c *serverConn) optExportName(data []byte) (*exportView, error) {
-	if err := checkString("export name", data); err != nil {
+	if err := CheckString("export name", data); err != nil {
 		return nil, err
 	}
 	name := string(data)
@@ -250,7 +250,7 @@ func (c *serverConn) optExportName(data []byte) (*exportView, error) {
 	b := be.AppendUint64(nil, uint64(v.exp.size))
 	b = be.AppendUint16(b, uint16(exportFlags(v.writable, c.structured)))
 	if !c.noZeroes {
-		b = append(b, make([]byte, exportNamePadLen)...)
+		b = append(b, make([]byte, ExportNamePadLen)...)
 	}
 	if err := c.send(b); err != nil {
 		v.release()
@@ -267,9 +267,9 @@ func (c *serverConn) optList(data []byte) error {
 	var b []byte
 	for _, e := range c.srv.exports {
 		entry := ExportEntry{Name: e.name, Description: e.listDescription()}
-		b = appendOptionReply(b, OptList, RepServer, entry.encode())
+		b = AppendOptionReply(b, OptList, RepServer, entry.Encode())
 	}
-	b = appendOptionReply(b, OptList, RepAck, nil)
+	b = AppendOptionReply(b, OptList, RepAck, nil)
 	return c.send(b)
 }
 
@@ -312,7 +312,7 @@ func (c *serverConn) optStartTLS(data []byte) error {
 var srvBlockSize = BlockSize{Min: 1, Preferred: 4096, Max: MaxPayload}
 
 func (c *serverConn) optInfo(opt Option, data []byte) (*exportView, error) {
-	req, err := parseExportRequest(data)
+	req, err := ParseExportRequest(data)
 	if err != nil {
 		return nil, c.replyErr(opt, RepErrInvalid, "%v", err)
 	}
@@ -329,17 +329,17 @@ func (c *serverConn) optInfo(opt Option, data []byte) (*exportView, error) {
 			wantDesc = true
 		}
 	}
-	b := appendOptionReply(nil, opt, RepInfo, appendInfoExport(nil, uint64(v.exp.size), exportFlags(v.writable, c.structured)))
+	b := AppendOptionReply(nil, opt, RepInfo, AppendInfoExport(nil, uint64(v.exp.size), exportFlags(v.writable, c.structured)))
 	// The canonical name of a snapshot goes out unasked, so every further
 	// connection of the same client joins the same instant.
 	if wantName || v.snap != nil {
-		b = appendOptionReply(b, opt, RepInfo, appendInfoText(nil, InfoName, v.name))
+		b = AppendOptionReply(b, opt, RepInfo, AppendInfoText(nil, InfoName, v.name))
 	}
 	if wantDesc && v.exp.description != "" {
-		b = appendOptionReply(b, opt, RepInfo, appendInfoText(nil, InfoDescription, v.exp.description))
+		b = AppendOptionReply(b, opt, RepInfo, AppendInfoText(nil, InfoDescription, v.exp.description))
 	}
-	b = appendOptionReply(b, opt, RepInfo, appendInfoBlockSize(nil, srvBlockSize))
-	b = appendOptionReply(b, opt, RepAck, nil)
+	b = AppendOptionReply(b, opt, RepInfo, AppendInfoBlockSize(nil, srvBlockSize))
+	b = AppendOptionReply(b, opt, RepAck, nil)
 	if err := c.send(b); err != nil {
 		if opt == OptGo {
 			v.release()
@@ -361,7 +361,7 @@ func (c *serverConn) optMetaContext(opt Option, data []byte) error {
 	if set && !c.structured {
 		return c.replyErr(opt, RepErrInvalid, "%s needs NBD_OPT_STRUCTURED_REPLY first", opt)
 	}
-	req, err := parseMetaContextRequest(data)
+	req, err := ParseMetaContextRequest(data)
 	if err != nil {
 		return c.replyErr(opt, RepErrInvalid, "%v", err)
 	}
@@ -382,9 +382,9 @@ func (c *serverConn) optMetaContext(opt Option, data []byte) error {
 		if set {
 			id = 1
 		}
-		b = appendOptionReply(b, opt, RepMetaContext, appendMetaContextReply(nil, id, ContextBaseAllocation))
+		b = AppendOptionReply(b, opt, RepMetaContext, AppendMetaContextReply(nil, id, ContextBaseAllocation))
 	}
-	b = appendOptionReply(b, opt, RepAck, nil)
+	b = AppendOptionReply(b, opt, RepAck, nil)
 	if set && match {
 		c.metaSet, c.metaExport = true, req.Export
 	}

@@ -103,7 +103,7 @@ func dialRaw(t testing.TB, addr string) *rawClient {
 	t.Cleanup(func() { c.Close() })
 	c.SetDeadline(time.Now().Add(30 * time.Second))
 	r := &rawClient{t: t, c: c}
-	var g [greetingLen]byte
+	var g [GreetingLen]byte
 	r.readFull(g[:])
 	if be.Uint64(g[0:]) != Magic || be.Uint64(g[8:]) != IHaveOpt {
 		t.Fatalf("greeting % x is not fixed newstyle", g)
@@ -138,12 +138,12 @@ type optReply struct {
 // (ACK or an error).
 func (r *rawClient) option(opt Option, data []byte) []optReply {
 	r.t.Helper()
-	r.write(appendOption(nil, opt, data))
+	r.write(AppendOption(nil, opt, data))
 	var out []optReply
 	for {
-		var h [optionReplyLen]byte
+		var h [OptionReplyLen]byte
 		r.readFull(h[:])
-		o, typ, n, err := parseOptionReplyHeader(h[:])
+		o, typ, n, err := ParseOptionReplyHeader(h[:])
 		if err != nil {
 			r.t.Fatal(err)
 		}
@@ -176,13 +176,13 @@ type exportInfo struct {
 func (r *rawClient) info(opt Option, name string) (Reply, exportInfo) {
 	r.t.Helper()
 	req := ExportRequest{Name: name, Infos: []InfoType{InfoName, InfoBlockSize}}
-	rs := r.option(opt, req.encode())
+	rs := r.option(opt, req.Encode())
 	var ei exportInfo
 	for _, x := range rs {
 		if x.typ != RepInfo {
 			continue
 		}
-		ir, err := parseInfoReply(x.data)
+		ir, err := ParseInfoReply(x.data)
 		if err != nil {
 			r.t.Fatal(err)
 		}
@@ -213,8 +213,8 @@ func (r *rawClient) request(typ Cmd, flags CmdFlags, off uint64, length uint32, 
 	r.t.Helper()
 	r.cookie++
 	req := Request{Flags: flags, Type: typ, Cookie: r.cookie, Offset: off, Length: length}
-	var b [requestHeaderLen]byte
-	req.encode(b[:])
+	var b [RequestHeaderLen]byte
+	req.Encode(b[:])
 	r.write(append(b[:], payload...))
 	return r.cookie
 }
@@ -222,15 +222,15 @@ func (r *rawClient) request(typ Cmd, flags CmdFlags, off uint64, length uint32, 
 // simpleReply reads a simple reply header and returns its errno.
 func (r *rawClient) simpleReply(cookie uint64) Errno {
 	r.t.Helper()
-	var b [chunkHeaderLen]byte
-	h, err := readReplyHeader(r.c, &b)
+	var b [ChunkHeaderLen]byte
+	h, err := ReadReplyHeader(r.c, &b)
 	if err != nil {
 		r.t.Fatal(err)
 	}
-	if h.structured || h.cookie != cookie {
+	if h.Structured || h.Cookie != cookie {
 		r.t.Fatalf("got reply %+v, want a simple reply to cookie %d", h, cookie)
 	}
-	return h.errno
+	return h.Errno
 }
 
 // readSimple issues a READ without structured replies and returns the
@@ -255,18 +255,18 @@ func (r *rawClient) readStructured(off uint64, length uint32, flags CmdFlags) ([
 	chunks := 0
 	var errno Errno
 	for {
-		var b [chunkHeaderLen]byte
-		h, err := readReplyHeader(r.c, &b)
+		var b [ChunkHeaderLen]byte
+		h, err := ReadReplyHeader(r.c, &b)
 		if err != nil {
 			r.t.Fatal(err)
 		}
-		if !h.structured || h.cookie != c {
+		if !h.Structured || h.Cookie != c {
 			r.t.Fatalf("got reply %+v, want a chunk for cookie %d", h, c)
 		}
-		p := make([]byte, h.length)
+		p := make([]byte, h.Length)
 		r.readFull(p)
 		chunks++
-		switch h.typ {
+		switch h.Type {
 		case ChunkOffsetData:
 			o := be.Uint64(p) - off
 			copy(out[o:], p[8:])
@@ -275,16 +275,16 @@ func (r *rawClient) readStructured(off uint64, length uint32, flags CmdFlags) ([
 			clear(out[o : o+uint64(n)])
 		case ChunkNone:
 		default:
-			if !h.typ.IsError() {
-				r.t.Fatalf("unexpected chunk type %s", h.typ)
+			if !h.Type.IsError() {
+				r.t.Fatalf("unexpected chunk type %s", h.Type)
 			}
-			ec, err := parseErrorChunk(h.typ, p)
+			ec, err := ParseErrorChunk(h.Type, p)
 			if err != nil {
 				r.t.Fatal(err)
 			}
-			errno = ec.errno
+			errno = ec.Errno
 		}
-		if h.flags&ReplyFlagDone != 0 {
+		if h.Flags&ReplyFlagDone != 0 {
 			if errno != 0 {
 				return nil, errno, chunks
 			}

@@ -125,7 +125,7 @@ func TestServerBusyReadOnly(t *testing.T) {
 	if f := w2.mustGo("disk").flags; f&FlagReadOnly == 0 {
 		t.Errorf("second writer over --max-writers 1: flags %s, want READ_ONLY (--busy=readonly)", f)
 	}
-	w1.write(appendOption(nil, OptAbort, nil)) // not in transmission: close is enough
+	w1.write(AppendOption(nil, OptAbort, nil)) // not in transmission: close is enough
 	w1.c.Close()
 	w2.c.Close()
 	// The slot comes back when the writer leaves; the server notices
@@ -196,7 +196,7 @@ func TestServerExportNames(t *testing.T) {
 	if final(rs) != RepAck || len(rs) != 2 {
 		t.Fatalf("LIST: %+v", rs)
 	}
-	e, err := parseServerReply(rs[0].data)
+	e, err := ParseServerReply(rs[0].data)
 	if err != nil || e.Name != "disk" || e.Description != "test disk" {
 		t.Errorf("LIST entry %+v, %v", e, err)
 	}
@@ -219,22 +219,22 @@ func TestServerMetaContextAndBlockStatus(t *testing.T) {
 	_, addr := startTestServer(t, ServerConfig{}, path)
 	c := dialRaw(t, addr)
 	mc := MetaContextRequest{Export: "disk", Queries: []string{"base:allocation"}}
-	if got := final(c.option(OptSetMetaContext, mc.encode())); got != RepErrInvalid {
+	if got := final(c.option(OptSetMetaContext, mc.Encode())); got != RepErrInvalid {
 		t.Errorf("SET_META_CONTEXT before STRUCTURED_REPLY: %s, want ERR_INVALID", got)
 	}
 	if got := final(c.option(OptStructuredReply, nil)); got != RepAck {
 		t.Fatalf("STRUCTURED_REPLY: %s", got)
 	}
 	list := MetaContextRequest{Export: "disk", Queries: []string{"base:"}}
-	rs := c.option(OptListMetaContext, list.encode())
+	rs := c.option(OptListMetaContext, list.Encode())
 	if len(rs) != 2 || rs[0].typ != RepMetaContext || string(rs[0].data[4:]) != ContextBaseAllocation {
 		t.Errorf("LIST_META_CONTEXT base: → %+v, want base:allocation", rs)
 	}
 	odd := MetaContextRequest{Export: "disk", Queries: []string{"base:nonsense", "qemu:dirty-bitmap:x"}}
-	if rs := c.option(OptSetMetaContext, odd.encode()); len(rs) != 1 || rs[0].typ != RepAck {
+	if rs := c.option(OptSetMetaContext, odd.Encode()); len(rs) != 1 || rs[0].typ != RepAck {
 		t.Errorf("SET_META_CONTEXT of unknown contexts: %+v, want a bare ACK", rs)
 	}
-	rs = c.option(OptSetMetaContext, mc.encode())
+	rs = c.option(OptSetMetaContext, mc.Encode())
 	if len(rs) != 2 || rs[0].typ != RepMetaContext {
 		t.Fatalf("SET_META_CONTEXT: %+v", rs)
 	}
@@ -245,14 +245,14 @@ func TestServerMetaContextAndBlockStatus(t *testing.T) {
 	}
 
 	cookie := c.request(CmdBlockStatus, 0, 0, testSize, nil)
-	var b [chunkHeaderLen]byte
-	h, err := readReplyHeader(c.c, &b)
-	if err != nil || h.typ != ChunkBlockStatus || h.cookie != cookie || h.flags&ReplyFlagDone == 0 {
+	var b [ChunkHeaderLen]byte
+	h, err := ReadReplyHeader(c.c, &b)
+	if err != nil || h.Type != ChunkBlockStatus || h.Cookie != cookie || h.Flags&ReplyFlagDone == 0 {
 		t.Fatalf("BLOCK_STATUS reply %+v, %v", h, err)
 	}
-	p := make([]byte, h.length)
+	p := make([]byte, h.Length)
 	c.readFull(p)
-	gotID, ext, err := parseBlockStatusPayload(p)
+	gotID, ext, err := ParseBlockStatusPayload(p)
 	if err != nil || gotID != id {
 		t.Fatalf("BLOCK_STATUS payload: id %d (want %d), %v", gotID, id, err)
 	}
@@ -408,7 +408,7 @@ func TestServerHostileBytes(t *testing.T) {
 		c := dialRaw(t, addr)
 		var b []byte
 		for i := 0; i <= srvMaxOptions; i++ {
-			b = appendOption(b, OptStructuredReply, nil)
+			b = AppendOption(b, OptStructuredReply, nil)
 		}
 		go c.c.Write(b)
 		c.expectClosed()
@@ -416,7 +416,7 @@ func TestServerHostileBytes(t *testing.T) {
 	t.Run("bad request magic", func(t *testing.T) {
 		c := dialRaw(t, addr)
 		c.mustGo("disk")
-		c.write(bytes.Repeat([]byte{0x55}, requestHeaderLen))
+		c.write(bytes.Repeat([]byte{0x55}, RequestHeaderLen))
 		c.expectClosed()
 	})
 	t.Run("oversize write", func(t *testing.T) {
@@ -436,8 +436,8 @@ func TestServerHostileBytes(t *testing.T) {
 	t.Run("vanish mid-request", func(t *testing.T) {
 		c := dialRaw(t, addr)
 		c.mustGo("disk@live")
-		hdr := make([]byte, requestHeaderLen)
-		(&Request{Type: CmdWrite, Cookie: 1, Length: 1 << 20}).encode(hdr)
+		hdr := make([]byte, RequestHeaderLen)
+		(&Request{Type: CmdWrite, Cookie: 1, Length: 1 << 20}).Encode(hdr)
 		c.write(append(hdr, make([]byte, 1000)...))
 		for i := 0; i < 8; i++ {
 			c.request(CmdRead, 0, 0, 1<<20, nil)
@@ -545,13 +545,13 @@ func TestServerExportNameOption(t *testing.T) {
 	img := testImage(t, testSize, 9)
 	_, addr := startTestServer(t, ServerConfig{}, img)
 	c := dialRaw(t, addr)
-	c.write(appendOption(nil, OptXReadOnly, nil))
-	var h [optionReplyLen]byte
+	c.write(AppendOption(nil, OptXReadOnly, nil))
+	var h [OptionReplyLen]byte
 	c.readFull(h[:])
-	c.write(appendOption(nil, OptExportName, []byte("disk")))
-	var r [exportNameReplyLen]byte // NO_ZEROES: no padding
+	c.write(AppendOption(nil, OptExportName, []byte("disk")))
+	var r [ExportNameReplyLen]byte // NO_ZEROES: no padding
 	c.readFull(r[:])
-	size, flags := parseExportNameReply(r[:])
+	size, flags := ParseExportNameReply(r[:])
 	if size != testSize || flags&FlagReadOnly == 0 {
 		t.Errorf("EXPORT_NAME after the promise: size %d flags %s", size, flags)
 	}
@@ -560,7 +560,7 @@ func TestServerExportNameOption(t *testing.T) {
 	}
 	// An unknown export: the server can only hang up.
 	u := dialRaw(t, addr)
-	u.write(appendOption(nil, OptExportName, []byte("nope")))
+	u.write(AppendOption(nil, OptExportName, []byte("nope")))
 	u.expectClosed()
 }
 
@@ -589,18 +589,18 @@ func TestServerShutdown(t *testing.T) {
 	// that would destroy replies not yet read.
 	var acked []uint64
 	for range cookies {
-		var b [chunkHeaderLen]byte
-		h, err := readReplyHeader(c.c, &b)
+		var b [ChunkHeaderLen]byte
+		h, err := ReadReplyHeader(c.c, &b)
 		if errors.Is(err, io.EOF) {
 			break
 		}
 		if err != nil {
 			t.Fatalf("after %d replies: %v (want replies, then EOF)", len(acked), err)
 		}
-		if h.errno != 0 {
-			t.Errorf("write failed in shutdown: %s", h.errno)
+		if h.Errno != 0 {
+			t.Errorf("write failed in shutdown: %s", h.Errno)
 		}
-		acked = append(acked, h.cookie)
+		acked = append(acked, h.Cookie)
 	}
 	c.c.Close()
 	wg.Wait()
@@ -667,8 +667,8 @@ func TestServerPipelined(t *testing.T) {
 			r = Request{Type: CmdWrite, Cookie: c.cookie, Offset: p.off, Length: p.length}
 		}
 		reqs[c.cookie] = p
-		hdr := make([]byte, requestHeaderLen)
-		r.encode(hdr)
+		hdr := make([]byte, RequestHeaderLen)
+		r.Encode(hdr)
 		out = append(out, hdr...)
 		if !p.read {
 			out = append(out, bytes.Repeat([]byte{byte(i)}, int(p.length))...)
@@ -677,26 +677,26 @@ func TestServerPipelined(t *testing.T) {
 	}
 	go c.c.Write(out) // the server replies while we still send
 	for left := len(reqs); left > 0; {
-		var b [chunkHeaderLen]byte
-		h, err := readReplyHeader(c.c, &b)
+		var b [ChunkHeaderLen]byte
+		h, err := ReadReplyHeader(c.c, &b)
 		if err != nil {
 			t.Fatalf("with %d replies outstanding: %v", left, err)
 		}
-		p := reqs[h.cookie]
+		p := reqs[h.Cookie]
 		if p == nil || p.done {
-			t.Fatalf("reply for unknown or finished cookie %d", h.cookie)
+			t.Fatalf("reply for unknown or finished cookie %d", h.Cookie)
 		}
-		if !h.structured {
-			if h.errno != 0 || p.read {
-				t.Fatalf("cookie %d: simple reply errno %s (read %v)", h.cookie, h.errno, p.read)
+		if !h.Structured {
+			if h.Errno != 0 || p.read {
+				t.Fatalf("cookie %d: simple reply errno %s (read %v)", h.Cookie, h.Errno, p.read)
 			}
 			p.done = true
 			left--
 			continue
 		}
-		payload := make([]byte, h.length)
+		payload := make([]byte, h.Length)
 		c.readFull(payload)
-		switch h.typ {
+		switch h.Type {
 		case ChunkOffsetData:
 			o := be.Uint64(payload) - p.off
 			copy(p.data[o:], payload[8:])
@@ -704,9 +704,9 @@ func TestServerPipelined(t *testing.T) {
 			o, n := be.Uint64(payload)-p.off, be.Uint32(payload[8:])
 			clear(p.data[o : o+uint64(n)])
 		default:
-			t.Fatalf("cookie %d: chunk %s", h.cookie, h.typ)
+			t.Fatalf("cookie %d: chunk %s", h.Cookie, h.Type)
 		}
-		if h.flags&ReplyFlagDone != 0 {
+		if h.Flags&ReplyFlagDone != 0 {
 			p.done = true
 			left--
 		}
@@ -736,9 +736,9 @@ func TestServerCanonicalNameUnasked(t *testing.T) {
 		}
 		req := ExportRequest{Name: name}
 		var got []string
-		for _, r := range c.option(OptGo, req.encode()) {
+		for _, r := range c.option(OptGo, req.Encode()) {
 			if r.typ == RepInfo {
-				if ir, err := parseInfoReply(r.data); err == nil && ir.Type == InfoName {
+				if ir, err := ParseInfoReply(r.data); err == nil && ir.Type == InfoName {
 					got = append(got, ir.Text)
 				}
 			}
@@ -780,7 +780,7 @@ func TestServerMaxConns(t *testing.T) {
 			t.Fatal(err)
 		}
 		c.SetReadDeadline(time.Now().Add(10 * time.Second))
-		var g [greetingLen]byte
+		var g [GreetingLen]byte
 		_, err = io.ReadFull(c, g[:])
 		c.Close()
 		if err == nil {

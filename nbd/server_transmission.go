@@ -79,7 +79,7 @@ func (c *serverConn) transmit() (int, error) {
 	// (a bigger buffer only copies more of each payload twice).
 	br := bufio.NewReaderSize(c.conn, 8<<10)
 	var handlers sync.WaitGroup
-	var hdr [requestHeaderLen]byte
+	var hdr [RequestHeaderLen]byte
 	var reason error
 	n := 0
 	for ; ; n++ {
@@ -87,7 +87,7 @@ func (c *serverConn) transmit() (int, error) {
 			reason = c.readEnded(err)
 			break
 		}
-		req, err := parseRequest(hdr[:])
+		req, err := ParseRequest(hdr[:])
 		if err != nil {
 			reason = err
 			break
@@ -433,7 +433,7 @@ func (c *serverConn) handleRead(req Request, inRange bool) *srvReply {
 	}
 	r := &srvReply{buf: buf}
 	if !c.structured {
-		r.bufs = net.Buffers{appendSimpleReply(make([]byte, 0, simpleReplyLen), 0, req.Cookie), buf}
+		r.bufs = net.Buffers{AppendSimpleReply(make([]byte, 0, SimpleReplyLen), 0, req.Cookie), buf}
 		return r
 	}
 	if len(ext) == 0 {
@@ -453,7 +453,7 @@ func (c *serverConn) handleRead(req Request, inRange bool) *srvReply {
 // NBD_REPLY_FLAG_DONE. Headers go into one slice sized up front, so the
 // slices of it handed to header stay valid.
 func srvReadChunks(cookie uint64, ext []srvExtent, header func([]byte), data func(srvExtent)) {
-	hdr := make([]byte, 0, len(ext)*(chunkHeaderLen+12))
+	hdr := make([]byte, 0, len(ext)*(ChunkHeaderLen+12))
 	for i, x := range ext {
 		var flags uint16
 		if i == len(ext)-1 {
@@ -461,13 +461,13 @@ func srvReadChunks(cookie uint64, ext []srvExtent, header func([]byte), data fun
 		}
 		start := len(hdr)
 		if x.hole {
-			hdr = appendChunkHeader(hdr, flags, ChunkOffsetHole, cookie, 12)
+			hdr = AppendChunkHeader(hdr, flags, ChunkOffsetHole, cookie, 12)
 			hdr = be.AppendUint64(hdr, uint64(x.off))
 			hdr = be.AppendUint32(hdr, uint32(x.length))
 			header(hdr[start:])
 			continue
 		}
-		hdr = appendChunkHeader(hdr, flags, ChunkOffsetData, cookie, uint32(8+x.length))
+		hdr = AppendChunkHeader(hdr, flags, ChunkOffsetData, cookie, uint32(8+x.length))
 		hdr = be.AppendUint64(hdr, uint64(x.off))
 		header(hdr[start:])
 		data(x)
@@ -491,7 +491,7 @@ func (c *serverConn) sendfileRead(req Request, holes bool) *srvReply {
 	}
 	r := &srvReply{file: v.exp.file}
 	if !c.structured {
-		r.pieces = []srvPiece{{b: appendSimpleReply(nil, 0, req.Cookie)}, {off: off, n: length}}
+		r.pieces = []srvPiece{{b: AppendSimpleReply(nil, 0, req.Cookie)}, {off: off, n: length}}
 		return r
 	}
 	ext := []srvExtent{{off: off, length: length}}
@@ -535,8 +535,8 @@ func (c *serverConn) handleBlockStatus(req Request, inRange bool) *srvReply {
 		}
 		wire = append(wire, WireExtent{Length: uint32(x.length), Flags: st})
 	}
-	payload := appendBlockStatusPayload(nil, 1, wire)
-	b := appendChunkHeader(make([]byte, 0, chunkHeaderLen+len(payload)), ReplyFlagDone, ChunkBlockStatus, req.Cookie, uint32(len(payload)))
+	payload := AppendBlockStatusPayload(nil, 1, wire)
+	b := AppendChunkHeader(make([]byte, 0, ChunkHeaderLen+len(payload)), ReplyFlagDone, ChunkBlockStatus, req.Cookie, uint32(len(payload)))
 	return &srvReply{bufs: net.Buffers{append(b, payload...)}}
 }
 
@@ -546,10 +546,10 @@ func (c *serverConn) result(req Request, err error) *srvReply {
 		return c.errorReply(req, err)
 	}
 	if c.structured && req.Type == CmdRead {
-		b := appendChunkHeader(nil, ReplyFlagDone, ChunkNone, req.Cookie, 0)
+		b := AppendChunkHeader(nil, ReplyFlagDone, ChunkNone, req.Cookie, 0)
 		return &srvReply{bufs: net.Buffers{b}}
 	}
-	return &srvReply{bufs: net.Buffers{appendSimpleReply(nil, 0, req.Cookie)}}
+	return &srvReply{bufs: net.Buffers{AppendSimpleReply(nil, 0, req.Cookie)}}
 }
 
 // errorReply reports err for one request: an ERROR chunk with a message
@@ -563,9 +563,9 @@ func (c *serverConn) errorReply(req Request, err error) *srvReply {
 		c.log.Debug("request refused", "cmd", req.Type, "offset", req.Offset, "length", req.Length, "err", err)
 	}
 	if c.structured && (req.Type == CmdRead || req.Type == CmdBlockStatus) {
-		p := appendErrorChunkPayload(nil, errno, err.Error(), -1)
-		b := appendChunkHeader(make([]byte, 0, chunkHeaderLen+len(p)), ReplyFlagDone, ChunkError, req.Cookie, uint32(len(p)))
+		p := AppendErrorChunkPayload(nil, errno, err.Error(), -1)
+		b := AppendChunkHeader(make([]byte, 0, ChunkHeaderLen+len(p)), ReplyFlagDone, ChunkError, req.Cookie, uint32(len(p)))
 		return &srvReply{bufs: net.Buffers{append(b, p...)}}
 	}
-	return &srvReply{bufs: net.Buffers{appendSimpleReply(nil, errno, req.Cookie)}}
+	return &srvReply{bufs: net.Buffers{AppendSimpleReply(nil, errno, req.Cookie)}}
 }

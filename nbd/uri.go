@@ -81,7 +81,7 @@ func ParseURI(s string) (*URI, error) {
 	// The export name is the path without its first '/', so
 	// nbd://h//disk names "/disk".
 	r.Export = strings.TrimPrefix(u.Path, "/")
-	if err := checkString("export name", []byte(r.Export)); err != nil {
+	if err := CheckString("export name", []byte(r.Export)); err != nil {
 		return nil, bad("%v", err)
 	}
 	q, err := url.ParseQuery(u.RawQuery)

@@ -1,9 +1,10 @@
 package nbd
 
 // The codec: every message of the handshake and transmission phases,
-// encoded and decoded by hand with encoding/binary (big-endian). Client and
-// server both use these functions; nothing else in the package touches
-// byte offsets. Decoders check every length before using or allocating it.
+// encoded and decoded by hand with encoding/binary (big-endian). The client
+// here and the server (nbd/server) both use these functions; nothing else
+// touches byte offsets. Decoders check every length before using or
+// allocating it.
 
 import (
 	"bytes"
@@ -15,9 +16,9 @@ import (
 
 var be = binary.BigEndian
 
-// checkString enforces the spec's rules for strings on the wire: at most
+// CheckString enforces the spec's rules for strings on the wire: at most
 // 4096 bytes, valid UTF-8, no NUL.
-func checkString(what string, b []byte) error {
+func CheckString(what string, b []byte) error {
 	if len(b) > MaxStringLen {
 		return protoErrorf("%s of %d bytes exceeds the 4096-byte limit", what, len(b))
 	}
@@ -32,8 +33,8 @@ func checkString(what string, b []byte) error {
 
 // ---- Handshake: greeting ----
 
-// appendGreeting encodes the fixed-newstyle greeting a server sends first.
-func appendGreeting(b []byte, flags HandshakeFlags) []byte {
+// AppendGreeting encodes the fixed-newstyle greeting a server sends first.
+func AppendGreeting(b []byte, flags HandshakeFlags) []byte {
 	b = be.AppendUint64(b, Magic)
 	b = be.AppendUint64(b, IHaveOpt)
 	return be.AppendUint16(b, uint16(flags))
@@ -41,17 +42,17 @@ func appendGreeting(b []byte, flags HandshakeFlags) []byte {
 
 // ---- Handshake: option requests ----
 
-// appendOption encodes one option request with its data.
-func appendOption(b []byte, opt Option, data []byte) []byte {
+// AppendOption encodes one option request with its data.
+func AppendOption(b []byte, opt Option, data []byte) []byte {
 	b = be.AppendUint64(b, IHaveOpt)
 	b = be.AppendUint32(b, uint32(opt))
 	b = be.AppendUint32(b, uint32(len(data)))
 	return append(b, data...)
 }
 
-// parseOptionHeader decodes the 16-byte header of an option request. The
+// ParseOptionHeader decodes the 16-byte header of an option request. The
 // caller decides, from the length, whether to read or drain the data.
-func parseOptionHeader(b []byte) (Option, uint32, error) {
+func ParseOptionHeader(b []byte) (Option, uint32, error) {
 	if m := be.Uint64(b[0:8]); m != IHaveOpt {
 		return 0, 0, protoErrorf("option request magic %#x, want IHAVEOPT", m)
 	}
@@ -60,8 +61,8 @@ func parseOptionHeader(b []byte) (Option, uint32, error) {
 
 // ---- Handshake: option replies ----
 
-// appendOptionReply encodes one option reply.
-func appendOptionReply(b []byte, opt Option, typ Reply, data []byte) []byte {
+// AppendOptionReply encodes one option reply.
+func AppendOptionReply(b []byte, opt Option, typ Reply, data []byte) []byte {
 	b = be.AppendUint64(b, OptReplyMagic)
 	b = be.AppendUint32(b, uint32(opt))
 	b = be.AppendUint32(b, uint32(typ))
@@ -69,8 +70,8 @@ func appendOptionReply(b []byte, opt Option, typ Reply, data []byte) []byte {
 	return append(b, data...)
 }
 
-// parseOptionReplyHeader decodes the 20-byte header of an option reply.
-func parseOptionReplyHeader(b []byte) (opt Option, typ Reply, length uint32, err error) {
+// ParseOptionReplyHeader decodes the 20-byte header of an option reply.
+func ParseOptionReplyHeader(b []byte) (opt Option, typ Reply, length uint32, err error) {
 	if m := be.Uint64(b[0:8]); m != OptReplyMagic {
 		return 0, 0, 0, protoErrorf("option reply magic %#x, want %#x", m, OptReplyMagic)
 	}
@@ -84,7 +85,8 @@ type ExportRequest struct {
 	Infos []InfoType
 }
 
-func (r *ExportRequest) encode() []byte {
+// Encode returns the option data of INFO or GO.
+func (r *ExportRequest) Encode() []byte {
 	b := make([]byte, 0, 4+len(r.Name)+2+2*len(r.Infos))
 	b = be.AppendUint32(b, uint32(len(r.Name)))
 	b = append(b, r.Name...)
@@ -95,9 +97,9 @@ func (r *ExportRequest) encode() []byte {
 	return b
 }
 
-// parseExportRequest decodes INFO/GO data: u32 name length, name, u16
+// ParseExportRequest decodes INFO/GO data: u32 name length, name, u16
 // count, count x u16 info types. Every length must add up exactly.
-func parseExportRequest(data []byte) (ExportRequest, error) {
+func ParseExportRequest(data []byte) (ExportRequest, error) {
 	var r ExportRequest
 	if len(data) < 6 {
 		return r, protoErrorf("INFO/GO data of %d bytes, want at least 6", len(data))
@@ -107,7 +109,7 @@ func parseExportRequest(data []byte) (ExportRequest, error) {
 		return r, protoErrorf("INFO/GO name length %d does not fit in %d bytes of data", nameLen, len(data))
 	}
 	name := data[4 : 4+nameLen]
-	if err := checkString("export name", name); err != nil {
+	if err := CheckString("export name", name); err != nil {
 		return r, err
 	}
 	rest := data[4+nameLen:]
@@ -131,7 +133,8 @@ type MetaContextRequest struct {
 	Queries []string
 }
 
-func (r *MetaContextRequest) encode() []byte {
+// Encode returns the option data of LIST or SET_META_CONTEXT.
+func (r *MetaContextRequest) Encode() []byte {
 	b := be.AppendUint32(nil, uint32(len(r.Export)))
 	b = append(b, r.Export...)
 	b = be.AppendUint32(b, uint32(len(r.Queries)))
@@ -142,8 +145,8 @@ func (r *MetaContextRequest) encode() []byte {
 	return b
 }
 
-// parseMetaContextRequest decodes LIST/SET_META_CONTEXT data.
-func parseMetaContextRequest(data []byte) (MetaContextRequest, error) {
+// ParseMetaContextRequest decodes LIST/SET_META_CONTEXT data.
+func ParseMetaContextRequest(data []byte) (MetaContextRequest, error) {
 	var r MetaContextRequest
 	rd := reader{b: data}
 	name, err := rd.string32("meta context export name")
@@ -179,20 +182,22 @@ type ExportEntry struct {
 	Description string
 }
 
-func (e *ExportEntry) encode() []byte {
+// Encode returns the data of one NBD_REP_SERVER reply.
+func (e *ExportEntry) Encode() []byte {
 	b := be.AppendUint32(nil, uint32(len(e.Name)))
 	b = append(b, e.Name...)
 	return append(b, e.Description...)
 }
 
-func parseServerReply(data []byte) (ExportEntry, error) {
+// ParseServerReply decodes the data of one NBD_REP_SERVER reply.
+func ParseServerReply(data []byte) (ExportEntry, error) {
 	var e ExportEntry
 	rd := reader{b: data}
 	name, err := rd.string32("export name in NBD_REP_SERVER")
 	if err != nil {
 		return e, err
 	}
-	if err := checkString("export description", rd.b); err != nil {
+	if err := CheckString("export description", rd.b); err != nil {
 		return e, err
 	}
 	e.Name, e.Description = name, string(rd.b)
@@ -217,36 +222,40 @@ func (s BlockSize) validate() error {
 	return nil
 }
 
-// infoReply is the decoded payload of one NBD_REP_INFO.
-type infoReply struct {
+// InfoReply is the decoded payload of one NBD_REP_INFO.
+type InfoReply struct {
 	Type        InfoType
 	Size        uint64            // InfoExport
 	Flags       TransmissionFlags // InfoExport
 	Text        string            // InfoName, InfoDescription
 	BlockSize   BlockSize         // InfoBlockSize
-	unknownType bool              // a type this code does not know: ignore it
+	UnknownType bool              // a type this code does not know: ignore it
 }
 
-func appendInfoExport(b []byte, size uint64, flags TransmissionFlags) []byte {
+// AppendInfoExport encodes NBD_INFO_EXPORT: the size and transmission flags.
+func AppendInfoExport(b []byte, size uint64, flags TransmissionFlags) []byte {
 	b = be.AppendUint16(b, uint16(InfoExport))
 	b = be.AppendUint64(b, size)
 	return be.AppendUint16(b, uint16(flags))
 }
 
-func appendInfoText(b []byte, t InfoType, s string) []byte {
+// AppendInfoText encodes NBD_INFO_NAME or NBD_INFO_DESCRIPTION.
+func AppendInfoText(b []byte, t InfoType, s string) []byte {
 	b = be.AppendUint16(b, uint16(t))
 	return append(b, s...)
 }
 
-func appendInfoBlockSize(b []byte, s BlockSize) []byte {
+// AppendInfoBlockSize encodes NBD_INFO_BLOCK_SIZE.
+func AppendInfoBlockSize(b []byte, s BlockSize) []byte {
 	b = be.AppendUint16(b, uint16(InfoBlockSize))
 	b = be.AppendUint32(b, s.Min)
 	b = be.AppendUint32(b, s.Preferred)
 	return be.AppendUint32(b, s.Max)
 }
 
-func parseInfoReply(data []byte) (infoReply, error) {
-	var r infoReply
+// ParseInfoReply decodes the data of one NBD_REP_INFO.
+func ParseInfoReply(data []byte) (InfoReply, error) {
+	var r InfoReply
 	if len(data) < 2 {
 		return r, protoErrorf("NBD_REP_INFO of %d bytes has no type", len(data))
 	}
@@ -260,7 +269,7 @@ func parseInfoReply(data []byte) (infoReply, error) {
 		r.Size = be.Uint64(body)
 		r.Flags = TransmissionFlags(be.Uint16(body[8:]))
 	case InfoName, InfoDescription:
-		if err := checkString(r.Type.String(), body); err != nil {
+		if err := CheckString(r.Type.String(), body); err != nil {
 			return r, err
 		}
 		r.Text = string(body)
@@ -270,29 +279,32 @@ func parseInfoReply(data []byte) (infoReply, error) {
 		}
 		r.BlockSize = BlockSize{be.Uint32(body), be.Uint32(body[4:]), be.Uint32(body[8:])}
 	default:
-		r.unknownType = true
+		r.UnknownType = true
 	}
 	return r, nil
 }
 
-func appendMetaContextReply(b []byte, id uint32, name string) []byte {
+// AppendMetaContextReply encodes the data of one NBD_REP_META_CONTEXT.
+func AppendMetaContextReply(b []byte, id uint32, name string) []byte {
 	b = be.AppendUint32(b, id)
 	return append(b, name...)
 }
 
-func parseMetaContextReply(data []byte) (uint32, string, error) {
+// ParseMetaContextReply decodes the data of one NBD_REP_META_CONTEXT: the
+// context's id and name.
+func ParseMetaContextReply(data []byte) (uint32, string, error) {
 	if len(data) < 4 {
 		return 0, "", protoErrorf("NBD_REP_META_CONTEXT of %d bytes", len(data))
 	}
-	if err := checkString("meta context name", data[4:]); err != nil {
+	if err := CheckString("meta context name", data[4:]); err != nil {
 		return 0, "", err
 	}
 	return be.Uint32(data), string(data[4:]), nil
 }
 
-// parseExportNameReply decodes the reply to NBD_OPT_EXPORT_NAME (without
+// ParseExportNameReply decodes the reply to NBD_OPT_EXPORT_NAME (without
 // the optional padding).
-func parseExportNameReply(b []byte) (uint64, TransmissionFlags) {
+func ParseExportNameReply(b []byte) (uint64, TransmissionFlags) {
 	return be.Uint64(b), TransmissionFlags(be.Uint16(b[8:]))
 }
 
@@ -308,9 +320,9 @@ type Request struct {
 	Length uint32
 }
 
-// encode writes the header into b, which must hold 28 bytes.
-func (r *Request) encode(b []byte) {
-	_ = b[requestHeaderLen-1]
+// Encode writes the header into b, which must hold 28 bytes.
+func (r *Request) Encode(b []byte) {
+	_ = b[RequestHeaderLen-1]
 	be.PutUint32(b[0:], RequestMagic)
 	be.PutUint16(b[4:], uint16(r.Flags))
 	be.PutUint16(b[6:], uint16(r.Type))
@@ -319,10 +331,10 @@ func (r *Request) encode(b []byte) {
 	be.PutUint32(b[24:], r.Length)
 }
 
-// parseRequest decodes a compact request header. A bad magic means the
+// ParseRequest decodes a compact request header. A bad magic means the
 // stream is out of step: the caller must drop the connection.
-func parseRequest(b []byte) (Request, error) {
-	_ = b[requestHeaderLen-1]
+func ParseRequest(b []byte) (Request, error) {
+	_ = b[RequestHeaderLen-1]
 	if m := be.Uint32(b); m != RequestMagic {
 		return Request{}, protoErrorf("request magic %#x, want %#x", m, RequestMagic)
 	}
@@ -337,23 +349,26 @@ func parseRequest(b []byte) (Request, error) {
 
 // ---- Transmission: replies ----
 
-// replyHeader is a decoded simple reply or structured chunk header.
-type replyHeader struct {
-	structured bool
-	errno      Errno     // simple replies
-	flags      uint16    // structured
-	typ        ChunkType // structured
-	cookie     uint64
-	length     uint32 // structured: payload length
+// ReplyHeader is a decoded simple reply or structured chunk header.
+type ReplyHeader struct {
+	Structured bool
+	Errno      Errno     // simple replies
+	Flags      uint16    // structured
+	Type       ChunkType // structured
+	Cookie     uint64
+	Length     uint32 // structured: payload length
 }
 
-func appendSimpleReply(b []byte, errno Errno, cookie uint64) []byte {
+// AppendSimpleReply encodes a simple reply header (errno 0: success).
+func AppendSimpleReply(b []byte, errno Errno, cookie uint64) []byte {
 	b = be.AppendUint32(b, SimpleReplyMagic)
 	b = be.AppendUint32(b, uint32(errno))
 	return be.AppendUint64(b, cookie)
 }
 
-func appendChunkHeader(b []byte, flags uint16, typ ChunkType, cookie uint64, length uint32) []byte {
+// AppendChunkHeader encodes the header of a structured reply chunk whose
+// payload has length bytes.
+func AppendChunkHeader(b []byte, flags uint16, typ ChunkType, cookie uint64, length uint32) []byte {
 	b = be.AppendUint32(b, StructuredReplyMagic)
 	b = be.AppendUint16(b, flags)
 	b = be.AppendUint16(b, uint16(typ))
@@ -361,35 +376,35 @@ func appendChunkHeader(b []byte, flags uint16, typ ChunkType, cookie uint64, len
 	return be.AppendUint32(b, length)
 }
 
-// readReplyHeader reads a simple reply (16 bytes) or a chunk header (20
+// ReadReplyHeader reads a simple reply (16 bytes) or a chunk header (20
 // bytes), telling them apart by magic.
-func readReplyHeader(r io.Reader, buf *[chunkHeaderLen]byte) (replyHeader, error) {
-	var h replyHeader
-	if _, err := io.ReadFull(r, buf[:simpleReplyLen]); err != nil {
+func ReadReplyHeader(r io.Reader, buf *[ChunkHeaderLen]byte) (ReplyHeader, error) {
+	var h ReplyHeader
+	if _, err := io.ReadFull(r, buf[:SimpleReplyLen]); err != nil {
 		return h, err
 	}
 	switch m := be.Uint32(buf[0:]); m {
 	case SimpleReplyMagic:
-		h.errno = Errno(be.Uint32(buf[4:]))
-		h.cookie = be.Uint64(buf[8:])
+		h.Errno = Errno(be.Uint32(buf[4:]))
+		h.Cookie = be.Uint64(buf[8:])
 	case StructuredReplyMagic:
-		if _, err := io.ReadFull(r, buf[simpleReplyLen:chunkHeaderLen]); err != nil {
+		if _, err := io.ReadFull(r, buf[SimpleReplyLen:ChunkHeaderLen]); err != nil {
 			return h, err
 		}
-		h.structured = true
-		h.flags = be.Uint16(buf[4:])
-		h.typ = ChunkType(be.Uint16(buf[6:]))
-		h.cookie = be.Uint64(buf[8:])
-		h.length = be.Uint32(buf[16:])
+		h.Structured = true
+		h.Flags = be.Uint16(buf[4:])
+		h.Type = ChunkType(be.Uint16(buf[6:]))
+		h.Cookie = be.Uint64(buf[8:])
+		h.Length = be.Uint32(buf[16:])
 	default:
 		return h, protoErrorf("reply magic %#x is neither simple nor structured", m)
 	}
 	return h, nil
 }
 
-// appendErrorChunkPayload encodes the payload of ERROR (offset < 0) or
+// AppendErrorChunkPayload encodes the payload of ERROR (offset < 0) or
 // ERROR_OFFSET.
-func appendErrorChunkPayload(b []byte, errno Errno, msg string, offset int64) []byte {
+func AppendErrorChunkPayload(b []byte, errno Errno, msg string, offset int64) []byte {
 	if len(msg) > MaxStringLen {
 		msg = msg[:MaxStringLen]
 	}
@@ -402,21 +417,22 @@ func appendErrorChunkPayload(b []byte, errno Errno, msg string, offset int64) []
 	return b
 }
 
-// errorChunk is a decoded ERROR or ERROR_OFFSET payload.
-type errorChunk struct {
-	errno     Errno
-	msg       string
-	offset    uint64
-	hasOffset bool
+// ErrorChunk is a decoded ERROR or ERROR_OFFSET payload.
+type ErrorChunk struct {
+	Errno     Errno
+	Msg       string
+	Offset    uint64
+	HasOffset bool
 }
 
-func parseErrorChunk(typ ChunkType, p []byte) (errorChunk, error) {
-	var e errorChunk
+// ParseErrorChunk decodes the payload of an error chunk of type typ.
+func ParseErrorChunk(typ ChunkType, p []byte) (ErrorChunk, error) {
+	var e ErrorChunk
 	if len(p) < 6 {
 		return e, protoErrorf("error chunk of %d bytes, want at least 6", len(p))
 	}
-	e.errno = Errno(be.Uint32(p))
-	if e.errno == 0 {
+	e.Errno = Errno(be.Uint32(p))
+	if e.Errno == 0 {
 		return e, protoErrorf("error chunk carries error value 0")
 	}
 	n := int(be.Uint16(p[4:]))
@@ -424,14 +440,14 @@ func parseErrorChunk(typ ChunkType, p []byte) (errorChunk, error) {
 		return e, protoErrorf("error chunk message length %d does not fit in %d bytes", n, len(p))
 	}
 	// Messages are for humans: replace invalid UTF-8 rather than fail.
-	e.msg = string(bytes.ToValidUTF8(bytes.ReplaceAll(p[6:6+n], []byte{0}, nil), []byte("?")))
+	e.Msg = string(bytes.ToValidUTF8(bytes.ReplaceAll(p[6:6+n], []byte{0}, nil), []byte("?")))
 	rest := p[6+n:]
 	switch typ {
 	case ChunkErrorOffset:
 		if len(rest) != 8 {
 			return e, protoErrorf("ERROR_OFFSET chunk has %d bytes after its message, want 8", len(rest))
 		}
-		e.offset, e.hasOffset = be.Uint64(rest), true
+		e.Offset, e.HasOffset = be.Uint64(rest), true
 	case ChunkError:
 		if len(rest) != 0 {
 			return e, protoErrorf("ERROR chunk has %d trailing bytes", len(rest))
@@ -448,7 +464,8 @@ type WireExtent struct {
 	Flags  uint32
 }
 
-func appendBlockStatusPayload(b []byte, contextID uint32, extents []WireExtent) []byte {
+// AppendBlockStatusPayload encodes the payload of a BLOCK_STATUS chunk.
+func AppendBlockStatusPayload(b []byte, contextID uint32, extents []WireExtent) []byte {
 	b = be.AppendUint32(b, contextID)
 	for _, e := range extents {
 		b = be.AppendUint32(b, e.Length)
@@ -457,7 +474,9 @@ func appendBlockStatusPayload(b []byte, contextID uint32, extents []WireExtent) 
 	return b
 }
 
-func parseBlockStatusPayload(p []byte) (uint32, []WireExtent, error) {
+// ParseBlockStatusPayload decodes the payload of a BLOCK_STATUS chunk: the
+// context id and its extents.
+func ParseBlockStatusPayload(p []byte) (uint32, []WireExtent, error) {
 	if len(p) < 12 || (len(p)-4)%8 != 0 {
 		return 0, nil, protoErrorf("BLOCK_STATUS chunk of %d bytes is not 4 + 8n with n >= 1", len(p))
 	}
@@ -495,7 +514,7 @@ func (r *reader) string32(what string) (string, error) {
 		return "", protoErrorf("%s: length %d exceeds the %d bytes left", what, n, len(r.b))
 	}
 	s := r.b[:n]
-	if err := checkString(what, s); err != nil {
+	if err := CheckString(what, s); err != nil {
 		return "", err
 	}
 	r.b = r.b[n:]

@@ -10,8 +10,8 @@ import (
 
 func TestRequestRoundTrip(t *testing.T) {
 	r := Request{Flags: CmdFlagFUA | CmdFlagNoHole, Type: CmdWriteZeroes, Cookie: 0x0102030405060708, Offset: 1 << 40, Length: 65536}
-	var b [requestHeaderLen]byte
-	r.encode(b[:])
+	var b [RequestHeaderLen]byte
+	r.Encode(b[:])
 	want := []byte{
 		0x25, 0x60, 0x95, 0x13, // magic
 		0x00, 0x03, // flags
@@ -23,12 +23,12 @@ func TestRequestRoundTrip(t *testing.T) {
 	if !bytes.Equal(b[:], want) {
 		t.Fatalf("encoded %x, want %x", b, want)
 	}
-	got, err := parseRequest(b[:])
+	got, err := ParseRequest(b[:])
 	if err != nil || got != r {
-		t.Fatalf("parseRequest = %+v, %v; want %+v", got, err, r)
+		t.Fatalf("ParseRequest = %+v, %v; want %+v", got, err, r)
 	}
 	b[0] = 0
-	if _, err := parseRequest(b[:]); !isProtocolError(err) {
+	if _, err := ParseRequest(b[:]); !isProtocolError(err) {
 		t.Fatalf("bad magic: got %v, want a protocol error", err)
 	}
 }
@@ -39,21 +39,21 @@ func isProtocolError(err error) bool {
 }
 
 func TestOptionRoundTrip(t *testing.T) {
-	b := appendOption(nil, OptGo, []byte("abc"))
-	if len(b) != optionHeaderLen+3 {
+	b := AppendOption(nil, OptGo, []byte("abc"))
+	if len(b) != OptionHeaderLen+3 {
 		t.Fatalf("length %d", len(b))
 	}
-	opt, n, err := parseOptionHeader(b)
+	opt, n, err := ParseOptionHeader(b)
 	if err != nil || opt != OptGo || n != 3 || string(b[16:]) != "abc" {
 		t.Fatalf("got %v %d %v", opt, n, err)
 	}
 	b[0] ^= 1
-	if _, _, err := parseOptionHeader(b); !isProtocolError(err) {
+	if _, _, err := ParseOptionHeader(b); !isProtocolError(err) {
 		t.Fatalf("bad magic: got %v", err)
 	}
 
-	r := appendOptionReply(nil, OptXReadOnly, RepErrUnsup, []byte("no"))
-	opt, typ, length, err := parseOptionReplyHeader(r)
+	r := AppendOptionReply(nil, OptXReadOnly, RepErrUnsup, []byte("no"))
+	opt, typ, length, err := ParseOptionReplyHeader(r)
 	if err != nil || opt != OptXReadOnly || typ != RepErrUnsup || length != 2 {
 		t.Fatalf("reply header: %v %v %d %v", opt, typ, length, err)
 	}
@@ -64,7 +64,7 @@ func TestOptionRoundTrip(t *testing.T) {
 
 func TestExportRequest(t *testing.T) {
 	in := ExportRequest{Name: "disk@s7", Infos: []InfoType{InfoBlockSize, InfoName}}
-	got, err := parseExportRequest(in.encode())
+	got, err := ParseExportRequest(in.Encode())
 	if err != nil || !reflect.DeepEqual(got, in) {
 		t.Fatalf("round trip: %+v, %v", got, err)
 	}
@@ -75,72 +75,72 @@ func TestExportRequest(t *testing.T) {
 		"NUL in name":    {0, 0, 0, 1, 0, 0, 0},
 		"huge name len":  {0xff, 0xff, 0xff, 0xff, 0, 0},
 	} {
-		if _, err := parseExportRequest(data); !isProtocolError(err) {
+		if _, err := ParseExportRequest(data); !isProtocolError(err) {
 			t.Errorf("%s: got %v, want a protocol error", name, err)
 		}
 	}
 	long := ExportRequest{Name: strings.Repeat("x", MaxStringLen+1)}
-	if _, err := parseExportRequest(long.encode()); !isProtocolError(err) {
+	if _, err := ParseExportRequest(long.Encode()); !isProtocolError(err) {
 		t.Errorf("4097-byte name accepted: %v", err)
 	}
 }
 
 func TestMetaContextRequest(t *testing.T) {
 	in := MetaContextRequest{Export: "disk", Queries: []string{"base:allocation", "qemu:dirty-bitmap:x"}}
-	got, err := parseMetaContextRequest(in.encode())
+	got, err := ParseMetaContextRequest(in.Encode())
 	if err != nil || !reflect.DeepEqual(got, in) {
 		t.Fatalf("round trip: %+v, %v", got, err)
 	}
 	empty := MetaContextRequest{Export: ""}
-	if got, err := parseMetaContextRequest(empty.encode()); err != nil || got.Export != "" || len(got.Queries) != 0 {
+	if got, err := ParseMetaContextRequest(empty.Encode()); err != nil || got.Export != "" || len(got.Queries) != 0 {
 		t.Fatalf("empty: %+v %v", got, err)
 	}
 	// A query count that cannot fit must be rejected before allocating.
 	huge := be.AppendUint32(be.AppendUint32(nil, 0), 0xffffffff)
-	if _, err := parseMetaContextRequest(huge); !isProtocolError(err) {
+	if _, err := ParseMetaContextRequest(huge); !isProtocolError(err) {
 		t.Fatalf("huge count: %v", err)
 	}
-	trailing := append(in.encode(), 0)
-	if _, err := parseMetaContextRequest(trailing); !isProtocolError(err) {
+	trailing := append(in.Encode(), 0)
+	if _, err := ParseMetaContextRequest(trailing); !isProtocolError(err) {
 		t.Fatalf("trailing bytes: %v", err)
 	}
 }
 
 func TestServerReply(t *testing.T) {
 	e := ExportEntry{Name: "disk", Description: "a disk"}
-	got, err := parseServerReply(e.encode())
+	got, err := ParseServerReply(e.Encode())
 	if err != nil || got != e {
 		t.Fatalf("%+v %v", got, err)
 	}
-	if _, err := parseServerReply([]byte{0, 0, 0, 9, 'a'}); !isProtocolError(err) {
+	if _, err := ParseServerReply([]byte{0, 0, 0, 9, 'a'}); !isProtocolError(err) {
 		t.Fatalf("short name: %v", err)
 	}
 }
 
 func TestInfoReplies(t *testing.T) {
-	r, err := parseInfoReply(appendInfoExport(nil, 1<<30, FlagHasFlags|FlagReadOnly))
+	r, err := ParseInfoReply(AppendInfoExport(nil, 1<<30, FlagHasFlags|FlagReadOnly))
 	if err != nil || r.Type != InfoExport || r.Size != 1<<30 || r.Flags != FlagHasFlags|FlagReadOnly {
 		t.Fatalf("export: %+v %v", r, err)
 	}
-	r, err = parseInfoReply(appendInfoText(nil, InfoName, "disk@s3"))
+	r, err = ParseInfoReply(AppendInfoText(nil, InfoName, "disk@s3"))
 	if err != nil || r.Text != "disk@s3" {
 		t.Fatalf("name: %+v %v", r, err)
 	}
 	bs := BlockSize{512, 4096, 32 << 20}
-	r, err = parseInfoReply(appendInfoBlockSize(nil, bs))
+	r, err = ParseInfoReply(AppendInfoBlockSize(nil, bs))
 	if err != nil || r.BlockSize != bs || bs.validate() != nil {
 		t.Fatalf("block size: %+v %v", r, err)
 	}
-	r, err = parseInfoReply([]byte{0, 99, 1, 2, 3})
-	if err != nil || !r.unknownType {
+	r, err = ParseInfoReply([]byte{0, 99, 1, 2, 3})
+	if err != nil || !r.UnknownType {
 		t.Fatalf("unknown type must be ignored, got %+v %v", r, err)
 	}
 	for name, d := range map[string][]byte{
 		"empty":            {},
 		"export too short": {0, 0, 1, 2},
-		"block too long":   append(appendInfoBlockSize(nil, bs), 0),
+		"block too long":   append(AppendInfoBlockSize(nil, bs), 0),
 	} {
-		if _, err := parseInfoReply(d); !isProtocolError(err) {
+		if _, err := ParseInfoReply(d); !isProtocolError(err) {
 			t.Errorf("%s: %v", name, err)
 		}
 	}
@@ -152,58 +152,58 @@ func TestInfoReplies(t *testing.T) {
 }
 
 func TestChunkPayloads(t *testing.T) {
-	p := appendErrorChunkPayload(nil, EIO, "disk on fire", 4096)
-	e, err := parseErrorChunk(ChunkErrorOffset, p)
-	if err != nil || e.errno != EIO || e.msg != "disk on fire" || !e.hasOffset || e.offset != 4096 {
+	p := AppendErrorChunkPayload(nil, EIO, "disk on fire", 4096)
+	e, err := ParseErrorChunk(ChunkErrorOffset, p)
+	if err != nil || e.Errno != EIO || e.Msg != "disk on fire" || !e.HasOffset || e.Offset != 4096 {
 		t.Fatalf("%+v %v", e, err)
 	}
-	p = appendErrorChunkPayload(nil, EPERM, "", -1)
-	e, err = parseErrorChunk(ChunkError, p)
-	if err != nil || e.errno != EPERM || e.hasOffset {
+	p = AppendErrorChunkPayload(nil, EPERM, "", -1)
+	e, err = ParseErrorChunk(ChunkError, p)
+	if err != nil || e.Errno != EPERM || e.HasOffset {
 		t.Fatalf("%+v %v", e, err)
 	}
 	for name, c := range map[string]struct {
 		typ ChunkType
 		p   []byte
 	}{
-		"errno 0":       {ChunkError, appendErrorChunkPayload(nil, 0, "", -1)},
+		"errno 0":       {ChunkError, AppendErrorChunkPayload(nil, 0, "", -1)},
 		"msg too long":  {ChunkError, []byte{0, 0, 0, 5, 0, 9, 'a'}},
-		"offset extra":  {ChunkError, appendErrorChunkPayload(nil, EIO, "", 7)},
-		"offset absent": {ChunkErrorOffset, appendErrorChunkPayload(nil, EIO, "x", -1)},
+		"offset extra":  {ChunkError, AppendErrorChunkPayload(nil, EIO, "", 7)},
+		"offset absent": {ChunkErrorOffset, AppendErrorChunkPayload(nil, EIO, "x", -1)},
 		"too short":     {ChunkError, []byte{0, 0, 0}},
 	} {
-		if _, err := parseErrorChunk(c.typ, c.p); !isProtocolError(err) {
+		if _, err := ParseErrorChunk(c.typ, c.p); !isProtocolError(err) {
 			t.Errorf("%s: %v", name, err)
 		}
 	}
 
 	ext := []WireExtent{{65536, 0}, {1 << 20, StateHole | StateZero}}
-	id, got, err := parseBlockStatusPayload(appendBlockStatusPayload(nil, 7, ext))
+	id, got, err := ParseBlockStatusPayload(AppendBlockStatusPayload(nil, 7, ext))
 	if err != nil || id != 7 || !reflect.DeepEqual(got, ext) {
 		t.Fatalf("block status: %d %v %v", id, got, err)
 	}
 	for name, p := range map[string][]byte{
 		"no extents":  be.AppendUint32(nil, 1),
-		"odd length":  append(appendBlockStatusPayload(nil, 1, ext), 0),
-		"zero length": appendBlockStatusPayload(nil, 1, []WireExtent{{0, 0}}),
+		"odd length":  append(AppendBlockStatusPayload(nil, 1, ext), 0),
+		"zero length": AppendBlockStatusPayload(nil, 1, []WireExtent{{0, 0}}),
 	} {
-		if _, _, err := parseBlockStatusPayload(p); !isProtocolError(err) {
+		if _, _, err := ParseBlockStatusPayload(p); !isProtocolError(err) {
 			t.Errorf("%s: %v", name, err)
 		}
 	}
 }
 
 func TestReplyHeaders(t *testing.T) {
-	var hb [chunkHeaderLen]byte
-	h, err := readReplyHeader(bytes.NewReader(appendSimpleReply(nil, EINVAL, 42)), &hb)
-	if err != nil || h.structured || h.errno != EINVAL || h.cookie != 42 {
+	var hb [ChunkHeaderLen]byte
+	h, err := ReadReplyHeader(bytes.NewReader(AppendSimpleReply(nil, EINVAL, 42)), &hb)
+	if err != nil || h.Structured || h.Errno != EINVAL || h.Cookie != 42 {
 		t.Fatalf("simple: %+v %v", h, err)
 	}
-	h, err = readReplyHeader(bytes.NewReader(appendChunkHeader(nil, ReplyFlagDone, ChunkOffsetHole, 9, 12)), &hb)
-	if err != nil || !h.structured || h.typ != ChunkOffsetHole || h.flags != ReplyFlagDone || h.cookie != 9 || h.length != 12 {
+	h, err = ReadReplyHeader(bytes.NewReader(AppendChunkHeader(nil, ReplyFlagDone, ChunkOffsetHole, 9, 12)), &hb)
+	if err != nil || !h.Structured || h.Type != ChunkOffsetHole || h.Flags != ReplyFlagDone || h.Cookie != 9 || h.Length != 12 {
 		t.Fatalf("chunk: %+v %v", h, err)
 	}
-	if _, err := readReplyHeader(bytes.NewReader(make([]byte, 20)), &hb); !isProtocolError(err) {
+	if _, err := ReadReplyHeader(bytes.NewReader(make([]byte, 20)), &hb); !isProtocolError(err) {
 		t.Fatalf("zero magic: %v", err)
 	}
 }
