@@ -214,10 +214,6 @@ const (
 	FlagSendCache          TransmissionFlags = 1 << 10 // NBD_FLAG_SEND_CACHE
 	FlagSendFastZero       TransmissionFlags = 1 << 11 // NBD_FLAG_SEND_FAST_ZERO
 	FlagBlockStatusPayload TransmissionFlags = 1 << 12 // NBD_FLAG_BLOCK_STATUS_PAYLOAD (extension-ext-header branch)
-
-	// writeFlags are the flags that advertise a way to change data; a
-	// read-only view never carries them.
-	writeFlags = FlagSendTrim | FlagSendWriteZeroes | FlagSendFastZero | FlagSendResize | FlagSendFUA
 )
 
 var transmissionFlagNames = []struct {

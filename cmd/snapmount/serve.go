@@ -15,7 +15,7 @@ import (
 
 	flag "github.com/spf13/pflag"
 
-	"snapmount/nbd"
+	"snapmount/nbd/server"
 )
 
 func init() {
@@ -89,13 +89,13 @@ func setupServe(fs *flag.FlagSet) func(ctx context.Context, io stdio, args []str
 	fs.StringVar(&f.busy, "busy", "readonly", "what a writer over --max-writers gets (`POLICY`): readonly (a live read-only view) or refuse")
 	fs.StringVar(&f.snapDir, "snapshot-dir", "", "`DIR` for snapshot stores (default: a private directory under $TMPDIR)")
 	fs.StringVar(&f.snapMax, "snapshot-max", "0", "`SIZE` all snapshot stores may hold together, e.g. 512M or 4G (0: no limit)")
-	fs.DurationVar(&f.snapLinger, "snapshot-linger", nbd.DefaultSnapshotLinger, "keep an unused snapshot this long for reconnects")
+	fs.DurationVar(&f.snapLinger, "snapshot-linger", server.DefaultSnapshotLinger, "keep an unused snapshot this long for reconnects")
 	fs.StringVar(&f.onFull, "on-snapshot-full", "break-snapshot", "`POLICY` when a snapshot cannot keep a block: break-snapshot (its readers get EIO) or fail-writer (the write fails)")
 	fs.StringVar(&f.snapBlock, "snapshot-block", "64K", "copy-before-write granularity (`SIZE`), a power of two from 4K to 16M")
 	fs.StringVar(&f.readerView, "reader-view", "snapshot", "`VIEW` a client that promised to read only gets for NAME: snapshot or live")
-	fs.IntVar(&f.maxConns, "max-conns", nbd.DefaultMaxConns, "at most `N` open connections")
-	fs.DurationVar(&f.handshakeTimeout, "handshake-timeout", nbd.DefaultHandshakeTimeout, "time a client has to choose an export")
-	fs.IntVar(&f.workers, "workers", nbd.DefaultWorkers, "`N` requests of one connection handled at once")
+	fs.IntVar(&f.maxConns, "max-conns", server.DefaultMaxConns, "at most `N` open connections")
+	fs.DurationVar(&f.handshakeTimeout, "handshake-timeout", server.DefaultHandshakeTimeout, "time a client has to choose an export")
+	fs.IntVar(&f.workers, "workers", server.DefaultWorkers, "`N` requests of one connection handled at once")
 	fs.StringArrayVar(&f.descriptions, "description", nil, "describe an export: `NAME=TEXT` (repeatable)")
 	fs.BoolVarP(&f.verbose, "verbose", "v", false, "log refused options and requests too")
 	return func(ctx context.Context, std stdio, args []string) error {
@@ -104,13 +104,13 @@ func setupServe(fs *flag.FlagSet) func(ctx context.Context, io stdio, args []str
 }
 
 // serveConfig turns flags and arguments into a server configuration.
-func serveConfig(f *serveFlags, args []string) (nbd.ServerConfig, error) {
-	var cfg nbd.ServerConfig
+func serveConfig(f *serveFlags, args []string) (server.ServerConfig, error) {
+	var cfg server.ServerConfig
 	if len(args) == 0 {
 		return cfg, usagef("want at least one [NAME=]IMAGE")
 	}
 	for _, a := range args {
-		ec, err := nbd.ParseExportArg(a)
+		ec, err := server.ParseExportArg(a)
 		if err != nil {
 			return cfg, usagef("%v", strings.TrimPrefix(err.Error(), "nbd: "))
 		}
@@ -127,15 +127,15 @@ func serveConfig(f *serveFlags, args []string) (nbd.ServerConfig, error) {
 	cfg.ReadOnly = f.readOnly
 	switch f.tlsMode {
 	case "off":
-		cfg.TLSMode = nbd.TLSOff
+		cfg.TLSMode = server.TLSOff
 	case "on":
-		cfg.TLSMode = nbd.TLSOn
+		cfg.TLSMode = server.TLSOn
 	case "require":
-		cfg.TLSMode = nbd.TLSRequire
+		cfg.TLSMode = server.TLSRequire
 	default:
 		return cfg, usagef("--tls=%q: want off, on or require", f.tlsMode)
 	}
-	if cfg.TLSMode != nbd.TLSOff {
+	if cfg.TLSMode != server.TLSOff {
 		if f.tlsCert == "" || f.tlsKey == "" {
 			return cfg, usagef("--tls=%s needs --tls-cert and --tls-key", f.tlsMode)
 		}
@@ -153,9 +153,9 @@ func serveConfig(f *serveFlags, args []string) (nbd.ServerConfig, error) {
 	cfg.MaxWriters = f.maxWriters
 	switch f.busy {
 	case "readonly":
-		cfg.Busy = nbd.BusyReadOnly
+		cfg.Busy = server.BusyReadOnly
 	case "refuse":
-		cfg.Busy = nbd.BusyRefuse
+		cfg.Busy = server.BusyRefuse
 	default:
 		return cfg, usagef("--busy=%q: want readonly or refuse", f.busy)
 	}
@@ -175,9 +175,9 @@ func serveConfig(f *serveFlags, args []string) (nbd.ServerConfig, error) {
 	}
 	switch f.onFull {
 	case "break-snapshot":
-		cfg.OnSnapshotFull = nbd.BreakSnapshot
+		cfg.OnSnapshotFull = server.BreakSnapshot
 	case "fail-writer":
-		cfg.OnSnapshotFull = nbd.FailWriter
+		cfg.OnSnapshotFull = server.FailWriter
 	default:
 		return cfg, usagef("--on-snapshot-full=%q: want break-snapshot or fail-writer", f.onFull)
 	}
@@ -188,9 +188,9 @@ func serveConfig(f *serveFlags, args []string) (nbd.ServerConfig, error) {
 	cfg.SnapshotBlock = int(block)
 	switch f.readerView {
 	case "snapshot":
-		cfg.ReaderView = nbd.ReaderViewSnapshot
+		cfg.ReaderView = server.ReaderViewSnapshot
 	case "live":
-		cfg.ReaderView = nbd.ReaderViewLive
+		cfg.ReaderView = server.ReaderViewLive
 	default:
 		return cfg, usagef("--reader-view=%q: want snapshot or live", f.readerView)
 	}
@@ -209,7 +209,7 @@ func serveConfig(f *serveFlags, args []string) (nbd.ServerConfig, error) {
 	return cfg, nil
 }
 
-func exportIndex(exports []nbd.ExportConfig, name string) int {
+func exportIndex(exports []server.ExportConfig, name string) int {
 	for i, e := range exports {
 		if e.Name == name {
 			return i
@@ -287,7 +287,7 @@ func runServe(ctx context.Context, std stdio, f *serveFlags, args []string, list
 	}
 	cfg.Logger = slog.New(slog.NewTextHandler(std.err, &slog.HandlerOptions{Level: level}))
 
-	srv, err := nbd.NewServer(cfg)
+	srv, err := server.NewServer(cfg)
 	if err != nil {
 		return err
 	}
@@ -335,7 +335,7 @@ func runServe(ctx context.Context, std stdio, f *serveFlags, args []string, list
 	if f.socket != "" {
 		os.Remove(f.socket)
 	}
-	if serveErr != nil && !errors.Is(serveErr, nbd.ErrServerClosed) {
+	if serveErr != nil && !errors.Is(serveErr, server.ErrServerClosed) {
 		return serveErr
 	}
 	return shutErr

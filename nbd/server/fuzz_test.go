@@ -1,4 +1,4 @@
-package nbd
+package server
 
 import (
 	"bytes"
@@ -8,6 +8,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"snapmount/nbd"
 )
 
 // fuzzServer is one server shared by all inputs of a fuzz target: a 1 MiB
@@ -76,20 +78,20 @@ func runServerOn(t *testing.T, input []byte) {
 // handshakePrefix is a valid handshake: flags, STRUCTURED_REPLY,
 // SET_META_CONTEXT base:allocation and GO for export name.
 func handshakePrefix(name string, promise bool) []byte {
-	b := be.AppendUint32(nil, uint32(ClientFixedNewstyle|ClientNoZeroes))
-	b = AppendOption(b, OptStructuredReply, nil)
+	b := be.AppendUint32(nil, uint32(nbd.ClientFixedNewstyle|nbd.ClientNoZeroes))
+	b = nbd.AppendOption(b, nbd.OptStructuredReply, nil)
 	if promise {
-		b = AppendOption(b, OptXReadOnly, nil)
+		b = nbd.AppendOption(b, nbd.OptXReadOnly, nil)
 	}
-	mc := MetaContextRequest{Export: name, Queries: []string{ContextBaseAllocation}}
-	b = AppendOption(b, OptSetMetaContext, mc.Encode())
-	req := ExportRequest{Name: name, Infos: []InfoType{InfoName, InfoBlockSize}}
-	return AppendOption(b, OptGo, req.Encode())
+	mc := nbd.MetaContextRequest{Export: name, Queries: []string{nbd.ContextBaseAllocation}}
+	b = nbd.AppendOption(b, nbd.OptSetMetaContext, mc.Encode())
+	req := nbd.ExportRequest{Name: name, Infos: []nbd.InfoType{nbd.InfoName, nbd.InfoBlockSize}}
+	return nbd.AppendOption(b, nbd.OptGo, req.Encode())
 }
 
-func requestBytes(typ Cmd, flags CmdFlags, off uint64, length uint32, payload []byte) []byte {
-	b := make([]byte, RequestHeaderLen)
-	(&Request{Flags: flags, Type: typ, Cookie: 7, Offset: off, Length: length}).Encode(b)
+func requestBytes(typ nbd.Cmd, flags nbd.CmdFlags, off uint64, length uint32, payload []byte) []byte {
+	b := make([]byte, nbd.RequestHeaderLen)
+	(&nbd.Request{Flags: flags, Type: typ, Cookie: 7, Offset: off, Length: length}).Encode(b)
 	return append(b, payload...)
 }
 
@@ -100,15 +102,15 @@ func FuzzServerHandshake(f *testing.F) {
 	f.Add(be.AppendUint32(nil, 3))
 	f.Add(handshakePrefix("disk", false))
 	f.Add(handshakePrefix("disk@snapshot", true))
-	f.Add(append(be.AppendUint32(nil, 3), AppendOption(nil, OptList, nil)...))
-	f.Add(append(be.AppendUint32(nil, 3), AppendOption(nil, OptExportName, []byte("disk"))...))
-	f.Add(append(be.AppendUint32(nil, 3), AppendOption(nil, OptInfo, []byte{0, 0, 0, 4, 'd', 'i', 's', 'k', 0, 1, 0, 3})...))
-	f.Add(append(be.AppendUint32(nil, 3), AppendOption(nil, OptListMetaContext, []byte{0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 5, 'b', 'a', 's', 'e', ':'})...))
-	f.Add(append(be.AppendUint32(nil, 3), AppendOption(nil, OptAbort, nil)...))
-	f.Add(append(be.AppendUint32(nil, 3), AppendOption(nil, Option(0x12345678), []byte("junk"))...))
+	f.Add(append(be.AppendUint32(nil, 3), nbd.AppendOption(nil, nbd.OptList, nil)...))
+	f.Add(append(be.AppendUint32(nil, 3), nbd.AppendOption(nil, nbd.OptExportName, []byte("disk"))...))
+	f.Add(append(be.AppendUint32(nil, 3), nbd.AppendOption(nil, nbd.OptInfo, []byte{0, 0, 0, 4, 'd', 'i', 's', 'k', 0, 1, 0, 3})...))
+	f.Add(append(be.AppendUint32(nil, 3), nbd.AppendOption(nil, nbd.OptListMetaContext, []byte{0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 5, 'b', 'a', 's', 'e', ':'})...))
+	f.Add(append(be.AppendUint32(nil, 3), nbd.AppendOption(nil, nbd.OptAbort, nil)...))
+	f.Add(append(be.AppendUint32(nil, 3), nbd.AppendOption(nil, nbd.Option(0x12345678), []byte("junk"))...))
 	hdr := be.AppendUint32(nil, 3)
-	hdr = be.AppendUint64(hdr, IHaveOpt)
-	hdr = be.AppendUint32(hdr, uint32(OptGo))
+	hdr = be.AppendUint64(hdr, nbd.IHaveOpt)
+	hdr = be.AppendUint32(hdr, uint32(nbd.OptGo))
 	f.Add(be.AppendUint32(hdr, 0xffffffff))
 	f.Fuzz(func(t *testing.T, input []byte) {
 		runServerOn(t, input)
@@ -118,17 +120,17 @@ func FuzzServerHandshake(f *testing.F) {
 // FuzzServerRequests drives the transmission phase: a valid handshake
 // (writer, snapshot or promised reader) and then arbitrary request bytes.
 func FuzzServerRequests(f *testing.F) {
-	f.Add(uint8(0), requestBytes(CmdRead, 0, 0, 4096, nil))
-	f.Add(uint8(0), requestBytes(CmdWrite, CmdFlagFUA, 4096, 8, []byte("abcdefgh")))
-	f.Add(uint8(1), requestBytes(CmdRead, CmdFlagDF, 1000, 70000, nil))
-	f.Add(uint8(0), requestBytes(CmdBlockStatus, CmdFlagReqOne, 0, 1<<20, nil))
-	f.Add(uint8(0), requestBytes(CmdWriteZeroes, CmdFlagNoHole|CmdFlagFastZero, 0, 1<<20, nil))
-	f.Add(uint8(0), requestBytes(CmdTrim, 0, 1<<19, 1<<19, nil))
-	f.Add(uint8(2), requestBytes(CmdWrite, 0, 0, 3, []byte{1, 2, 3}))
-	f.Add(uint8(1), requestBytes(CmdCache, 0, 0, 1<<20, nil))
-	f.Add(uint8(0), requestBytes(CmdWrite, 0, 0, MaxPayload+1, nil))
-	f.Add(uint8(0), requestBytes(CmdRead, 0, 1<<63, 1<<31, nil))
-	f.Add(uint8(0), append(requestBytes(CmdFlush, 0, 0, 0, nil), requestBytes(CmdDisc, 0, 0, 0, nil)...))
+	f.Add(uint8(0), requestBytes(nbd.CmdRead, 0, 0, 4096, nil))
+	f.Add(uint8(0), requestBytes(nbd.CmdWrite, nbd.CmdFlagFUA, 4096, 8, []byte("abcdefgh")))
+	f.Add(uint8(1), requestBytes(nbd.CmdRead, nbd.CmdFlagDF, 1000, 70000, nil))
+	f.Add(uint8(0), requestBytes(nbd.CmdBlockStatus, nbd.CmdFlagReqOne, 0, 1<<20, nil))
+	f.Add(uint8(0), requestBytes(nbd.CmdWriteZeroes, nbd.CmdFlagNoHole|nbd.CmdFlagFastZero, 0, 1<<20, nil))
+	f.Add(uint8(0), requestBytes(nbd.CmdTrim, 0, 1<<19, 1<<19, nil))
+	f.Add(uint8(2), requestBytes(nbd.CmdWrite, 0, 0, 3, []byte{1, 2, 3}))
+	f.Add(uint8(1), requestBytes(nbd.CmdCache, 0, 0, 1<<20, nil))
+	f.Add(uint8(0), requestBytes(nbd.CmdWrite, 0, 0, nbd.MaxPayload+1, nil))
+	f.Add(uint8(0), requestBytes(nbd.CmdRead, 0, 1<<63, 1<<31, nil))
+	f.Add(uint8(0), append(requestBytes(nbd.CmdFlush, 0, 0, 0, nil), requestBytes(nbd.CmdDisc, 0, 0, 0, nil)...))
 	f.Fuzz(func(t *testing.T, which uint8, input []byte) {
 		var prefix []byte
 		switch which % 3 {

@@ -1,4 +1,4 @@
-package nbd
+package server
 
 // A raw NBD client for the server's tests: it speaks through the shared
 // codec, one message at a time, and can send what no real client would
@@ -17,6 +17,8 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
+
+	"snapmount/nbd"
 )
 
 // testImage writes size bytes of seeded random data and returns the path.
@@ -103,15 +105,15 @@ func dialRaw(t testing.TB, addr string) *rawClient {
 	t.Cleanup(func() { c.Close() })
 	c.SetDeadline(time.Now().Add(30 * time.Second))
 	r := &rawClient{t: t, c: c}
-	var g [GreetingLen]byte
+	var g [nbd.GreetingLen]byte
 	r.readFull(g[:])
-	if be.Uint64(g[0:]) != Magic || be.Uint64(g[8:]) != IHaveOpt {
+	if be.Uint64(g[0:]) != nbd.Magic || be.Uint64(g[8:]) != nbd.IHaveOpt {
 		t.Fatalf("greeting % x is not fixed newstyle", g)
 	}
-	if f := HandshakeFlags(be.Uint16(g[16:])); f != HandshakeFixedNewstyle|HandshakeNoZeroes {
+	if f := nbd.HandshakeFlags(be.Uint16(g[16:])); f != nbd.HandshakeFixedNewstyle|nbd.HandshakeNoZeroes {
 		t.Fatalf("handshake flags %#x, want FIXED_NEWSTYLE|NO_ZEROES", f)
 	}
-	r.write(be.AppendUint32(nil, uint32(ClientFixedNewstyle|ClientNoZeroes)))
+	r.write(be.AppendUint32(nil, uint32(nbd.ClientFixedNewstyle|nbd.ClientNoZeroes)))
 	return r
 }
 
@@ -130,20 +132,20 @@ func (r *rawClient) readFull(b []byte) {
 }
 
 type optReply struct {
-	typ  Reply
+	typ  nbd.Reply
 	data []byte
 }
 
 // option sends one option and returns every reply up to the final one
 // (ACK or an error).
-func (r *rawClient) option(opt Option, data []byte) []optReply {
+func (r *rawClient) option(opt nbd.Option, data []byte) []optReply {
 	r.t.Helper()
-	r.write(AppendOption(nil, opt, data))
+	r.write(nbd.AppendOption(nil, opt, data))
 	var out []optReply
 	for {
-		var h [OptionReplyLen]byte
+		var h [nbd.OptionReplyLen]byte
 		r.readFull(h[:])
-		o, typ, n, err := ParseOptionReplyHeader(h[:])
+		o, typ, n, err := nbd.ParseOptionReplyHeader(h[:])
 		if err != nil {
 			r.t.Fatal(err)
 		}
@@ -153,45 +155,45 @@ func (r *rawClient) option(opt Option, data []byte) []optReply {
 		d := make([]byte, n)
 		r.readFull(d)
 		out = append(out, optReply{typ, d})
-		if typ == RepAck || typ.IsError() {
+		if typ == nbd.RepAck || typ.IsError() {
 			return out
 		}
 	}
 }
 
 // final returns the type of the last reply.
-func final(rs []optReply) Reply { return rs[len(rs)-1].typ }
+func final(rs []optReply) nbd.Reply { return rs[len(rs)-1].typ }
 
 // exportInfo is what INFO or GO told about an export.
 type exportInfo struct {
 	size      uint64
-	flags     TransmissionFlags
+	flags     nbd.TransmissionFlags
 	name      string
 	hasName   bool
-	blockSize BlockSize
+	blockSize nbd.BlockSize
 }
 
 // info sends INFO or GO asking for NAME and BLOCK_SIZE; it returns the
 // final reply type and what the INFO replies said.
-func (r *rawClient) info(opt Option, name string) (Reply, exportInfo) {
+func (r *rawClient) info(opt nbd.Option, name string) (nbd.Reply, exportInfo) {
 	r.t.Helper()
-	req := ExportRequest{Name: name, Infos: []InfoType{InfoName, InfoBlockSize}}
+	req := nbd.ExportRequest{Name: name, Infos: []nbd.InfoType{nbd.InfoName, nbd.InfoBlockSize}}
 	rs := r.option(opt, req.Encode())
 	var ei exportInfo
 	for _, x := range rs {
-		if x.typ != RepInfo {
+		if x.typ != nbd.RepInfo {
 			continue
 		}
-		ir, err := ParseInfoReply(x.data)
+		ir, err := nbd.ParseInfoReply(x.data)
 		if err != nil {
 			r.t.Fatal(err)
 		}
 		switch ir.Type {
-		case InfoExport:
+		case nbd.InfoExport:
 			ei.size, ei.flags = ir.Size, ir.Flags
-		case InfoName:
+		case nbd.InfoName:
 			ei.name, ei.hasName = ir.Text, true
-		case InfoBlockSize:
+		case nbd.InfoBlockSize:
 			ei.blockSize = ir.BlockSize
 		}
 	}
@@ -201,29 +203,29 @@ func (r *rawClient) info(opt Option, name string) (Reply, exportInfo) {
 // mustGo opens an export with GO and fails the test unless it is ACKed.
 func (r *rawClient) mustGo(name string) exportInfo {
 	r.t.Helper()
-	typ, ei := r.info(OptGo, name)
-	if typ != RepAck {
+	typ, ei := r.info(nbd.OptGo, name)
+	if typ != nbd.RepAck {
 		r.t.Fatalf("GO %q: %s, want ACK", name, typ)
 	}
 	return ei
 }
 
 // request sends one request header (and payload for WRITE).
-func (r *rawClient) request(typ Cmd, flags CmdFlags, off uint64, length uint32, payload []byte) uint64 {
+func (r *rawClient) request(typ nbd.Cmd, flags nbd.CmdFlags, off uint64, length uint32, payload []byte) uint64 {
 	r.t.Helper()
 	r.cookie++
-	req := Request{Flags: flags, Type: typ, Cookie: r.cookie, Offset: off, Length: length}
-	var b [RequestHeaderLen]byte
+	req := nbd.Request{Flags: flags, Type: typ, Cookie: r.cookie, Offset: off, Length: length}
+	var b [nbd.RequestHeaderLen]byte
 	req.Encode(b[:])
 	r.write(append(b[:], payload...))
 	return r.cookie
 }
 
 // simpleReply reads a simple reply header and returns its errno.
-func (r *rawClient) simpleReply(cookie uint64) Errno {
+func (r *rawClient) simpleReply(cookie uint64) nbd.Errno {
 	r.t.Helper()
-	var b [ChunkHeaderLen]byte
-	h, err := ReadReplyHeader(r.c, &b)
+	var b [nbd.ChunkHeaderLen]byte
+	h, err := nbd.ReadReplyHeader(r.c, &b)
 	if err != nil {
 		r.t.Fatal(err)
 	}
@@ -235,9 +237,9 @@ func (r *rawClient) simpleReply(cookie uint64) Errno {
 
 // readSimple issues a READ without structured replies and returns the
 // data, or the errno.
-func (r *rawClient) readSimple(off uint64, length uint32) ([]byte, Errno) {
+func (r *rawClient) readSimple(off uint64, length uint32) ([]byte, nbd.Errno) {
 	r.t.Helper()
-	c := r.request(CmdRead, 0, off, length, nil)
+	c := r.request(nbd.CmdRead, 0, off, length, nil)
 	if e := r.simpleReply(c); e != 0 {
 		return nil, e
 	}
@@ -248,15 +250,15 @@ func (r *rawClient) readSimple(off uint64, length uint32) ([]byte, Errno) {
 
 // readStructured issues a READ with structured replies negotiated and
 // reassembles the chunks; it returns the data or the errno.
-func (r *rawClient) readStructured(off uint64, length uint32, flags CmdFlags) ([]byte, Errno, int) {
+func (r *rawClient) readStructured(off uint64, length uint32, flags nbd.CmdFlags) ([]byte, nbd.Errno, int) {
 	r.t.Helper()
-	c := r.request(CmdRead, flags, off, length, nil)
+	c := r.request(nbd.CmdRead, flags, off, length, nil)
 	out := make([]byte, length)
 	chunks := 0
-	var errno Errno
+	var errno nbd.Errno
 	for {
-		var b [ChunkHeaderLen]byte
-		h, err := ReadReplyHeader(r.c, &b)
+		var b [nbd.ChunkHeaderLen]byte
+		h, err := nbd.ReadReplyHeader(r.c, &b)
 		if err != nil {
 			r.t.Fatal(err)
 		}
@@ -267,24 +269,24 @@ func (r *rawClient) readStructured(off uint64, length uint32, flags CmdFlags) ([
 		r.readFull(p)
 		chunks++
 		switch h.Type {
-		case ChunkOffsetData:
+		case nbd.ChunkOffsetData:
 			o := be.Uint64(p) - off
 			copy(out[o:], p[8:])
-		case ChunkOffsetHole:
+		case nbd.ChunkOffsetHole:
 			o, n := be.Uint64(p)-off, be.Uint32(p[8:])
 			clear(out[o : o+uint64(n)])
-		case ChunkNone:
+		case nbd.ChunkNone:
 		default:
 			if !h.Type.IsError() {
 				r.t.Fatalf("unexpected chunk type %s", h.Type)
 			}
-			ec, err := ParseErrorChunk(h.Type, p)
+			ec, err := nbd.ParseErrorChunk(h.Type, p)
 			if err != nil {
 				r.t.Fatal(err)
 			}
 			errno = ec.Errno
 		}
-		if h.Flags&ReplyFlagDone != 0 {
+		if h.Flags&nbd.ReplyFlagDone != 0 {
 			if errno != 0 {
 				return nil, errno, chunks
 			}

@@ -1,4 +1,4 @@
-package nbd
+package server
 
 // The server: net/http-shaped. NewServer opens the images, Serve runs an
 // accept loop per listener, Shutdown stops accepting, lets requests in
@@ -19,6 +19,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"snapmount/nbd"
 )
 
 // TLSMode says whether the server offers or requires TLS.
@@ -230,7 +232,7 @@ func CheckExportName(name string) error {
 	if strings.Contains(name, "@") {
 		return fmt.Errorf("nbd: export name %q contains '@', which is reserved for views such as NAME@snapshot (rename it with NAME=IMAGE)", name)
 	}
-	if err := CheckString("export name", []byte(name)); err != nil {
+	if err := nbd.CheckString("export name", []byte(name)); err != nil {
 		return fmt.Errorf("nbd: export name %q: %w", name, err)
 	}
 	return nil

@@ -1,10 +1,36 @@
-package nbd
+package server
 
 import (
 	"io"
 	"log/slog"
+	"net"
+	"os"
+	"syscall"
 	"testing"
 )
+
+// socketPair returns two connected Unix stream sockets: a real, buffered,
+// bidirectional stream (net.Pipe is synchronous and would deadlock a
+// pipelined protocol).
+func socketPair(t testing.TB) (net.Conn, net.Conn) {
+	t.Helper()
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conns := make([]net.Conn, 2)
+	for i, fd := range fds {
+		f := os.NewFile(uintptr(fd), "socketpair")
+		c, err := net.FileConn(f)
+		f.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns[i] = c
+		t.Cleanup(func() { c.Close() })
+	}
+	return conns[0], conns[1]
+}
 
 // A reply queued while another goroutine is finishing its turn as the
 // writer (it saw the lock taken, so it left the reply to the writer)

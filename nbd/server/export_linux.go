@@ -1,4 +1,4 @@
-package nbd
+package server
 
 // Linux system calls the server's image I/O needs beyond package os.
 

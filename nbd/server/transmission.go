@@ -1,4 +1,4 @@
-package nbd
+package server
 
 // The transmission phase of one connection: one reader (this goroutine)
 // parses request headers and WRITE payloads, up to Workers handlers run at
@@ -16,6 +16,8 @@ import (
 	"os"
 	"sync"
 	"time"
+
+	"snapmount/nbd"
 )
 
 // srvReply is one complete reply, ready for the writer.
@@ -79,7 +81,7 @@ func (c *serverConn) transmit() (int, error) {
 	// (a bigger buffer only copies more of each payload twice).
 	br := bufio.NewReaderSize(c.conn, 8<<10)
 	var handlers sync.WaitGroup
-	var hdr [RequestHeaderLen]byte
+	var hdr [nbd.RequestHeaderLen]byte
 	var reason error
 	n := 0
 	for ; ; n++ {
@@ -87,26 +89,26 @@ func (c *serverConn) transmit() (int, error) {
 			reason = c.readEnded(err)
 			break
 		}
-		req, err := ParseRequest(hdr[:])
+		req, err := nbd.ParseRequest(hdr[:])
 		if err != nil {
 			reason = err
 			break
 		}
-		if req.Type == CmdDisc {
+		if req.Type == nbd.CmdDisc {
 			break
 		}
-		if req.Type == CmdWrite && req.Length > MaxPayload {
-			reason = protoErrorf("WRITE of %d bytes exceeds the %d-byte maximum payload", req.Length, MaxPayload)
+		if req.Type == nbd.CmdWrite && req.Length > nbd.MaxPayload {
+			reason = protoErrorf("WRITE of %d bytes exceeds the %d-byte maximum payload", req.Length, nbd.MaxPayload)
 			break
 		}
 		slots <- struct{}{}
 		var cost int64
 		var payload []byte
-		if req.Type == CmdWrite || req.Type == CmdRead && req.Length <= MaxPayload {
+		if req.Type == nbd.CmdWrite || req.Type == nbd.CmdRead && req.Length <= nbd.MaxPayload {
 			cost = int64(req.Length)
 			budget.acquire(cost)
 		}
-		if req.Type == CmdWrite && req.Length > 0 {
+		if req.Type == nbd.CmdWrite && req.Length > 0 {
 			payload = srvGetBuf(int(req.Length))
 			if err := c.readRequestBytes(br, payload); err != nil {
 				srvPutBuf(payload)
@@ -172,7 +174,7 @@ func (c *serverConn) closeGracefully() {
 	// Clients that read replies all the time (libnbd, qemu, snapmount
 	// mount) see the FIN and hang up at once; a silent one is cut off.
 	c.raw.SetReadDeadline(time.Now().Add(srvDrainGrace))
-	io.Copy(io.Discard, io.LimitReader(c.conn, 2*MaxPayload))
+	io.Copy(io.Discard, io.LimitReader(c.conn, 2*nbd.MaxPayload))
 }
 
 // readEnded explains why reading a request failed.
@@ -298,40 +300,40 @@ func (w *srvReplyWriter) write(batch []*srvReply) error {
 // ---- request handling ----
 
 // flags each command accepts (more are refused with EINVAL).
-func (c *serverConn) allowedFlags(t Cmd) CmdFlags {
-	var f CmdFlags = CmdFlagFUA // proto.md: FUA is valid on any command
+func (c *serverConn) allowedFlags(t nbd.Cmd) nbd.CmdFlags {
+	var f nbd.CmdFlags = nbd.CmdFlagFUA // proto.md: FUA is valid on any command
 	switch t {
-	case CmdRead:
+	case nbd.CmdRead:
 		if c.structured {
-			f |= CmdFlagDF
+			f |= nbd.CmdFlagDF
 		}
-	case CmdWriteZeroes:
-		f |= CmdFlagNoHole | CmdFlagFastZero
-	case CmdBlockStatus:
-		f |= CmdFlagReqOne
+	case nbd.CmdWriteZeroes:
+		f |= nbd.CmdFlagNoHole | nbd.CmdFlagFastZero
+	case nbd.CmdBlockStatus:
+		f |= nbd.CmdFlagReqOne
 	}
 	return f
 }
 
 // handle runs one request and returns its reply. It never fails: errors
 // become error replies.
-func (c *serverConn) handle(req Request, payload []byte) *srvReply {
+func (c *serverConn) handle(req nbd.Request, payload []byte) *srvReply {
 	v := c.view
 	size := v.exp.size
 	off, length := int64(req.Offset), int64(req.Length)
 	inRange := req.Offset <= uint64(size) && length <= size-off
-	fua := req.Flags&CmdFlagFUA != 0 && v.writable
+	fua := req.Flags&nbd.CmdFlagFUA != 0 && v.writable
 
 	if bad := req.Flags &^ c.allowedFlags(req.Type); bad != 0 {
 		if payload != nil {
 			srvPutBuf(payload)
 		}
-		return c.errorReply(req, fmt.Errorf("flags %#x are not valid for %s: %w", uint16(bad), req.Type, EINVAL))
+		return c.errorReply(req, fmt.Errorf("flags %#x are not valid for %s: %w", uint16(bad), req.Type, nbd.EINVAL))
 	}
 	switch req.Type {
-	case CmdRead:
+	case nbd.CmdRead:
 		return c.handleRead(req, inRange)
-	case CmdWrite:
+	case nbd.CmdWrite:
 		defer func() {
 			if payload != nil {
 				srvPutBuf(payload)
@@ -341,44 +343,44 @@ func (c *serverConn) handle(req Request, payload []byte) *srvReply {
 		case !v.writable:
 			return c.errorReply(req, errReadOnlyView)
 		case !inRange:
-			return c.errorReply(req, fmt.Errorf("write of %d bytes at offset %d goes past the end of the export (%d bytes): %w", length, off, size, ENOSPC))
+			return c.errorReply(req, fmt.Errorf("write of %d bytes at offset %d goes past the end of the export (%d bytes): %w", length, off, size, nbd.ENOSPC))
 		}
 		return c.result(req, v.write(payload, off, fua))
-	case CmdFlush:
+	case nbd.CmdFlush:
 		if req.Offset != 0 || req.Length != 0 {
-			return c.errorReply(req, fmt.Errorf("FLUSH with offset or length set: %w", EINVAL))
+			return c.errorReply(req, fmt.Errorf("FLUSH with offset or length set: %w", nbd.EINVAL))
 		}
 		return c.result(req, v.flush())
-	case CmdTrim:
+	case nbd.CmdTrim:
 		switch {
 		case !v.writable:
 			return c.errorReply(req, errReadOnlyView)
 		case !inRange:
-			return c.errorReply(req, fmt.Errorf("trim of %d bytes at offset %d goes past the end of the export: %w", length, off, EINVAL))
+			return c.errorReply(req, fmt.Errorf("trim of %d bytes at offset %d goes past the end of the export: %w", length, off, nbd.EINVAL))
 		}
 		return c.result(req, v.trim(off, length, fua))
-	case CmdWriteZeroes:
+	case nbd.CmdWriteZeroes:
 		switch {
 		case !v.writable:
 			return c.errorReply(req, errReadOnlyView)
 		case !inRange:
-			return c.errorReply(req, fmt.Errorf("write zeroes of %d bytes at offset %d goes past the end of the export: %w", length, off, ENOSPC))
+			return c.errorReply(req, fmt.Errorf("write zeroes of %d bytes at offset %d goes past the end of the export: %w", length, off, nbd.ENOSPC))
 		}
-		return c.result(req, v.writeZeroes(off, length, req.Flags&CmdFlagNoHole != 0, req.Flags&CmdFlagFastZero != 0, fua))
-	case CmdCache:
+		return c.result(req, v.writeZeroes(off, length, req.Flags&nbd.CmdFlagNoHole != 0, req.Flags&nbd.CmdFlagFastZero != 0, fua))
+	case nbd.CmdCache:
 		if !inRange {
-			return c.errorReply(req, fmt.Errorf("cache of %d bytes at offset %d goes past the end of the export: %w", length, off, EINVAL))
+			return c.errorReply(req, fmt.Errorf("cache of %d bytes at offset %d goes past the end of the export: %w", length, off, nbd.EINVAL))
 		}
 		return c.result(req, v.cache(off, length))
-	case CmdBlockStatus:
+	case nbd.CmdBlockStatus:
 		return c.handleBlockStatus(req, inRange)
-	case CmdResize:
+	case nbd.CmdResize:
 		if !v.writable {
 			return c.errorReply(req, errReadOnlyView)
 		}
-		return c.errorReply(req, fmt.Errorf("this server never resizes an image: %w", EINVAL))
+		return c.errorReply(req, fmt.Errorf("this server never resizes an image: %w", nbd.EINVAL))
 	}
-	return c.errorReply(req, fmt.Errorf("unknown command %d: %w", uint16(req.Type), EINVAL))
+	return c.errorReply(req, fmt.Errorf("unknown command %d: %w", uint16(req.Type), nbd.EINVAL))
 }
 
 // handleInline runs the requests that cost little and never wait for a
@@ -388,17 +390,17 @@ func (c *serverConn) handle(req Request, payload []byte) *srvReply {
 // and a plain WRITE into the page cache while no snapshot needs
 // copy-before-write. FUA writes, snapshot I/O and uncached reads go to the
 // handlers, which run in parallel.
-func (c *serverConn) handleInline(req Request, payload []byte) *srvReply {
+func (c *serverConn) handleInline(req nbd.Request, payload []byte) *srvReply {
 	v := c.view
 	off, length := int64(req.Offset), int64(req.Length)
 	if req.Flags&^c.allowedFlags(req.Type) != 0 || req.Offset > uint64(v.exp.size) || length > v.exp.size-off || length == 0 {
 		return nil
 	}
 	switch req.Type {
-	case CmdRead:
-		return c.sendfileRead(req, c.structured && req.Flags&CmdFlagDF == 0)
-	case CmdWrite:
-		if !v.writable || req.Flags&CmdFlagFUA != 0 {
+	case nbd.CmdRead:
+		return c.sendfileRead(req, c.structured && req.Flags&nbd.CmdFlagDF == 0)
+	case nbd.CmdWrite:
+		if !v.writable || req.Flags&nbd.CmdFlagFUA != 0 {
 			return nil
 		}
 		if live := v.exp.live.Load(); live != nil && len(*live) > 0 {
@@ -409,19 +411,19 @@ func (c *serverConn) handleInline(req Request, payload []byte) *srvReply {
 	return nil
 }
 
-var errReadOnlyView = fmt.Errorf("this connection is read-only: %w", EPERM)
+var errReadOnlyView = fmt.Errorf("this connection is read-only: %w", nbd.EPERM)
 
-func (c *serverConn) handleRead(req Request, inRange bool) *srvReply {
+func (c *serverConn) handleRead(req nbd.Request, inRange bool) *srvReply {
 	off, length := int64(req.Offset), int64(req.Length)
 	switch {
-	case length > MaxPayload:
-		return c.errorReply(req, fmt.Errorf("read of %d bytes exceeds the %d-byte maximum: %w", length, MaxPayload, EINVAL))
+	case length > nbd.MaxPayload:
+		return c.errorReply(req, fmt.Errorf("read of %d bytes exceeds the %d-byte maximum: %w", length, nbd.MaxPayload, nbd.EINVAL))
 	case !inRange:
-		return c.errorReply(req, fmt.Errorf("read of %d bytes at offset %d goes past the end of the export (%d bytes): %w", length, off, c.view.exp.size, EINVAL))
+		return c.errorReply(req, fmt.Errorf("read of %d bytes at offset %d goes past the end of the export (%d bytes): %w", length, off, c.view.exp.size, nbd.EINVAL))
 	case length == 0:
 		return c.result(req, nil)
 	}
-	holes := c.structured && req.Flags&CmdFlagDF == 0
+	holes := c.structured && req.Flags&nbd.CmdFlagDF == 0
 	if r := c.sendfileRead(req, holes); r != nil {
 		return r
 	}
@@ -433,7 +435,7 @@ func (c *serverConn) handleRead(req Request, inRange bool) *srvReply {
 	}
 	r := &srvReply{buf: buf}
 	if !c.structured {
-		r.bufs = net.Buffers{AppendSimpleReply(make([]byte, 0, SimpleReplyLen), 0, req.Cookie), buf}
+		r.bufs = net.Buffers{nbd.AppendSimpleReply(make([]byte, 0, nbd.SimpleReplyLen), 0, req.Cookie), buf}
 		return r
 	}
 	if len(ext) == 0 {
@@ -453,21 +455,21 @@ func (c *serverConn) handleRead(req Request, inRange bool) *srvReply {
 // NBD_REPLY_FLAG_DONE. Headers go into one slice sized up front, so the
 // slices of it handed to header stay valid.
 func srvReadChunks(cookie uint64, ext []srvExtent, header func([]byte), data func(srvExtent)) {
-	hdr := make([]byte, 0, len(ext)*(ChunkHeaderLen+12))
+	hdr := make([]byte, 0, len(ext)*(nbd.ChunkHeaderLen+12))
 	for i, x := range ext {
 		var flags uint16
 		if i == len(ext)-1 {
-			flags = ReplyFlagDone
+			flags = nbd.ReplyFlagDone
 		}
 		start := len(hdr)
 		if x.hole {
-			hdr = AppendChunkHeader(hdr, flags, ChunkOffsetHole, cookie, 12)
+			hdr = nbd.AppendChunkHeader(hdr, flags, nbd.ChunkOffsetHole, cookie, 12)
 			hdr = be.AppendUint64(hdr, uint64(x.off))
 			hdr = be.AppendUint32(hdr, uint32(x.length))
 			header(hdr[start:])
 			continue
 		}
-		hdr = AppendChunkHeader(hdr, flags, ChunkOffsetData, cookie, uint32(8+x.length))
+		hdr = nbd.AppendChunkHeader(hdr, flags, nbd.ChunkOffsetData, cookie, uint32(8+x.length))
 		hdr = be.AppendUint64(hdr, uint64(x.off))
 		header(hdr[start:])
 		data(x)
@@ -483,7 +485,7 @@ const srvSendfileMin = 32 << 10
 // take the ordinary path: snapshots (read under block locks), TLS, small
 // or uncached ranges (read in parallel by the handlers rather than by the
 // one writer).
-func (c *serverConn) sendfileRead(req Request, holes bool) *srvReply {
+func (c *serverConn) sendfileRead(req nbd.Request, holes bool) *srvReply {
 	v := c.view
 	off, length := int64(req.Offset), int64(req.Length)
 	if v.snap != nil || c.sendfile == nil || length < srvSendfileMin || !exportResident(v.exp.mapping, off, length) {
@@ -491,7 +493,7 @@ func (c *serverConn) sendfileRead(req Request, holes bool) *srvReply {
 	}
 	r := &srvReply{file: v.exp.file}
 	if !c.structured {
-		r.pieces = []srvPiece{{b: AppendSimpleReply(nil, 0, req.Cookie)}, {off: off, n: length}}
+		r.pieces = []srvPiece{{b: nbd.AppendSimpleReply(nil, 0, req.Cookie)}, {off: off, n: length}}
 		return r
 	}
 	ext := []srvExtent{{off: off, length: length}}
@@ -508,64 +510,64 @@ func (c *serverConn) sendfileRead(req Request, holes bool) *srvReply {
 // srvMaxStatusExtents bounds the extents of one BLOCK_STATUS reply.
 const srvMaxStatusExtents = 2048
 
-func (c *serverConn) handleBlockStatus(req Request, inRange bool) *srvReply {
+func (c *serverConn) handleBlockStatus(req nbd.Request, inRange bool) *srvReply {
 	off, length := int64(req.Offset), int64(req.Length)
 	switch {
 	case !c.structured || !c.metaAlloc:
-		return c.errorReply(req, fmt.Errorf("BLOCK_STATUS needs structured replies and base:allocation selected for this export: %w", EINVAL))
+		return c.errorReply(req, fmt.Errorf("BLOCK_STATUS needs structured replies and base:allocation selected for this export: %w", nbd.EINVAL))
 	case length == 0 || !inRange:
-		return c.errorReply(req, fmt.Errorf("block status of %d bytes at offset %d is outside the export: %w", length, off, EINVAL))
+		return c.errorReply(req, fmt.Errorf("block status of %d bytes at offset %d is outside the export: %w", length, off, nbd.EINVAL))
 	}
 	maxExt := srvMaxStatusExtents
-	if req.Flags&CmdFlagReqOne != 0 {
+	if req.Flags&nbd.CmdFlagReqOne != 0 {
 		maxExt = 1
 	}
 	ext, err := c.view.blockStatus(off, length, maxExt)
 	if err != nil {
 		return c.errorReply(req, err)
 	}
-	wire := make([]WireExtent, 0, len(ext))
+	wire := make([]nbd.WireExtent, 0, len(ext))
 	for _, x := range ext {
 		if len(wire) == maxExt {
 			break
 		}
 		var st uint32
 		if x.hole {
-			st = StateHole | StateZero
+			st = nbd.StateHole | nbd.StateZero
 		}
-		wire = append(wire, WireExtent{Length: uint32(x.length), Flags: st})
+		wire = append(wire, nbd.WireExtent{Length: uint32(x.length), Flags: st})
 	}
-	payload := AppendBlockStatusPayload(nil, 1, wire)
-	b := AppendChunkHeader(make([]byte, 0, ChunkHeaderLen+len(payload)), ReplyFlagDone, ChunkBlockStatus, req.Cookie, uint32(len(payload)))
+	payload := nbd.AppendBlockStatusPayload(nil, 1, wire)
+	b := nbd.AppendChunkHeader(make([]byte, 0, nbd.ChunkHeaderLen+len(payload)), nbd.ReplyFlagDone, nbd.ChunkBlockStatus, req.Cookie, uint32(len(payload)))
 	return &srvReply{bufs: net.Buffers{append(b, payload...)}}
 }
 
 // result is the reply to a command without reply payload.
-func (c *serverConn) result(req Request, err error) *srvReply {
+func (c *serverConn) result(req nbd.Request, err error) *srvReply {
 	if err != nil {
 		return c.errorReply(req, err)
 	}
-	if c.structured && req.Type == CmdRead {
-		b := AppendChunkHeader(nil, ReplyFlagDone, ChunkNone, req.Cookie, 0)
+	if c.structured && req.Type == nbd.CmdRead {
+		b := nbd.AppendChunkHeader(nil, nbd.ReplyFlagDone, nbd.ChunkNone, req.Cookie, 0)
 		return &srvReply{bufs: net.Buffers{b}}
 	}
-	return &srvReply{bufs: net.Buffers{AppendSimpleReply(nil, 0, req.Cookie)}}
+	return &srvReply{bufs: net.Buffers{nbd.AppendSimpleReply(nil, 0, req.Cookie)}}
 }
 
 // errorReply reports err for one request: an ERROR chunk with a message
 // for READ and BLOCK_STATUS under structured replies, else a simple reply.
-func (c *serverConn) errorReply(req Request, err error) *srvReply {
-	errno := ErrnoOf(err)
-	if errno == EIO || errors.Is(err, os.ErrClosed) {
+func (c *serverConn) errorReply(req nbd.Request, err error) *srvReply {
+	errno := nbd.ErrnoOf(err)
+	if errno == nbd.EIO || errors.Is(err, os.ErrClosed) {
 		c.log.Warn("request failed", "cmd", req.Type, "offset", req.Offset, "length", req.Length, "err", err)
-		errno = EIO
+		errno = nbd.EIO
 	} else {
 		c.log.Debug("request refused", "cmd", req.Type, "offset", req.Offset, "length", req.Length, "err", err)
 	}
-	if c.structured && (req.Type == CmdRead || req.Type == CmdBlockStatus) {
-		p := AppendErrorChunkPayload(nil, errno, err.Error(), -1)
-		b := AppendChunkHeader(make([]byte, 0, ChunkHeaderLen+len(p)), ReplyFlagDone, ChunkError, req.Cookie, uint32(len(p)))
+	if c.structured && (req.Type == nbd.CmdRead || req.Type == nbd.CmdBlockStatus) {
+		p := nbd.AppendErrorChunkPayload(nil, errno, err.Error(), -1)
+		b := nbd.AppendChunkHeader(make([]byte, 0, nbd.ChunkHeaderLen+len(p)), nbd.ReplyFlagDone, nbd.ChunkError, req.Cookie, uint32(len(p)))
 		return &srvReply{bufs: net.Buffers{append(b, p...)}}
 	}
-	return &srvReply{bufs: net.Buffers{AppendSimpleReply(nil, errno, req.Cookie)}}
+	return &srvReply{bufs: net.Buffers{nbd.AppendSimpleReply(nil, errno, req.Cookie)}}
 }

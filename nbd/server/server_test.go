@@ -1,4 +1,4 @@
-package nbd
+package server
 
 import (
 	"bytes"
@@ -16,9 +16,15 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"snapmount/nbd"
 )
 
 const testSize = 4 << 20
+
+// writeFlags are the flags that advertise a way to change data; a
+// read-only view never carries them.
+const writeFlags = nbd.FlagSendTrim | nbd.FlagSendWriteZeroes | nbd.FlagSendFastZero | nbd.FlagSendResize | nbd.FlagSendFUA
 
 func TestServerReadOnlyOptionBeforeWriter(t *testing.T) {
 	img := testImage(t, testSize, 1)
@@ -26,20 +32,20 @@ func TestServerReadOnlyOptionBeforeWriter(t *testing.T) {
 
 	// The reader connects first and promises to read only.
 	reader := dialRaw(t, addr)
-	if got := final(reader.option(OptXReadOnly, []byte{1})); got != RepErrInvalid {
+	if got := final(reader.option(nbd.OptXReadOnly, []byte{1})); got != nbd.RepErrInvalid {
 		t.Errorf("X_READ_ONLY with data: %s, want ERR_INVALID", got)
 	}
 	for i := 0; i < 2; i++ { // a repeat is ACKed too
-		if got := final(reader.option(OptXReadOnly, nil)); got != RepAck {
+		if got := final(reader.option(nbd.OptXReadOnly, nil)); got != nbd.RepAck {
 			t.Fatalf("X_READ_ONLY (try %d): %s, want ACK", i+1, got)
 		}
 	}
-	typ, info := reader.info(OptInfo, "disk")
-	if typ != RepAck || info.flags&FlagReadOnly == 0 || info.flags&writeFlags != 0 {
+	typ, info := reader.info(nbd.OptInfo, "disk")
+	if typ != nbd.RepAck || info.flags&nbd.FlagReadOnly == 0 || info.flags&writeFlags != 0 {
 		t.Errorf("INFO after the promise: %s, flags %s; want ACK, READ_ONLY and no write flags", typ, info.flags)
 	}
 	ri := reader.mustGo("disk")
-	if ri.flags&FlagReadOnly == 0 || ri.flags&writeFlags != 0 || ri.flags&FlagCanMultiConn == 0 {
+	if ri.flags&nbd.FlagReadOnly == 0 || ri.flags&writeFlags != 0 || ri.flags&nbd.FlagCanMultiConn == 0 {
 		t.Errorf("reader flags %s: want READ_ONLY|CAN_MULTI_CONN and no write flags", ri.flags)
 	}
 	if ri.name != "disk@s1" {
@@ -49,28 +55,28 @@ func TestServerReadOnlyOptionBeforeWriter(t *testing.T) {
 	// The writer, second, still gets the only writer slot.
 	writer := dialRaw(t, addr)
 	wi := writer.mustGo("disk")
-	want := FlagHasFlags | FlagSendFlush | FlagSendFUA | FlagSendTrim | FlagSendWriteZeroes | FlagSendFastZero | FlagSendCache | FlagCanMultiConn
+	want := nbd.FlagHasFlags | nbd.FlagSendFlush | nbd.FlagSendFUA | nbd.FlagSendTrim | nbd.FlagSendWriteZeroes | nbd.FlagSendFastZero | nbd.FlagSendCache | nbd.FlagCanMultiConn
 	if wi.flags != want {
 		t.Errorf("writer flags %s, want %s", wi.flags, want)
 	}
 	// A third writer is refused by policy.
 	third := dialRaw(t, addr)
-	if typ, _ := third.info(OptGo, "disk"); typ != RepErrPolicy {
+	if typ, _ := third.info(nbd.OptGo, "disk"); typ != nbd.RepErrPolicy {
 		t.Errorf("third writer: %s, want ERR_POLICY (--busy=refuse)", typ)
 	}
 
 	// The reader's WRITE gets EPERM, its payload is drained: the next
 	// request on the connection still works.
 	payload := bytes.Repeat([]byte{0xee}, 8192)
-	if e := reader.simpleReply(reader.request(CmdWrite, 0, 0, uint32(len(payload)), payload)); e != EPERM {
+	if e := reader.simpleReply(reader.request(nbd.CmdWrite, 0, 0, uint32(len(payload)), payload)); e != nbd.EPERM {
 		t.Errorf("reader WRITE: %s, want EPERM", e)
 	}
-	for _, cmd := range []Cmd{CmdTrim, CmdWriteZeroes, CmdResize} {
-		if e := reader.simpleReply(reader.request(cmd, 0, 0, 4096, nil)); e != EPERM {
+	for _, cmd := range []nbd.Cmd{nbd.CmdTrim, nbd.CmdWriteZeroes, nbd.CmdResize} {
+		if e := reader.simpleReply(reader.request(cmd, 0, 0, 4096, nil)); e != nbd.EPERM {
 			t.Errorf("reader %s: %s, want EPERM", cmd, e)
 		}
 	}
-	if e := reader.simpleReply(reader.request(CmdFlush, 0, 0, 0, nil)); e != 0 {
+	if e := reader.simpleReply(reader.request(nbd.CmdFlush, 0, 0, 0, nil)); e != 0 {
 		t.Errorf("reader FLUSH: %s, want success (a no-op)", e)
 	}
 	before, e := reader.readSimple(0, 8192)
@@ -79,7 +85,7 @@ func TestServerReadOnlyOptionBeforeWriter(t *testing.T) {
 	}
 
 	// The writer writes; the reader's snapshot keeps the old data.
-	if e := writer.simpleReply(writer.request(CmdWrite, CmdFlagFUA, 0, uint32(len(payload)), payload)); e != 0 {
+	if e := writer.simpleReply(writer.request(nbd.CmdWrite, nbd.CmdFlagFUA, 0, uint32(len(payload)), payload)); e != 0 {
 		t.Fatalf("writer WRITE: %s", e)
 	}
 	got, _ := writer.readSimple(0, 8192)
@@ -96,17 +102,17 @@ func TestServerReaderViewLive(t *testing.T) {
 	img := testImage(t, testSize, 2)
 	_, addr := startTestServer(t, ServerConfig{ReaderView: ReaderViewLive}, img)
 	reader := dialRaw(t, addr)
-	if got := final(reader.option(OptXReadOnly, nil)); got != RepAck {
+	if got := final(reader.option(nbd.OptXReadOnly, nil)); got != nbd.RepAck {
 		t.Fatalf("X_READ_ONLY: %s", got)
 	}
 	ri := reader.mustGo("disk")
-	if ri.flags&FlagReadOnly == 0 || ri.name != "disk@live" {
+	if ri.flags&nbd.FlagReadOnly == 0 || ri.name != "disk@live" {
 		t.Errorf("live reader: flags %s, name %q; want READ_ONLY and disk@live", ri.flags, ri.name)
 	}
 	writer := dialRaw(t, addr)
 	writer.mustGo("disk")
 	data := bytes.Repeat([]byte{7}, 4096)
-	if e := writer.simpleReply(writer.request(CmdWrite, 0, 4096, 4096, data)); e != 0 {
+	if e := writer.simpleReply(writer.request(nbd.CmdWrite, 0, 4096, 4096, data)); e != 0 {
 		t.Fatal(e)
 	}
 	if got, _ := reader.readSimple(4096, 4096); !bytes.Equal(got, data) {
@@ -118,14 +124,14 @@ func TestServerBusyReadOnly(t *testing.T) {
 	img := testImage(t, testSize, 3)
 	_, addr := startTestServer(t, ServerConfig{MaxWriters: 1}, img)
 	w1 := dialRaw(t, addr)
-	if w1.mustGo("disk").flags&FlagReadOnly != 0 {
+	if w1.mustGo("disk").flags&nbd.FlagReadOnly != 0 {
 		t.Fatal("first writer got a read-only view")
 	}
 	w2 := dialRaw(t, addr)
-	if f := w2.mustGo("disk").flags; f&FlagReadOnly == 0 {
+	if f := w2.mustGo("disk").flags; f&nbd.FlagReadOnly == 0 {
 		t.Errorf("second writer over --max-writers 1: flags %s, want READ_ONLY (--busy=readonly)", f)
 	}
-	w1.write(AppendOption(nil, OptAbort, nil)) // not in transmission: close is enough
+	w1.write(nbd.AppendOption(nil, nbd.OptAbort, nil)) // not in transmission: close is enough
 	w1.c.Close()
 	w2.c.Close()
 	// The slot comes back when the writer leaves; the server notices
@@ -135,7 +141,7 @@ func TestServerBusyReadOnly(t *testing.T) {
 		w3 := dialRaw(t, addr)
 		f := w3.mustGo("disk").flags
 		w3.c.Close()
-		if f&FlagReadOnly == 0 {
+		if f&nbd.FlagReadOnly == 0 {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -150,28 +156,28 @@ func TestServerExportNames(t *testing.T) {
 	c := dialRaw(t, addr)
 	for _, tc := range []struct {
 		name     string
-		want     Reply
+		want     nbd.Reply
 		readOnly bool
 		canon    string
 	}{
-		{"disk", RepAck, false, "disk"},
-		{"", RepAck, false, "disk"},
-		{"disk@live", RepAck, true, "disk@live"},
-		{"disk@snapshot", RepAck, true, ""}, // INFO creates nothing
-		{"disk@s1", RepErrUnknown, false, ""},
-		{"disk@s0", RepErrUnknown, false, ""},
-		{"disk@bogus", RepErrUnknown, false, ""},
-		{"other", RepErrUnknown, false, ""},
+		{"disk", nbd.RepAck, false, "disk"},
+		{"", nbd.RepAck, false, "disk"},
+		{"disk@live", nbd.RepAck, true, "disk@live"},
+		{"disk@snapshot", nbd.RepAck, true, ""}, // INFO creates nothing
+		{"disk@s1", nbd.RepErrUnknown, false, ""},
+		{"disk@s0", nbd.RepErrUnknown, false, ""},
+		{"disk@bogus", nbd.RepErrUnknown, false, ""},
+		{"other", nbd.RepErrUnknown, false, ""},
 	} {
-		typ, info := c.info(OptInfo, tc.name)
+		typ, info := c.info(nbd.OptInfo, tc.name)
 		if typ != tc.want {
 			t.Errorf("INFO %q: %s, want %s", tc.name, typ, tc.want)
 			continue
 		}
-		if typ != RepAck {
+		if typ != nbd.RepAck {
 			continue
 		}
-		if ro := info.flags&FlagReadOnly != 0; ro != tc.readOnly {
+		if ro := info.flags&nbd.FlagReadOnly != 0; ro != tc.readOnly {
 			t.Errorf("INFO %q: flags %s, read-only %v want %v", tc.name, info.flags, ro, tc.readOnly)
 		}
 		if tc.canon != "" && info.name != tc.canon {
@@ -187,20 +193,20 @@ func TestServerExportNames(t *testing.T) {
 		t.Fatalf("GO disk@snapshot named %q, want disk@s1", got)
 	}
 	j := dialRaw(t, addr)
-	if got := j.mustGo("disk@s1"); got.name != "disk@s1" || got.flags&FlagReadOnly == 0 {
+	if got := j.mustGo("disk@s1"); got.name != "disk@s1" || got.flags&nbd.FlagReadOnly == 0 {
 		t.Errorf("GO disk@s1: %+v", got)
 	}
 
 	// LIST shows the export with its description.
-	rs := c.option(OptList, nil)
-	if final(rs) != RepAck || len(rs) != 2 {
+	rs := c.option(nbd.OptList, nil)
+	if final(rs) != nbd.RepAck || len(rs) != 2 {
 		t.Fatalf("LIST: %+v", rs)
 	}
-	e, err := ParseServerReply(rs[0].data)
+	e, err := nbd.ParseServerReply(rs[0].data)
 	if err != nil || e.Name != "disk" || e.Description != "test disk" {
 		t.Errorf("LIST entry %+v, %v", e, err)
 	}
-	if got := final(c.option(OptList, []byte{0})); got != RepErrInvalid {
+	if got := final(c.option(nbd.OptList, []byte{0})); got != nbd.RepErrInvalid {
 		t.Errorf("LIST with data: %s, want ERR_INVALID", got)
 	}
 }
@@ -218,45 +224,45 @@ func TestServerMetaContextAndBlockStatus(t *testing.T) {
 	f.Close()
 	_, addr := startTestServer(t, ServerConfig{}, path)
 	c := dialRaw(t, addr)
-	mc := MetaContextRequest{Export: "disk", Queries: []string{"base:allocation"}}
-	if got := final(c.option(OptSetMetaContext, mc.Encode())); got != RepErrInvalid {
+	mc := nbd.MetaContextRequest{Export: "disk", Queries: []string{"base:allocation"}}
+	if got := final(c.option(nbd.OptSetMetaContext, mc.Encode())); got != nbd.RepErrInvalid {
 		t.Errorf("SET_META_CONTEXT before STRUCTURED_REPLY: %s, want ERR_INVALID", got)
 	}
-	if got := final(c.option(OptStructuredReply, nil)); got != RepAck {
+	if got := final(c.option(nbd.OptStructuredReply, nil)); got != nbd.RepAck {
 		t.Fatalf("STRUCTURED_REPLY: %s", got)
 	}
-	list := MetaContextRequest{Export: "disk", Queries: []string{"base:"}}
-	rs := c.option(OptListMetaContext, list.Encode())
-	if len(rs) != 2 || rs[0].typ != RepMetaContext || string(rs[0].data[4:]) != ContextBaseAllocation {
+	list := nbd.MetaContextRequest{Export: "disk", Queries: []string{"base:"}}
+	rs := c.option(nbd.OptListMetaContext, list.Encode())
+	if len(rs) != 2 || rs[0].typ != nbd.RepMetaContext || string(rs[0].data[4:]) != nbd.ContextBaseAllocation {
 		t.Errorf("LIST_META_CONTEXT base: → %+v, want base:allocation", rs)
 	}
-	odd := MetaContextRequest{Export: "disk", Queries: []string{"base:nonsense", "qemu:dirty-bitmap:x"}}
-	if rs := c.option(OptSetMetaContext, odd.Encode()); len(rs) != 1 || rs[0].typ != RepAck {
+	odd := nbd.MetaContextRequest{Export: "disk", Queries: []string{"base:nonsense", "qemu:dirty-bitmap:x"}}
+	if rs := c.option(nbd.OptSetMetaContext, odd.Encode()); len(rs) != 1 || rs[0].typ != nbd.RepAck {
 		t.Errorf("SET_META_CONTEXT of unknown contexts: %+v, want a bare ACK", rs)
 	}
-	rs = c.option(OptSetMetaContext, mc.Encode())
-	if len(rs) != 2 || rs[0].typ != RepMetaContext {
+	rs = c.option(nbd.OptSetMetaContext, mc.Encode())
+	if len(rs) != 2 || rs[0].typ != nbd.RepMetaContext {
 		t.Fatalf("SET_META_CONTEXT: %+v", rs)
 	}
 	id := be.Uint32(rs[0].data)
 	info := c.mustGo("disk")
-	if info.flags&FlagSendDF == 0 {
+	if info.flags&nbd.FlagSendDF == 0 {
 		t.Errorf("flags %s lack SEND_DF with structured replies", info.flags)
 	}
 
-	cookie := c.request(CmdBlockStatus, 0, 0, testSize, nil)
-	var b [ChunkHeaderLen]byte
-	h, err := ReadReplyHeader(c.c, &b)
-	if err != nil || h.Type != ChunkBlockStatus || h.Cookie != cookie || h.Flags&ReplyFlagDone == 0 {
+	cookie := c.request(nbd.CmdBlockStatus, 0, 0, testSize, nil)
+	var b [nbd.ChunkHeaderLen]byte
+	h, err := nbd.ReadReplyHeader(c.c, &b)
+	if err != nil || h.Type != nbd.ChunkBlockStatus || h.Cookie != cookie || h.Flags&nbd.ReplyFlagDone == 0 {
 		t.Fatalf("BLOCK_STATUS reply %+v, %v", h, err)
 	}
 	p := make([]byte, h.Length)
 	c.readFull(p)
-	gotID, ext, err := ParseBlockStatusPayload(p)
+	gotID, ext, err := nbd.ParseBlockStatusPayload(p)
 	if err != nil || gotID != id {
 		t.Fatalf("BLOCK_STATUS payload: id %d (want %d), %v", gotID, id, err)
 	}
-	want := []WireExtent{{1 << 20, 0}, {2 << 20, StateHole | StateZero}, {1 << 20, 0}}
+	want := []nbd.WireExtent{{Length: 1 << 20}, {Length: 2 << 20, Flags: nbd.StateHole | nbd.StateZero}, {Length: 1 << 20}}
 	if len(ext) != len(want) {
 		t.Fatalf("extents %v, want %v", ext, want)
 	}
@@ -272,17 +278,17 @@ func TestServerMetaContextAndBlockStatus(t *testing.T) {
 		t.Errorf("READ across a hole: errno %s, %d chunks (want 2)", e, chunks)
 	}
 	// With DF it is one data chunk.
-	if _, e, chunks := c.readStructured(512<<10, 1<<20, CmdFlagDF); e != 0 || chunks != 1 {
+	if _, e, chunks := c.readStructured(512<<10, 1<<20, nbd.CmdFlagDF); e != 0 || chunks != 1 {
 		t.Errorf("READ with DF: errno %s, %d chunks (want 1)", e, chunks)
 	}
 	// Out of range: EINVAL in an error chunk, and the connection lives on.
-	if _, e, _ := c.readStructured(testSize-10, 20, 0); e != EINVAL {
+	if _, e, _ := c.readStructured(testSize-10, 20, 0); e != nbd.EINVAL {
 		t.Errorf("READ past the end: %s, want EINVAL", e)
 	}
-	if _, e, _ := c.readStructured(0, MaxPayload+1, 0); e != EINVAL {
+	if _, e, _ := c.readStructured(0, nbd.MaxPayload+1, 0); e != nbd.EINVAL {
 		t.Errorf("READ above 32 MiB: %s, want EINVAL", e)
 	}
-	if _, e, _ := c.readStructured(0, 4096, CmdFlagNoHole); e != EINVAL {
+	if _, e, _ := c.readStructured(0, 4096, nbd.CmdFlagNoHole); e != nbd.EINVAL {
 		t.Errorf("READ with NO_HOLE: %s, want EINVAL", e)
 	}
 	if _, e, _ := c.readStructured(0, 4096, 0); e != 0 {
@@ -294,55 +300,55 @@ func TestServerUnknownOptionAndCommand(t *testing.T) {
 	img := testImage(t, testSize, 6)
 	_, addr := startTestServer(t, ServerConfig{}, img)
 	c := dialRaw(t, addr)
-	if got := final(c.option(Option(0x40000001), bytes.Repeat([]byte{1}, 1000))); got != RepErrUnsup {
+	if got := final(c.option(nbd.Option(0x40000001), bytes.Repeat([]byte{1}, 1000))); got != nbd.RepErrUnsup {
 		t.Errorf("unknown option: %s, want ERR_UNSUP", got)
 	}
-	if got := final(c.option(OptExtendedHeaders, nil)); got != RepErrUnsup {
+	if got := final(c.option(nbd.OptExtendedHeaders, nil)); got != nbd.RepErrUnsup {
 		t.Errorf("EXTENDED_HEADERS: %s, want ERR_UNSUP", got)
 	}
-	if got := final(c.option(OptStartTLS, nil)); got != RepErrPolicy {
+	if got := final(c.option(nbd.OptStartTLS, nil)); got != nbd.RepErrPolicy {
 		t.Errorf("STARTTLS without TLS: %s, want ERR_POLICY", got)
 	}
 	// Option data above the limit is drained and refused.
-	if got := final(c.option(OptList, make([]byte, srvMaxOptionData+1))); got != RepErrTooBig {
+	if got := final(c.option(nbd.OptList, make([]byte, srvMaxOptionData+1))); got != nbd.RepErrTooBig {
 		t.Errorf("oversize option: %s, want ERR_TOO_BIG", got)
 	}
 	c.mustGo("disk")
 	for _, tc := range []struct {
-		typ    Cmd
-		flags  CmdFlags
+		typ    nbd.Cmd
+		flags  nbd.CmdFlags
 		off    uint64
 		length uint32
-		want   Errno
+		want   nbd.Errno
 	}{
-		{Cmd(42), 0, 0, 0, EINVAL},
-		{CmdFlush, 0, 1, 0, EINVAL},
-		{CmdTrim, 0, testSize, 1, EINVAL},
-		{CmdWriteZeroes, 0, testSize - 1, 2, ENOSPC},
-		{CmdBlockStatus, 0, 0, 4096, EINVAL}, // no meta context
-		{CmdCache, 0, 0, 1 << 20, 0},
-		{CmdRead, CmdFlagDF, 0, 4096, EINVAL}, // DF needs structured replies
-		{CmdWriteZeroes, CmdFlagNoHole | CmdFlagFastZero, 0, 1 << 20, 0},
-		{CmdTrim, CmdFlagFUA, 1 << 20, 1 << 20, 0},
-		{CmdFlush, 0, 0, 0, 0},
-		{CmdResize, 0, 0, 0, EINVAL},
-		{CmdRead, 0, 1 << 62, 1, EINVAL},
+		{nbd.Cmd(42), 0, 0, 0, nbd.EINVAL},
+		{nbd.CmdFlush, 0, 1, 0, nbd.EINVAL},
+		{nbd.CmdTrim, 0, testSize, 1, nbd.EINVAL},
+		{nbd.CmdWriteZeroes, 0, testSize - 1, 2, nbd.ENOSPC},
+		{nbd.CmdBlockStatus, 0, 0, 4096, nbd.EINVAL}, // no meta context
+		{nbd.CmdCache, 0, 0, 1 << 20, 0},
+		{nbd.CmdRead, nbd.CmdFlagDF, 0, 4096, nbd.EINVAL}, // DF needs structured replies
+		{nbd.CmdWriteZeroes, nbd.CmdFlagNoHole | nbd.CmdFlagFastZero, 0, 1 << 20, 0},
+		{nbd.CmdTrim, nbd.CmdFlagFUA, 1 << 20, 1 << 20, 0},
+		{nbd.CmdFlush, 0, 0, 0, 0},
+		{nbd.CmdResize, 0, 0, 0, nbd.EINVAL},
+		{nbd.CmdRead, 0, 1 << 62, 1, nbd.EINVAL},
 	} {
 		if got := c.simpleReply(c.request(tc.typ, tc.flags, tc.off, tc.length, nil)); got != tc.want {
 			t.Errorf("%s flags %#x %d@%d: %s, want %s", tc.typ, tc.flags, tc.length, tc.off, got, tc.want)
 		}
-		if tc.typ == CmdRead && tc.want == 0 {
+		if tc.typ == nbd.CmdRead && tc.want == 0 {
 			c.readFull(make([]byte, tc.length))
 		}
 	}
-	if e := c.simpleReply(c.request(CmdWrite, 0, testSize-1, 2, []byte{1, 2})); e != ENOSPC {
+	if e := c.simpleReply(c.request(nbd.CmdWrite, 0, testSize-1, 2, []byte{1, 2})); e != nbd.ENOSPC {
 		t.Errorf("WRITE past the end: %s, want ENOSPC", e)
 	}
 	got, e := c.readSimple(1<<20, 4096)
 	if e != 0 || !bytes.Equal(got, make([]byte, 4096)) {
 		t.Errorf("after WRITE_ZEROES and TRIM the range does not read as zeros (%s)", e)
 	}
-	c.request(CmdDisc, 0, 0, 0, nil)
+	c.request(nbd.CmdDisc, 0, 0, 0, nil)
 	c.expectClosed()
 }
 
@@ -383,8 +389,8 @@ func TestServerHostileBytes(t *testing.T) {
 	t.Run("4 GiB option", func(t *testing.T) {
 		c := dialRaw(t, addr)
 		var b []byte
-		b = be.AppendUint64(b, IHaveOpt)
-		b = be.AppendUint32(b, uint32(OptGo))
+		b = be.AppendUint64(b, nbd.IHaveOpt)
+		b = be.AppendUint32(b, uint32(nbd.OptGo))
 		b = be.AppendUint32(b, 0xffffffff)
 		c.write(b)
 		c.expectClosed()
@@ -394,13 +400,13 @@ func TestServerHostileBytes(t *testing.T) {
 		data := be.AppendUint32(nil, 0xfffffff0) // name length far beyond the data
 		data = append(data, "disk"...)
 		data = be.AppendUint16(data, 0)
-		if got := final(c.option(OptGo, data)); got != RepErrInvalid {
+		if got := final(c.option(nbd.OptGo, data)); got != nbd.RepErrInvalid {
 			t.Errorf("GO with a lying length: %s, want ERR_INVALID", got)
 		}
 		mc := be.AppendUint32(nil, 4)
 		mc = append(mc, "disk"...)
 		mc = be.AppendUint32(mc, 1<<30) // a billion queries in no bytes
-		if got := final(c.option(OptListMetaContext, mc)); got != RepErrInvalid {
+		if got := final(c.option(nbd.OptListMetaContext, mc)); got != nbd.RepErrInvalid {
 			t.Errorf("LIST_META_CONTEXT with a lying count: %s, want ERR_INVALID", got)
 		}
 	})
@@ -408,7 +414,7 @@ func TestServerHostileBytes(t *testing.T) {
 		c := dialRaw(t, addr)
 		var b []byte
 		for i := 0; i <= srvMaxOptions; i++ {
-			b = AppendOption(b, OptStructuredReply, nil)
+			b = nbd.AppendOption(b, nbd.OptStructuredReply, nil)
 		}
 		go c.c.Write(b)
 		c.expectClosed()
@@ -416,31 +422,31 @@ func TestServerHostileBytes(t *testing.T) {
 	t.Run("bad request magic", func(t *testing.T) {
 		c := dialRaw(t, addr)
 		c.mustGo("disk")
-		c.write(bytes.Repeat([]byte{0x55}, RequestHeaderLen))
+		c.write(bytes.Repeat([]byte{0x55}, nbd.RequestHeaderLen))
 		c.expectClosed()
 	})
 	t.Run("oversize write", func(t *testing.T) {
 		c := dialRaw(t, addr)
 		c.mustGo("disk")
-		c.request(CmdWrite, 0, 0, MaxPayload+1, nil)
+		c.request(nbd.CmdWrite, 0, 0, nbd.MaxPayload+1, nil)
 		c.expectClosed()
 	})
 	t.Run("write to a snapshot", func(t *testing.T) {
 		c := dialRaw(t, addr)
 		c.mustGo("disk@snapshot")
 		p := bytes.Repeat([]byte{0xaa}, 4096)
-		if e := c.simpleReply(c.request(CmdWrite, 0, 0, 4096, p)); e != EPERM {
+		if e := c.simpleReply(c.request(nbd.CmdWrite, 0, 0, 4096, p)); e != nbd.EPERM {
 			t.Errorf("WRITE to a snapshot: %s, want EPERM", e)
 		}
 	})
 	t.Run("vanish mid-request", func(t *testing.T) {
 		c := dialRaw(t, addr)
 		c.mustGo("disk@live")
-		hdr := make([]byte, RequestHeaderLen)
-		(&Request{Type: CmdWrite, Cookie: 1, Length: 1 << 20}).Encode(hdr)
+		hdr := make([]byte, nbd.RequestHeaderLen)
+		(&nbd.Request{Type: nbd.CmdWrite, Cookie: 1, Length: 1 << 20}).Encode(hdr)
 		c.write(append(hdr, make([]byte, 1000)...))
 		for i := 0; i < 8; i++ {
-			c.request(CmdRead, 0, 0, 1<<20, nil)
+			c.request(nbd.CmdRead, 0, 0, 1<<20, nil)
 		}
 		c.c.Close()
 	})
@@ -472,21 +478,21 @@ func TestServerTLS(t *testing.T) {
 		_, addr := startTestServer(t, cfg, img)
 		c := dialRaw(t, addr)
 		if mode == TLSRequire {
-			if typ, _ := c.info(OptInfo, "disk"); typ != RepErrTLSReqd {
+			if typ, _ := c.info(nbd.OptInfo, "disk"); typ != nbd.RepErrTLSReqd {
 				t.Errorf("INFO before STARTTLS with --tls=require: %s, want ERR_TLS_REQD", typ)
 			}
 		}
-		wantPromise := RepAck
+		wantPromise := nbd.RepAck
 		if mode == TLSRequire {
-			wantPromise = RepErrTLSReqd
+			wantPromise = nbd.RepErrTLSReqd
 		}
-		if got := final(c.option(OptXReadOnly, nil)); got != wantPromise {
+		if got := final(c.option(nbd.OptXReadOnly, nil)); got != wantPromise {
 			t.Fatalf("X_READ_ONLY before TLS: %s, want %s", got, wantPromise)
 		}
-		if got := final(c.option(OptStartTLS, []byte{1})); got != RepErrInvalid {
+		if got := final(c.option(nbd.OptStartTLS, []byte{1})); got != nbd.RepErrInvalid {
 			t.Errorf("STARTTLS with data: %s, want ERR_INVALID", got)
 		}
-		if got := final(c.option(OptStartTLS, nil)); got != RepAck {
+		if got := final(c.option(nbd.OptStartTLS, nil)); got != nbd.RepAck {
 			t.Fatalf("STARTTLS: %s", got)
 		}
 		tc := tls.Client(c.c, &tls.Config{InsecureSkipVerify: true, MinVersion: tls.VersionTLS12})
@@ -494,23 +500,23 @@ func TestServerTLS(t *testing.T) {
 			t.Fatal(err)
 		}
 		c.c = tc
-		if got := final(c.option(OptStartTLS, nil)); got != RepErrInvalid {
+		if got := final(c.option(nbd.OptStartTLS, nil)); got != nbd.RepErrInvalid {
 			t.Errorf("second STARTTLS: %s, want ERR_INVALID", got)
 		}
 		// STARTTLS forgot the promise: plain "disk" is a writer again.
-		if typ, info := c.info(OptInfo, "disk"); typ != RepAck || info.flags&FlagReadOnly != 0 {
+		if typ, info := c.info(nbd.OptInfo, "disk"); typ != nbd.RepAck || info.flags&nbd.FlagReadOnly != 0 {
 			t.Errorf("mode %d: INFO after STARTTLS: %s, flags %s; want a writer", mode, typ, info.flags)
 		}
 		// Made after TLS, the promise holds.
-		if got := final(c.option(OptXReadOnly, nil)); got != RepAck {
+		if got := final(c.option(nbd.OptXReadOnly, nil)); got != nbd.RepAck {
 			t.Fatalf("X_READ_ONLY after TLS: %s", got)
 		}
-		if typ, info := c.info(OptInfo, "disk"); typ != RepAck || info.flags&FlagReadOnly == 0 {
+		if typ, info := c.info(nbd.OptInfo, "disk"); typ != nbd.RepAck || info.flags&nbd.FlagReadOnly == 0 {
 			t.Errorf("mode %d: INFO after a promise over TLS: %s, flags %s; want READ_ONLY", mode, typ, info.flags)
 		}
-		c.option(OptStartTLS, nil) // refused (TLS is on), and must not reset the state
+		c.option(nbd.OptStartTLS, nil) // refused (TLS is on), and must not reset the state
 		info := c.mustGo("disk@live")
-		if info.flags&FlagReadOnly == 0 {
+		if info.flags&nbd.FlagReadOnly == 0 {
 			t.Errorf("mode %d: disk@live is not read-only (flags %s)", mode, info.flags)
 		}
 		want, _ := os.ReadFile(img)
@@ -545,14 +551,14 @@ func TestServerExportNameOption(t *testing.T) {
 	img := testImage(t, testSize, 9)
 	_, addr := startTestServer(t, ServerConfig{}, img)
 	c := dialRaw(t, addr)
-	c.write(AppendOption(nil, OptXReadOnly, nil))
-	var h [OptionReplyLen]byte
+	c.write(nbd.AppendOption(nil, nbd.OptXReadOnly, nil))
+	var h [nbd.OptionReplyLen]byte
 	c.readFull(h[:])
-	c.write(AppendOption(nil, OptExportName, []byte("disk")))
-	var r [ExportNameReplyLen]byte // NO_ZEROES: no padding
+	c.write(nbd.AppendOption(nil, nbd.OptExportName, []byte("disk")))
+	var r [nbd.ExportNameReplyLen]byte // NO_ZEROES: no padding
 	c.readFull(r[:])
-	size, flags := ParseExportNameReply(r[:])
-	if size != testSize || flags&FlagReadOnly == 0 {
+	size, flags := nbd.ParseExportNameReply(r[:])
+	if size != testSize || flags&nbd.FlagReadOnly == 0 {
 		t.Errorf("EXPORT_NAME after the promise: size %d flags %s", size, flags)
 	}
 	if _, e := c.readSimple(0, 4096); e != 0 {
@@ -560,7 +566,7 @@ func TestServerExportNameOption(t *testing.T) {
 	}
 	// An unknown export: the server can only hang up.
 	u := dialRaw(t, addr)
-	u.write(AppendOption(nil, OptExportName, []byte("nope")))
+	u.write(nbd.AppendOption(nil, nbd.OptExportName, []byte("nope")))
 	u.expectClosed()
 }
 
@@ -574,7 +580,7 @@ func TestServerShutdown(t *testing.T) {
 	p := bytes.Repeat([]byte{9}, 1<<20)
 	cookies := []uint64{}
 	for i := 0; i < 4; i++ {
-		cookies = append(cookies, c.request(CmdWrite, 0, uint64(i)<<20, 1<<20, p))
+		cookies = append(cookies, c.request(nbd.CmdWrite, 0, uint64(i)<<20, 1<<20, p))
 	}
 	var wg sync.WaitGroup
 	wg.Add(1)
@@ -589,8 +595,8 @@ func TestServerShutdown(t *testing.T) {
 	// that would destroy replies not yet read.
 	var acked []uint64
 	for range cookies {
-		var b [ChunkHeaderLen]byte
-		h, err := ReadReplyHeader(c.c, &b)
+		var b [nbd.ChunkHeaderLen]byte
+		h, err := nbd.ReadReplyHeader(c.c, &b)
 		if errors.Is(err, io.EOF) {
 			break
 		}
@@ -633,7 +639,7 @@ func TestServerPipelined(t *testing.T) {
 	want, _ := os.ReadFile(path)
 	_, addr := startTestServer(t, ServerConfig{Workers: 4}, path)
 	c := dialRaw(t, addr)
-	if got := final(c.option(OptStructuredReply, nil)); got != RepAck {
+	if got := final(c.option(nbd.OptStructuredReply, nil)); got != nbd.RepAck {
 		t.Fatal(got)
 	}
 	c.mustGo("disk")
@@ -649,7 +655,7 @@ func TestServerPipelined(t *testing.T) {
 	var out []byte
 	for i := 0; i < 96; i++ {
 		c.cookie++
-		var r Request
+		var r nbd.Request
 		p := &pending{}
 		switch i % 3 {
 		case 0, 1: // reads: half over the holes, half anywhere
@@ -660,14 +666,14 @@ func TestServerPipelined(t *testing.T) {
 			}
 			p.length = 256 << 10
 			p.data = make([]byte, p.length)
-			r = Request{Type: CmdRead, Cookie: c.cookie, Offset: p.off, Length: p.length}
+			r = nbd.Request{Type: nbd.CmdRead, Cookie: c.cookie, Offset: p.off, Length: p.length}
 		case 2: // writes to the last MiB, disjoint
 			p.off = uint64(testSize-(1<<20)) + uint64(i/3)*4096
 			p.length = 4096
-			r = Request{Type: CmdWrite, Cookie: c.cookie, Offset: p.off, Length: p.length}
+			r = nbd.Request{Type: nbd.CmdWrite, Cookie: c.cookie, Offset: p.off, Length: p.length}
 		}
 		reqs[c.cookie] = p
-		hdr := make([]byte, RequestHeaderLen)
+		hdr := make([]byte, nbd.RequestHeaderLen)
 		r.Encode(hdr)
 		out = append(out, hdr...)
 		if !p.read {
@@ -677,8 +683,8 @@ func TestServerPipelined(t *testing.T) {
 	}
 	go c.c.Write(out) // the server replies while we still send
 	for left := len(reqs); left > 0; {
-		var b [ChunkHeaderLen]byte
-		h, err := ReadReplyHeader(c.c, &b)
+		var b [nbd.ChunkHeaderLen]byte
+		h, err := nbd.ReadReplyHeader(c.c, &b)
 		if err != nil {
 			t.Fatalf("with %d replies outstanding: %v", left, err)
 		}
@@ -697,16 +703,16 @@ func TestServerPipelined(t *testing.T) {
 		payload := make([]byte, h.Length)
 		c.readFull(payload)
 		switch h.Type {
-		case ChunkOffsetData:
+		case nbd.ChunkOffsetData:
 			o := be.Uint64(payload) - p.off
 			copy(p.data[o:], payload[8:])
-		case ChunkOffsetHole:
+		case nbd.ChunkOffsetHole:
 			o, n := be.Uint64(payload)-p.off, be.Uint32(payload[8:])
 			clear(p.data[o : o+uint64(n)])
 		default:
 			t.Fatalf("cookie %d: chunk %s", h.Cookie, h.Type)
 		}
-		if h.Flags&ReplyFlagDone != 0 {
+		if h.Flags&nbd.ReplyFlagDone != 0 {
 			p.done = true
 			left--
 		}
@@ -732,13 +738,13 @@ func TestServerCanonicalNameUnasked(t *testing.T) {
 	names := func(name string, promise bool) []string {
 		c := dialRaw(t, addr)
 		if promise {
-			c.option(OptXReadOnly, nil)
+			c.option(nbd.OptXReadOnly, nil)
 		}
-		req := ExportRequest{Name: name}
+		req := nbd.ExportRequest{Name: name}
 		var got []string
-		for _, r := range c.option(OptGo, req.Encode()) {
-			if r.typ == RepInfo {
-				if ir, err := ParseInfoReply(r.data); err == nil && ir.Type == InfoName {
+		for _, r := range c.option(nbd.OptGo, req.Encode()) {
+			if r.typ == nbd.RepInfo {
+				if ir, err := nbd.ParseInfoReply(r.data); err == nil && ir.Type == nbd.InfoName {
 					got = append(got, ir.Text)
 				}
 			}
@@ -770,7 +776,7 @@ func TestServerMaxConns(t *testing.T) {
 	if _, e := first.readSimple(0, 4096); e != 0 {
 		t.Errorf("the first connection suffered from the refused one: %s", e)
 	}
-	first.request(CmdDisc, 0, 0, 0, nil)
+	first.request(nbd.CmdDisc, 0, 0, 0, nil)
 	first.expectClosed()
 	// The slot comes back once the server has seen the first one go.
 	deadline := time.Now().Add(10 * time.Second)
@@ -780,7 +786,7 @@ func TestServerMaxConns(t *testing.T) {
 			t.Fatal(err)
 		}
 		c.SetReadDeadline(time.Now().Add(10 * time.Second))
-		var g [GreetingLen]byte
+		var g [nbd.GreetingLen]byte
 		_, err = io.ReadFull(c, g[:])
 		c.Close()
 		if err == nil {

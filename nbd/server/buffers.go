@@ -1,4 +1,4 @@
-package nbd
+package server
 
 // Payload buffers: one sync.Pool per power-of-two size class from 4 KiB to
 // MaxPayload, so READ and WRITE payloads go straight between the socket
@@ -7,6 +7,8 @@ package nbd
 import (
 	"math/bits"
 	"sync"
+
+	"snapmount/nbd"
 )
 
 const (
@@ -26,7 +28,7 @@ func srvClass(n int) int {
 // srvGetBuf returns a buffer of length n (at most MaxPayload) whose
 // contents are undefined.
 func srvGetBuf(n int) []byte {
-	if n > MaxPayload {
+	if n > nbd.MaxPayload {
 		panic("nbd: buffer request above MaxPayload")
 	}
 	c := srvClass(n)
@@ -40,7 +42,7 @@ func srvGetBuf(n int) []byte {
 // not use it afterwards.
 func srvPutBuf(b []byte) {
 	c := cap(b)
-	if c < 1<<srvMinClassShift || c&(c-1) != 0 || c > MaxPayload {
+	if c < 1<<srvMinClassShift || c&(c-1) != 0 || c > nbd.MaxPayload {
 		panic("nbd: srvPutBuf of a buffer not from srvGetBuf")
 	}
 	b = b[:c]

@@ -1,9 +1,12 @@
-package nbd
+package server
 
 // One connection's life: the handshake (option haggling) here, the
 // transmission phase in server_transmission.go.
 
 import (
+	"encoding/binary"
+	"snapmount/nbd"
+
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -29,7 +32,7 @@ const (
 	srvMaxOptions = 256
 	// srvMaxInFlightBytes bounds the payload buffers (WRITE data and READ
 	// replies) one connection holds at a time.
-	srvMaxInFlightBytes = 2 * MaxPayload
+	srvMaxInFlightBytes = 2 * nbd.MaxPayload
 )
 
 // serverConn is one client connection.
@@ -84,6 +87,14 @@ func (c *serverConn) close() { c.raw.Close() }
 // errAbort ends a handshake that the client ended politely.
 var errAbort = errors.New("client sent NBD_OPT_ABORT")
 
+// be is the byte order of every number on the wire.
+var be = binary.BigEndian
+
+// protoErrorf reports a violation of the protocol by the client.
+func protoErrorf(format string, args ...any) error {
+	return &nbd.ProtocolError{Msg: fmt.Sprintf(format, args...)}
+}
+
 func (c *serverConn) serve() {
 	defer c.srv.connDone(c)
 	defer c.raw.Close()
@@ -127,15 +138,15 @@ func (c *serverConn) send(b []byte) error {
 	return err
 }
 
-func (c *serverConn) reply(opt Option, typ Reply, data []byte) error {
-	return c.send(AppendOptionReply(nil, opt, typ, data))
+func (c *serverConn) reply(opt nbd.Option, typ nbd.Reply, data []byte) error {
+	return c.send(nbd.AppendOptionReply(nil, opt, typ, data))
 }
 
 // replyErr answers an option with an error reply carrying a message.
-func (c *serverConn) replyErr(opt Option, typ Reply, format string, args ...any) error {
+func (c *serverConn) replyErr(opt nbd.Option, typ nbd.Reply, format string, args ...any) error {
 	msg := fmt.Sprintf(format, args...)
-	if len(msg) > MaxStringLen {
-		msg = msg[:MaxStringLen]
+	if len(msg) > nbd.MaxStringLen {
+		msg = msg[:nbd.MaxStringLen]
 	}
 	c.log.Debug("option refused", "option", opt, "reply", typ, "msg", msg)
 	return c.reply(opt, typ, []byte(msg))
@@ -144,19 +155,19 @@ func (c *serverConn) replyErr(opt Option, typ Reply, format string, args ...any)
 // handshake runs the fixed-newstyle negotiation until the client opens an
 // export (GO or EXPORT_NAME) and returns the view it opened.
 func (c *serverConn) handshake() (*exportView, error) {
-	if err := c.send(AppendGreeting(nil, HandshakeFixedNewstyle|HandshakeNoZeroes)); err != nil {
+	if err := c.send(nbd.AppendGreeting(nil, nbd.HandshakeFixedNewstyle|nbd.HandshakeNoZeroes)); err != nil {
 		return nil, err
 	}
-	var buf [OptionHeaderLen]byte
+	var buf [nbd.OptionHeaderLen]byte
 	if _, err := io.ReadFull(c.conn, buf[:4]); err != nil {
 		return nil, fmt.Errorf("reading client flags: %w", err)
 	}
-	flags := ClientFlags(be.Uint32(buf[:4]))
-	if flags&^(ClientFixedNewstyle|ClientNoZeroes) != 0 {
+	flags := nbd.ClientFlags(be.Uint32(buf[:4]))
+	if flags&^(nbd.ClientFixedNewstyle|nbd.ClientNoZeroes) != 0 {
 		return nil, protoErrorf("client flags %#x has bits the server did not offer", uint32(flags))
 	}
-	fixed := flags&ClientFixedNewstyle != 0
-	c.noZeroes = flags&ClientNoZeroes != 0
+	fixed := flags&nbd.ClientFixedNewstyle != 0
+	c.noZeroes = flags&nbd.ClientNoZeroes != 0
 
 	for n := 0; ; n++ {
 		if n >= srvMaxOptions {
@@ -165,21 +176,21 @@ func (c *serverConn) handshake() (*exportView, error) {
 		if _, err := io.ReadFull(c.conn, buf[:]); err != nil {
 			return nil, fmt.Errorf("reading option: %w", err)
 		}
-		opt, length, err := ParseOptionHeader(buf[:])
+		opt, length, err := nbd.ParseOptionHeader(buf[:])
 		if err != nil {
 			return nil, err
 		}
-		if !fixed && opt != OptExportName {
+		if !fixed && opt != nbd.OptExportName {
 			return nil, protoErrorf("client without fixed newstyle sent %s", opt)
 		}
 		if length > srvMaxOptionData {
 			if length > srvMaxOptionDrain {
 				return nil, protoErrorf("%s with %d bytes of data", opt, length)
 			}
-			if err := discard(c.conn, int64(length)); err != nil {
-				return nil, err
+			if _, err := io.CopyN(io.Discard, c.conn, int64(length)); err != nil {
+				return nil, fmt.Errorf("nbd: draining %d bytes: %w", length, err)
 			}
-			if err := c.replyErr(opt, RepErrTooBig, "option data of %d bytes exceeds the server's %d-byte limit", length, srvMaxOptionData); err != nil {
+			if err := c.replyErr(opt, nbd.RepErrTooBig, "option data of %d bytes exceeds the server's %d-byte limit", length, srvMaxOptionData); err != nil {
 				return nil, err
 			}
 			continue
@@ -197,48 +208,48 @@ func (c *serverConn) handshake() (*exportView, error) {
 
 // option answers one option. It returns a view when the client opened an
 // export, and an error when the connection must end.
-func (c *serverConn) option(opt Option, data []byte) (*exportView, error) {
-	if c.srv.inShut.Load() && opt != OptAbort {
-		return nil, c.replyErr(opt, RepErrShutdown, "server is shutting down")
+func (c *serverConn) option(opt nbd.Option, data []byte) (*exportView, error) {
+	if c.srv.inShut.Load() && opt != nbd.OptAbort {
+		return nil, c.replyErr(opt, nbd.RepErrShutdown, "server is shutting down")
 	}
-	if c.srv.cfg.TLSMode == TLSRequire && !c.tls && opt != OptStartTLS && opt != OptAbort {
-		if opt == OptExportName {
+	if c.srv.cfg.TLSMode == TLSRequire && !c.tls && opt != nbd.OptStartTLS && opt != nbd.OptAbort {
+		if opt == nbd.OptExportName {
 			return nil, protoErrorf("NBD_OPT_EXPORT_NAME before STARTTLS on a server that requires TLS")
 		}
-		return nil, c.replyErr(opt, RepErrTLSReqd, "this server requires TLS: send NBD_OPT_STARTTLS first")
+		return nil, c.replyErr(opt, nbd.RepErrTLSReqd, "this server requires TLS: send NBD_OPT_STARTTLS first")
 	}
 	switch opt {
-	case OptExportName:
+	case nbd.OptExportName:
 		return c.optExportName(data)
-	case OptAbort:
-		c.reply(opt, RepAck, nil) // the client may already be gone
+	case nbd.OptAbort:
+		c.reply(opt, nbd.RepAck, nil) // the client may already be gone
 		return nil, errAbort
-	case OptList:
+	case nbd.OptList:
 		return nil, c.optList(data)
-	case OptStartTLS:
+	case nbd.OptStartTLS:
 		return nil, c.optStartTLS(data)
-	case OptInfo, OptGo:
+	case nbd.OptInfo, nbd.OptGo:
 		return c.optInfo(opt, data)
-	case OptStructuredReply:
+	case nbd.OptStructuredReply:
 		if len(data) != 0 {
-			return nil, c.replyErr(opt, RepErrInvalid, "%s carries no data", opt)
+			return nil, c.replyErr(opt, nbd.RepErrInvalid, "%s carries no data", opt)
 		}
 		c.structured = true
-		return nil, c.reply(opt, RepAck, nil)
-	case OptListMetaContext, OptSetMetaContext:
+		return nil, c.reply(opt, nbd.RepAck, nil)
+	case nbd.OptListMetaContext, nbd.OptSetMetaContext:
 		return nil, c.optMetaContext(opt, data)
-	case OptXReadOnly:
+	case nbd.OptXReadOnly:
 		if len(data) != 0 {
-			return nil, c.replyErr(opt, RepErrInvalid, "%s carries no data", opt)
+			return nil, c.replyErr(opt, nbd.RepErrInvalid, "%s carries no data", opt)
 		}
 		c.promised = true
-		return nil, c.reply(opt, RepAck, nil)
+		return nil, c.reply(opt, nbd.RepAck, nil)
 	}
-	return nil, c.replyErr(opt, RepErrUnsup, "option %s is not supported by this server", opt)
+	return nil, c.replyErr(opt, nbd.RepErrUnsup, "option %s is not supported by this server", opt)
 }
 
 func (c *serverConn) optExportName(data []byte) (*exportView, error) {
-	if err := CheckString("export name", data); err != nil {
+	if err := nbd.CheckString("export name", data); err != nil {
 		return nil, err
 	}
 	name := string(data)
@@ -250,7 +261,7 @@ func (c *serverConn) optExportName(data []byte) (*exportView, error) {
 	b := be.AppendUint64(nil, uint64(v.exp.size))
 	b = be.AppendUint16(b, uint16(exportFlags(v.writable, c.structured)))
 	if !c.noZeroes {
-		b = append(b, make([]byte, ExportNamePadLen)...)
+		b = append(b, make([]byte, nbd.ExportNamePadLen)...)
 	}
 	if err := c.send(b); err != nil {
 		v.release()
@@ -262,14 +273,14 @@ func (c *serverConn) optExportName(data []byte) (*exportView, error) {
 
 func (c *serverConn) optList(data []byte) error {
 	if len(data) != 0 {
-		return c.replyErr(OptList, RepErrInvalid, "NBD_OPT_LIST carries no data")
+		return c.replyErr(nbd.OptList, nbd.RepErrInvalid, "NBD_OPT_LIST carries no data")
 	}
 	var b []byte
 	for _, e := range c.srv.exports {
-		entry := ExportEntry{Name: e.name, Description: e.listDescription()}
-		b = AppendOptionReply(b, OptList, RepServer, entry.Encode())
+		entry := nbd.ExportEntry{Name: e.name, Description: e.listDescription()}
+		b = nbd.AppendOptionReply(b, nbd.OptList, nbd.RepServer, entry.Encode())
 	}
-	b = AppendOptionReply(b, OptList, RepAck, nil)
+	b = nbd.AppendOptionReply(b, nbd.OptList, nbd.RepAck, nil)
 	return c.send(b)
 }
 
@@ -288,13 +299,13 @@ func (e *export) listDescription() string {
 func (c *serverConn) optStartTLS(data []byte) error {
 	switch {
 	case len(data) != 0:
-		return c.replyErr(OptStartTLS, RepErrInvalid, "NBD_OPT_STARTTLS carries no data")
+		return c.replyErr(nbd.OptStartTLS, nbd.RepErrInvalid, "NBD_OPT_STARTTLS carries no data")
 	case c.tls:
-		return c.replyErr(OptStartTLS, RepErrInvalid, "TLS is already on")
+		return c.replyErr(nbd.OptStartTLS, nbd.RepErrInvalid, "TLS is already on")
 	case c.srv.cfg.TLSMode == TLSOff:
-		return c.replyErr(OptStartTLS, RepErrPolicy, "TLS is not enabled on this server")
+		return c.replyErr(nbd.OptStartTLS, nbd.RepErrPolicy, "TLS is not enabled on this server")
 	}
-	if err := c.reply(OptStartTLS, RepAck, nil); err != nil {
+	if err := c.reply(nbd.OptStartTLS, nbd.RepAck, nil); err != nil {
 		return err
 	}
 	tc := tls.Server(c.raw, c.srv.cfg.TLSConfig)
@@ -309,70 +320,70 @@ func (c *serverConn) optStartTLS(data []byte) error {
 
 // srvBlockSize is what NBD_INFO_BLOCK_SIZE says: any alignment works,
 // 4 KiB is the natural size, and payloads up to 32 MiB.
-var srvBlockSize = BlockSize{Min: 1, Preferred: 4096, Max: MaxPayload}
+var srvBlockSize = nbd.BlockSize{Min: 1, Preferred: 4096, Max: nbd.MaxPayload}
 
-func (c *serverConn) optInfo(opt Option, data []byte) (*exportView, error) {
-	req, err := ParseExportRequest(data)
+func (c *serverConn) optInfo(opt nbd.Option, data []byte) (*exportView, error) {
+	req, err := nbd.ParseExportRequest(data)
 	if err != nil {
-		return nil, c.replyErr(opt, RepErrInvalid, "%v", err)
+		return nil, c.replyErr(opt, nbd.RepErrInvalid, "%v", err)
 	}
-	v, code, err := c.srv.openView(req.Name, c.promised, opt == OptGo)
+	v, code, err := c.srv.openView(req.Name, c.promised, opt == nbd.OptGo)
 	if err != nil {
 		return nil, c.replyErr(opt, code, "%v", err)
 	}
 	var wantName, wantDesc bool
 	for _, t := range req.Infos {
 		switch t {
-		case InfoName:
+		case nbd.InfoName:
 			wantName = true
-		case InfoDescription:
+		case nbd.InfoDescription:
 			wantDesc = true
 		}
 	}
-	b := AppendOptionReply(nil, opt, RepInfo, AppendInfoExport(nil, uint64(v.exp.size), exportFlags(v.writable, c.structured)))
+	b := nbd.AppendOptionReply(nil, opt, nbd.RepInfo, nbd.AppendInfoExport(nil, uint64(v.exp.size), exportFlags(v.writable, c.structured)))
 	// The canonical name of a snapshot goes out unasked, so every further
 	// connection of the same client joins the same instant.
 	if wantName || v.snap != nil {
-		b = AppendOptionReply(b, opt, RepInfo, AppendInfoText(nil, InfoName, v.name))
+		b = nbd.AppendOptionReply(b, opt, nbd.RepInfo, nbd.AppendInfoText(nil, nbd.InfoName, v.name))
 	}
 	if wantDesc && v.exp.description != "" {
-		b = AppendOptionReply(b, opt, RepInfo, AppendInfoText(nil, InfoDescription, v.exp.description))
+		b = nbd.AppendOptionReply(b, opt, nbd.RepInfo, nbd.AppendInfoText(nil, nbd.InfoDescription, v.exp.description))
 	}
-	b = AppendOptionReply(b, opt, RepInfo, AppendInfoBlockSize(nil, srvBlockSize))
-	b = AppendOptionReply(b, opt, RepAck, nil)
+	b = nbd.AppendOptionReply(b, opt, nbd.RepInfo, nbd.AppendInfoBlockSize(nil, srvBlockSize))
+	b = nbd.AppendOptionReply(b, opt, nbd.RepAck, nil)
 	if err := c.send(b); err != nil {
-		if opt == OptGo {
+		if opt == nbd.OptGo {
 			v.release()
 		}
 		return nil, err
 	}
-	if opt != OptGo {
+	if opt != nbd.OptGo {
 		return nil, nil
 	}
 	c.metaAlloc = c.metaSet && c.metaExport == req.Name
 	return v, nil
 }
 
-func (c *serverConn) optMetaContext(opt Option, data []byte) error {
-	set := opt == OptSetMetaContext
+func (c *serverConn) optMetaContext(opt nbd.Option, data []byte) error {
+	set := opt == nbd.OptSetMetaContext
 	if set {
 		c.metaSet = false // a SET replaces the selection even when it fails
 	}
 	if set && !c.structured {
-		return c.replyErr(opt, RepErrInvalid, "%s needs NBD_OPT_STRUCTURED_REPLY first", opt)
+		return c.replyErr(opt, nbd.RepErrInvalid, "%s needs NBD_OPT_STRUCTURED_REPLY first", opt)
 	}
-	req, err := ParseMetaContextRequest(data)
+	req, err := nbd.ParseMetaContextRequest(data)
 	if err != nil {
-		return c.replyErr(opt, RepErrInvalid, "%v", err)
+		return c.replyErr(opt, nbd.RepErrInvalid, "%v", err)
 	}
 	if _, _, err := c.srv.openView(req.Export, c.promised, false); err != nil && !errors.Is(err, errBusy) {
-		return c.replyErr(opt, RepErrUnknown, "%v", err)
+		return c.replyErr(opt, nbd.RepErrUnknown, "%v", err)
 	}
 	match := !set && len(req.Queries) == 0 // LIST with no query lists everything
 	for _, q := range req.Queries {
 		// "base:" is a wildcard only for LIST; unknown leafs and other
 		// namespaces are ignored.
-		if q == ContextBaseAllocation || !set && q == "base:" {
+		if q == nbd.ContextBaseAllocation || !set && q == "base:" {
 			match = true
 		}
 	}
@@ -382,9 +393,9 @@ func (c *serverConn) optMetaContext(opt Option, data []byte) error {
 		if set {
 			id = 1
 		}
-		b = AppendOptionReply(b, opt, RepMetaContext, AppendMetaContextReply(nil, id, ContextBaseAllocation))
+		b = nbd.AppendOptionReply(b, opt, nbd.RepMetaContext, nbd.AppendMetaContextReply(nil, id, nbd.ContextBaseAllocation))
 	}
-	b = AppendOptionReply(b, opt, RepAck, nil)
+	b = nbd.AppendOptionReply(b, opt, nbd.RepAck, nil)
 	if set && match {
 		c.metaSet, c.metaExport = true, req.Export
 	}

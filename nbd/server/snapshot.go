@@ -1,4 +1,4 @@
-package nbd
+package server
 
 // Point-in-time snapshots by copy-before-write (DESIGN section 3).
 //
@@ -38,6 +38,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"snapmount/nbd"
 )
 
 // snapshot is one frozen view of an export.
@@ -61,7 +63,7 @@ type snapshot struct {
 	// once, a third of the server's time went to rwsem_spin_on_owner and
 	// a first-touch overwrite of 1 GiB took 2.9 s. Go parks the waiters.
 	copyMu sync.Mutex
-	behind *WriteBehind // of the store; its waits happen outside copyMu
+	behind *nbd.WriteBehind // of the store; its waits happen outside copyMu
 
 	storeMu   sync.RWMutex // protects following; store I/O holds it shared
 	store     *os.File     // nil once released
@@ -112,7 +114,7 @@ func (e *export) newSnapshot() (*snapshot, error) {
 	// page of the page cache for every byte preserved. A writer's first
 	// touch of 1 GiB under a snapshot ran at 0.54-0.65x the writer alone
 	// with it, 0.37-0.44x without (alternated, three rounds each).
-	s.behind = NewWriteBehind(int(f.Fd()))
+	s.behind = nbd.NewWriteBehind(int(f.Fd()))
 
 	e.snapMu.Lock() // no change of the image is in flight: the instant is now
 	e.mu.Lock()
@@ -120,7 +122,7 @@ func (e *export) newSnapshot() (*snapshot, error) {
 		e.mu.Unlock()
 		e.snapMu.Unlock()
 		s.releaseStore()
-		return nil, fmt.Errorf("server is shutting down: %w", ESHUTDOWN)
+		return nil, fmt.Errorf("server is shutting down: %w", nbd.ESHUTDOWN)
 	}
 	e.lastSnap++
 	s.id = e.lastSnap
@@ -250,10 +252,10 @@ func (s *snapshot) releaseStore() int64 {
 // check returns EIO for a broken or dropped snapshot.
 func (s *snapshot) check() error {
 	if r := s.broken.Load(); r != nil {
-		return fmt.Errorf("snapshot %s is broken (%s): %w", s.name, *r, EIO)
+		return fmt.Errorf("snapshot %s is broken (%s): %w", s.name, *r, nbd.EIO)
 	}
 	if s.gone.Load() {
-		return fmt.Errorf("snapshot %s was dropped: %w", s.name, EIO)
+		return fmt.Errorf("snapshot %s was dropped: %w", s.name, nbd.EIO)
 	}
 	return nil
 }
@@ -644,7 +646,7 @@ func (s *snapshot) reserve(n int64) error {
 	if max := srv.cfg.SnapshotMax; max > 0 {
 		if srv.storeUsed.Add(n) > max {
 			srv.storeUsed.Add(-n)
-			return fmt.Errorf("snapshot stores are full (--snapshot-max %d bytes): %w", max, ENOSPC)
+			return fmt.Errorf("snapshot stores are full (--snapshot-max %d bytes): %w", max, nbd.ENOSPC)
 		}
 	} else {
 		srv.storeUsed.Add(n)

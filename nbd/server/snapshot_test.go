@@ -1,4 +1,4 @@
-package nbd
+package server
 
 import (
 	"bytes"
@@ -9,6 +9,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"snapmount/nbd"
 )
 
 // newTestExport makes a server (not listening) over one image and returns
@@ -323,10 +325,10 @@ func TestSnapshotStoreFullBreaksSnapshot(t *testing.T) {
 			t.Error("the write did not reach the image")
 		}
 		_, err := s.read(make([]byte, 4096), 0, true)
-		if ErrnoOf(err) != EIO {
+		if nbd.ErrnoOf(err) != nbd.EIO {
 			t.Errorf("reading a broken snapshot: %v, want EIO", err)
 		}
-		if err := s.flush(); ErrnoOf(err) != EIO {
+		if err := s.flush(); nbd.ErrnoOf(err) != nbd.EIO {
 			t.Errorf("FLUSH of a broken snapshot: %v, want EIO", err)
 		}
 		if _, _, err := srv.openView("disk@s1", false, true); err == nil {
@@ -357,7 +359,7 @@ func TestSnapshotStoreFullFailsWriter(t *testing.T) {
 			t.Fatalf("a write within the budget failed: %v", err)
 		}
 		err := w.write(bytes.Repeat([]byte{2}, 512<<10), 512<<10, false)
-		if ErrnoOf(err) != ENOSPC {
+		if nbd.ErrnoOf(err) != nbd.ENOSPC {
 			t.Fatalf("write beyond the budget: %v, want ENOSPC", err)
 		}
 		now, _ := os.ReadFile(img)
@@ -392,7 +394,7 @@ func TestSnapshotLingerThenDrop(t *testing.T) {
 		}
 		time.Sleep(time.Millisecond)
 	}
-	if _, code, err := srv.openView("disk@s1", false, true); code != RepErrUnknown || err == nil {
+	if _, code, err := srv.openView("disk@s1", false, true); code != nbd.RepErrUnknown || err == nil {
 		t.Errorf("joining a dropped snapshot: %s %v, want ERR_UNKNOWN", code, err)
 	}
 	entries, _ := os.ReadDir(srv.snapDir)

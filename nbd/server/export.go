@@ -1,4 +1,4 @@
-package nbd
+package server
 
 // Exports: one image file each, the views clients open on it (writer, live
 // read-only, snapshot) and the image I/O. Every change to the image goes
@@ -14,6 +14,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+
+	"snapmount/nbd"
 )
 
 // viewKind is what an export name asks for (DESIGN section 3).
@@ -168,15 +170,15 @@ func (e *export) close() error {
 }
 
 // flags returns the transmission flags of a view of this export.
-func exportFlags(writable, structured bool) TransmissionFlags {
-	f := FlagHasFlags | FlagSendFlush | FlagSendCache | FlagCanMultiConn
+func exportFlags(writable, structured bool) nbd.TransmissionFlags {
+	f := nbd.FlagHasFlags | nbd.FlagSendFlush | nbd.FlagSendCache | nbd.FlagCanMultiConn
 	if writable {
-		f |= FlagSendFUA | FlagSendTrim | FlagSendWriteZeroes | FlagSendFastZero
+		f |= nbd.FlagSendFUA | nbd.FlagSendTrim | nbd.FlagSendWriteZeroes | nbd.FlagSendFastZero
 	} else {
-		f |= FlagReadOnly
+		f |= nbd.FlagReadOnly
 	}
 	if structured {
-		f |= FlagSendDF
+		f |= nbd.FlagSendDF
 	}
 	return f
 }
@@ -201,16 +203,16 @@ var errBusy = errors.New("every writer slot of the export is taken")
 // EXPORT_NAME (create set), takes a writer slot or creates or joins a
 // snapshot. For NBD_OPT_INFO (create clear) nothing is taken or created;
 // the view only describes what GO would get.
-func (s *Server) openView(name string, promised, create bool) (*exportView, Reply, error) {
+func (s *Server) openView(name string, promised, create bool) (*exportView, nbd.Reply, error) {
 	ref, err := parseExportName(name)
 	if err != nil {
-		return nil, RepErrUnknown, err
+		return nil, nbd.RepErrUnknown, err
 	}
 	var e *export
 	if ref.base == "" && ref.kind == viewDefault {
 		e = s.exports[0]
 	} else if e = s.byName[ref.base]; e == nil {
-		return nil, RepErrUnknown, fmt.Errorf("no export named %q (NBD_OPT_LIST shows them)", ref.base)
+		return nil, nbd.RepErrUnknown, fmt.Errorf("no export named %q (NBD_OPT_LIST shows them)", ref.base)
 	}
 	kind := ref.kind
 	if kind == viewDefault && promised {
@@ -237,7 +239,7 @@ func (s *Server) openView(name string, promised, create bool) (*exportView, Repl
 			return v, 0, nil
 		}
 		if s.cfg.Busy == BusyRefuse {
-			return nil, RepErrPolicy, fmt.Errorf("export %q: %w (--max-writers %d); open %s@snapshot or %s@live to read", e.name, errBusy, s.cfg.MaxWriters, e.name, e.name)
+			return nil, nbd.RepErrPolicy, fmt.Errorf("export %q: %w (--max-writers %d); open %s@snapshot or %s@live to read", e.name, errBusy, s.cfg.MaxWriters, e.name, e.name)
 		}
 		v.name, v.mode = live, "reader (live; writer slots busy)"
 		return v, 0, nil
@@ -250,18 +252,18 @@ func (s *Server) openView(name string, promised, create bool) (*exportView, Repl
 			return v, 0, nil
 		}
 		snap, err := e.newSnapshot()
-		if errors.Is(err, ESHUTDOWN) {
-			return nil, RepErrShutdown, err
+		if errors.Is(err, nbd.ESHUTDOWN) {
+			return nil, nbd.RepErrShutdown, err
 		}
 		if err != nil {
-			return nil, RepErrPlatform, err
+			return nil, nbd.RepErrPlatform, err
 		}
 		v.snap, v.name, v.mode = snap, snap.name, "snapshot "+snap.name+" (new)"
 		return v, 0, nil
 	case viewJoinSnapshot:
 		snap, err := e.joinSnapshot(ref.snapID, create)
 		if err != nil {
-			return nil, RepErrUnknown, err
+			return nil, nbd.RepErrUnknown, err
 		}
 		v.snap, v.name, v.mode = snap, snap.name, "snapshot "+snap.name+" (joined)"
 		if !create {
@@ -441,7 +443,7 @@ func (v *exportView) flush() error {
 // ---- changes ----
 
 // errNotFast answers FLAG_FAST_ZERO when zeroing would cost a write.
-var errNotFast = fmt.Errorf("zeroing this range is not faster than writing: %w", ENOTSUP)
+var errNotFast = fmt.Errorf("zeroing this range is not faster than writing: %w", nbd.ENOTSUP)
 
 // write applies data at off; with fua set it is durable before return.
 func (v *exportView) write(p []byte, off int64, fua bool) error {
