@@ -1,8 +1,6 @@
 package main
 
 import (
-	"fmt"
-	"strings"
 	"time"
 
 	flag "github.com/spf13/pflag"
@@ -51,42 +49,3 @@ func (f *clientFlags) parse(arg string) (*nbd.URI, nbd.DialOptions, error) {
 	}
 	return u, opt, nil
 }
-
-// humanSize prints a byte count the way nbdinfo does: with the largest
-// binary unit that divides it exactly, else with one decimal.
-func humanSize(n uint64) string {
-	units := []string{"", "K", "M", "G", "T", "P", "E"}
-	i := 0
-	for i < len(units)-1 && n >= 1024 && n%1024 == 0 {
-		n /= 1024
-		i++
-	}
-	if i > 0 || n < 1024 {
-		return fmt.Sprintf("%d%s", n, units[i])
-	}
-	f := float64(n)
-	for i < len(units)-1 && f >= 1024 {
-		f /= 1024
-		i++
-	}
-	return strings.TrimSuffix(fmt.Sprintf("%.1f", f), ".0") + units[i]
-}
-
-// sizeFlag is a pflag.Value for byte sizes with suffixes.
-type sizeFlag struct{ v *int64 }
-
-func (s sizeFlag) String() string {
-	if s.v == nil {
-		return "0"
-	}
-	return humanSize(uint64(*s.v))
-}
-func (s sizeFlag) Set(v string) error {
-	n, err := parseSize(v)
-	if err != nil {
-		return err
-	}
-	*s.v = n
-	return nil
-}
-func (s sizeFlag) Type() string { return "size" }

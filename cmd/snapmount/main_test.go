@@ -42,21 +42,3 @@ func TestRunUsage(t *testing.T) {
 		}
 	}
 }
-
-func TestSizes(t *testing.T) {
-	for in, want := range map[string]int64{"4096": 4096, "64K": 64 << 10, "256M": 256 << 20, "1G": 1 << 30, "2GiB": 2 << 30, "1t": 1 << 40, "0": 0} {
-		if got, err := parseSize(in); err != nil || got != want {
-			t.Errorf("parseSize(%q) = %d, %v; want %d", in, got, err, want)
-		}
-	}
-	for _, in := range []string{"", "M", "-1", "1.5G", "12Q", "99999999999T"} {
-		if _, err := parseSize(in); err == nil {
-			t.Errorf("parseSize(%q) accepted", in)
-		}
-	}
-	for n, want := range map[uint64]string{0: "0", 512: "512", 1 << 20: "1M", 64 << 20: "64M", 3 << 30: "3G", 1536: "1.5K", 1<<30 + 1: "1G"} {
-		if got := humanSize(n); got != want {
-			t.Errorf("humanSize(%d) = %q, want %q", n, got, want)
-		}
-	}
-}

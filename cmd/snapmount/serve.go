@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"strconv"
 	"strings"
 	"time"
 
@@ -110,7 +109,7 @@ func serveConfig(f *serveFlags, args []string) (server.ServerConfig, error) {
 		return cfg, usagef("want at least one [NAME=]IMAGE")
 	}
 	for _, a := range args {
-		ec, err := server.ParseExportArg(a)
+		ec, err := parseExportArg(a)
 		if err != nil {
 			return cfg, usagef("%v", strings.TrimPrefix(err.Error(), "nbd: "))
 		}
@@ -216,34 +215,6 @@ func exportIndex(exports []server.ExportConfig, name string) int {
 		}
 	}
 	return -1
-}
-
-// parseSize parses a byte count with an optional binary suffix: 4096,
-// 64K, 512M, 4G, 1T (also KiB, MB, ...: all powers of 1024).
-func parseSize(s string) (int64, error) {
-	t := strings.TrimSpace(strings.ToUpper(s))
-	t = strings.TrimSuffix(strings.TrimSuffix(t, "B"), "I")
-	shift := 0
-	if n := len(t); n > 0 {
-		switch t[n-1] {
-		case 'K':
-			shift = 10
-		case 'M':
-			shift = 20
-		case 'G':
-			shift = 30
-		case 'T':
-			shift = 40
-		}
-		if shift > 0 {
-			t = t[:n-1]
-		}
-	}
-	v, err := strconv.ParseInt(t, 10, 64)
-	if err != nil || v < 0 || v > (1<<62)>>shift {
-		return 0, fmt.Errorf("%q is not a size (want bytes, or a number with K, M, G or T)", s)
-	}
-	return v << shift, nil
 }
 
 func serverTLSConfig(certFile, keyFile, caFile string) (*tls.Config, error) {
@@ -360,4 +331,33 @@ func listenUnix(path string) (net.Listener, error) {
 	}
 	l.(*net.UnixListener).SetUnlinkOnClose(false) // removed by runServe, after shutdown
 	return l, nil
+}
+
+// parseExportArg parses a command-line export, "[NAME=]IMAGE". Without a
+// NAME the export is named after the image file's base name.
+func parseExportArg(arg string) (server.ExportConfig, error) {
+	var ec server.ExportConfig
+	name, path, ok := strings.Cut(arg, "=")
+	if !ok || strings.Contains(name, "/") {
+		// No '=' before the first '/': the whole argument is a path.
+		name, path = "", arg
+	}
+	if path == "" {
+		return ec, fmt.Errorf("nbd: %q names no image file", arg)
+	}
+	if name == "" {
+		name = baseName(path)
+	}
+	if err := server.CheckExportName(name); err != nil {
+		return ec, err
+	}
+	return server.ExportConfig{Name: name, Path: path}, nil
+}
+
+func baseName(path string) string {
+	path = strings.TrimRight(path, "/")
+	if i := strings.LastIndexByte(path, '/'); i >= 0 {
+		return path[i+1:]
+	}
+	return path
 }

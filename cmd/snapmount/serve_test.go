@@ -9,33 +9,6 @@ import (
 	"testing"
 )
 
-func TestParseSize(t *testing.T) {
-	for _, tc := range []struct {
-		in   string
-		want int64
-		bad  bool
-	}{
-		{"0", 0, false},
-		{"4096", 4096, false},
-		{"64K", 64 << 10, false},
-		{"512M", 512 << 20, false},
-		{"4G", 4 << 30, false},
-		{"1T", 1 << 40, false},
-		{"4GiB", 4 << 30, false},
-		{"16mb", 16 << 20, false},
-		{"", 0, true},
-		{"-1", 0, true},
-		{"1.5G", 0, true},
-		{"G", 0, true},
-		{"99999999999T", 0, true},
-	} {
-		got, err := parseSize(tc.in)
-		if (err != nil) != tc.bad || got != tc.want {
-			t.Errorf("parseSize(%q) = %d, %v; want %d, error %v", tc.in, got, err, tc.want, tc.bad)
-		}
-	}
-}
-
 // TestServeUsageErrors: every mistake on the command line is one line on
 // stderr and exit code 2, before anything listens.
 func TestServeUsageErrors(t *testing.T) {
@@ -110,5 +83,30 @@ func TestServeRunsUntilCancelled(t *testing.T) {
 	}
 	if _, err := os.Stat(sock); err == nil {
 		t.Error("the socket was not removed at exit")
+	}
+}
+
+func TestParseExportArg(t *testing.T) {
+	for _, tc := range []struct {
+		in, name, path string
+		bad            bool
+	}{
+		{"disk.img", "disk.img", "disk.img", false},
+		{"/var/lib/vm/disk.img", "disk.img", "/var/lib/vm/disk.img", false},
+		{"vm=/var/lib/vm/disk.img", "vm", "/var/lib/vm/disk.img", false},
+		{"./a=b.img", "a=b.img", "./a=b.img", false},
+		{"x@y=disk.img", "", "", true},
+		{"/tmp/x@y.img", "", "", true},
+		{"vm=", "", "", true},
+		{"=disk.img", "disk.img", "disk.img", false},
+	} {
+		ec, err := parseExportArg(tc.in)
+		if (err != nil) != tc.bad {
+			t.Errorf("parseExportArg(%q) error %v, want error %v", tc.in, err, tc.bad)
+			continue
+		}
+		if !tc.bad && (ec.Name != tc.name || ec.Path != tc.path) {
+			t.Errorf("parseExportArg(%q) = %+v, want name %q path %q", tc.in, ec, tc.name, tc.path)
+		}
 	}
 }

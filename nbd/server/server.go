@@ -238,35 +238,6 @@ func CheckExportName(name string) error {
 	return nil
 }
 
-// ParseExportArg parses a command-line export, "[NAME=]IMAGE". Without a
-// NAME the export is named after the image file's base name.
-func ParseExportArg(arg string) (ExportConfig, error) {
-	var ec ExportConfig
-	name, path, ok := strings.Cut(arg, "=")
-	if !ok || strings.Contains(name, "/") {
-		// No '=' before the first '/': the whole argument is a path.
-		name, path = "", arg
-	}
-	if path == "" {
-		return ec, fmt.Errorf("nbd: %q names no image file", arg)
-	}
-	if name == "" {
-		name = baseName(path)
-	}
-	if err := CheckExportName(name); err != nil {
-		return ec, err
-	}
-	return ExportConfig{Name: name, Path: path}, nil
-}
-
-func baseName(path string) string {
-	path = strings.TrimRight(path, "/")
-	if i := strings.LastIndexByte(path, '/'); i >= 0 {
-		return path[i+1:]
-	}
-	return path
-}
-
 // Exports returns the names of the exports, in order.
 func (s *Server) Exports() []string {
 	names := make([]string, len(s.exports))

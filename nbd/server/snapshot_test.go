@@ -99,31 +99,6 @@ func TestParseExportName(t *testing.T) {
 	}
 }
 
-func TestParseExportArg(t *testing.T) {
-	for _, tc := range []struct {
-		in, name, path string
-		bad            bool
-	}{
-		{"disk.img", "disk.img", "disk.img", false},
-		{"/var/lib/vm/disk.img", "disk.img", "/var/lib/vm/disk.img", false},
-		{"vm=/var/lib/vm/disk.img", "vm", "/var/lib/vm/disk.img", false},
-		{"./a=b.img", "a=b.img", "./a=b.img", false},
-		{"x@y=disk.img", "", "", true},
-		{"/tmp/x@y.img", "", "", true},
-		{"vm=", "", "", true},
-		{"=disk.img", "disk.img", "disk.img", false},
-	} {
-		ec, err := ParseExportArg(tc.in)
-		if (err != nil) != tc.bad {
-			t.Errorf("ParseExportArg(%q) error %v, want error %v", tc.in, err, tc.bad)
-			continue
-		}
-		if !tc.bad && (ec.Name != tc.name || ec.Path != tc.path) {
-			t.Errorf("ParseExportArg(%q) = %+v, want name %q path %q", tc.in, ec, tc.name, tc.path)
-		}
-	}
-}
-
 func TestSnapshotFrozenAtItsInstant(t *testing.T) {
 	copyModes(t, func(t *testing.T, buffered bool) {
 		const size = 1<<20 + 1000 // not a multiple of the block size
