@@ -29,11 +29,12 @@ import (
 const missRequestSize, missWarmup = 256 << 10, 256 << 20
 
 // fileName is the name of the file in the mount: the export's name
-// without a snapshot suffix, as nbdfuse's "nbd" when the name is empty.
+// without its view (NAME@snapshot is NAME), as nbdfuse's "nbd" when the
+// name is empty. A name outside snapmount's grammar is kept whole.
 func fileName(export string) string {
 	name := export
-	if i := strings.LastIndexByte(name, '@'); i >= 0 {
-		name = name[:i]
+	if ref, err := nbd.ParseExportName(export); err == nil {
+		name = ref.Base
 	}
 	name = filepath.Base(strings.Trim(name, "/"))
 	if name == "" || name == "." || name == "/" {

@@ -14,6 +14,7 @@ import (
 
 	flag "github.com/spf13/pflag"
 
+	"snapmount/nbd"
 	"snapmount/nbd/server"
 )
 
@@ -348,7 +349,7 @@ func parseExportArg(arg string) (server.ExportConfig, error) {
 	if name == "" {
 		name = baseName(path)
 	}
-	if err := server.CheckExportName(name); err != nil {
+	if err := nbd.CheckExportName(name); err != nil {
 		return ec, err
 	}
 	return server.ExportConfig{Name: name, Path: path}, nil

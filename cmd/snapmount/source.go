@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"io"
-	"regexp"
 
 	"snapmount/cache"
 	"snapmount/nbd"
@@ -50,13 +49,10 @@ func cacheSource(c *nbd.Client) io.ReaderAt {
 	return nbdSource{c}
 }
 
-// snapshotName matches the canonical names snapmount serve gives frozen
-// snapshots (disk@s7).
-var snapshotName = regexp.MustCompile(`@s[0-9]+$`)
-
 // isFrozen reports whether the view is an immutable snapshot: the server
 // took the read-only promise (it is a snapmount server) and named a
-// snapshot. Anything else may change under the mount.
+// snapshot (NAME@sN). Anything else may change under the mount.
 func isFrozen(info *nbd.ExportInfo) bool {
-	return info.Promise && snapshotName.MatchString(info.CanonicalName)
+	name, err := nbd.ParseExportName(info.CanonicalName)
+	return info.Promise && err == nil && name.View == nbd.ViewJoinSnapshot
 }

@@ -9,56 +9,12 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 
 	"snapmount/nbd"
 )
-
-// viewKind is what an export name asks for (DESIGN section 3).
-type viewKind int
-
-const (
-	viewDefault      viewKind = iota // NAME: a writer, or for a promised reader a snapshot (or live)
-	viewNewSnapshot                  // NAME@snapshot
-	viewJoinSnapshot                 // NAME@sN
-	viewLive                         // NAME@live
-)
-
-// exportRef is a parsed export name.
-type exportRef struct {
-	base   string
-	kind   viewKind
-	snapID uint64 // viewJoinSnapshot
-}
-
-// parseExportName splits "disk", "disk@snapshot", "disk@s7" or
-// "disk@live". It does not look the export up.
-func parseExportName(name string) (exportRef, error) {
-	base, suffix, ok := strings.Cut(name, "@")
-	ref := exportRef{base: base}
-	if !ok {
-		return ref, nil
-	}
-	switch {
-	case suffix == "snapshot":
-		ref.kind = viewNewSnapshot
-	case suffix == "live":
-		ref.kind = viewLive
-	case len(suffix) > 1 && suffix[0] == 's' && suffix[1] >= '1' && suffix[1] <= '9':
-		id, err := strconv.ParseUint(suffix[1:], 10, 64)
-		if err != nil {
-			return ref, fmt.Errorf("snapshot number in %q: %w", name, err)
-		}
-		ref.kind, ref.snapID = viewJoinSnapshot, id
-	default:
-		return ref, fmt.Errorf("unknown view %q in %q (want NAME, NAME@snapshot, NAME@sN or NAME@live)", suffix, name)
-	}
-	return ref, nil
-}
 
 // export is one served image.
 type export struct {
@@ -204,21 +160,21 @@ var errBusy = errors.New("every writer slot of the export is taken")
 // snapshot. For NBD_OPT_INFO (create clear) nothing is taken or created;
 // the view only describes what GO would get.
 func (s *Server) openView(name string, promised, create bool) (*exportView, nbd.Reply, error) {
-	ref, err := parseExportName(name)
+	ref, err := nbd.ParseExportName(name)
 	if err != nil {
 		return nil, nbd.RepErrUnknown, err
 	}
 	var e *export
-	if ref.base == "" && ref.kind == viewDefault {
+	if ref.Base == "" && ref.View == nbd.ViewDefault {
 		e = s.exports[0]
-	} else if e = s.byName[ref.base]; e == nil {
-		return nil, nbd.RepErrUnknown, fmt.Errorf("no export named %q (NBD_OPT_LIST shows them)", ref.base)
+	} else if e = s.byName[ref.Base]; e == nil {
+		return nil, nbd.RepErrUnknown, fmt.Errorf("no export named %q (NBD_OPT_LIST shows them)", ref.Base)
 	}
-	kind := ref.kind
-	if kind == viewDefault && promised {
-		kind = viewNewSnapshot
+	kind := ref.View
+	if kind == nbd.ViewDefault && promised {
+		kind = nbd.ViewNewSnapshot
 		if s.cfg.ReaderView == ReaderViewLive {
-			kind = viewLive
+			kind = nbd.ViewLive
 		}
 	}
 	v := &exportView{exp: e, name: e.name}
@@ -228,7 +184,7 @@ func (s *Server) openView(name string, promised, create bool) (*exportView, nbd.
 	// snapshot instead.
 	live := e.name + "@live"
 	switch kind {
-	case viewDefault:
+	case nbd.ViewDefault:
 		if e.readOnly {
 			v.name, v.mode = live, "reader (live; server is read-only)"
 			return v, 0, nil
@@ -243,10 +199,10 @@ func (s *Server) openView(name string, promised, create bool) (*exportView, nbd.
 		}
 		v.name, v.mode = live, "reader (live; writer slots busy)"
 		return v, 0, nil
-	case viewLive:
+	case nbd.ViewLive:
 		v.name, v.mode = live, "reader (live)"
 		return v, 0, nil
-	case viewNewSnapshot:
+	case nbd.ViewNewSnapshot:
 		if !create {
 			v.mode = "snapshot (not created by INFO)"
 			return v, 0, nil
@@ -260,8 +216,8 @@ func (s *Server) openView(name string, promised, create bool) (*exportView, nbd.
 		}
 		v.snap, v.name, v.mode = snap, snap.name, "snapshot "+snap.name+" (new)"
 		return v, 0, nil
-	case viewJoinSnapshot:
-		snap, err := e.joinSnapshot(ref.snapID, create)
+	case nbd.ViewJoinSnapshot:
+		snap, err := e.joinSnapshot(ref.Snapshot, create)
 		if err != nil {
 			return nil, nbd.RepErrUnknown, err
 		}

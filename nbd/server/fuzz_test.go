@@ -144,20 +144,3 @@ func FuzzServerRequests(f *testing.F) {
 		runServerOn(t, append(prefix, input...))
 	})
 }
-
-// FuzzParseExportName: the export-name parser never panics and what it
-// accepts names a base without '@'.
-func FuzzParseExportName(f *testing.F) {
-	for _, s := range []string{"disk", "disk@snapshot", "disk@s1", "disk@live", "@", "a@s0", "a@s18446744073709551616"} {
-		f.Add(s)
-	}
-	f.Fuzz(func(t *testing.T, name string) {
-		ref, err := parseExportName(name)
-		if err == nil && bytes.ContainsRune([]byte(ref.base), '@') {
-			t.Errorf("parseExportName(%q) accepted base %q", name, ref.base)
-		}
-		if err == nil && ref.kind == viewJoinSnapshot && ref.snapID == 0 {
-			t.Errorf("parseExportName(%q) accepted snapshot 0", name)
-		}
-	})
-}

@@ -14,7 +14,6 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -179,7 +178,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		s.log = slog.New(slog.NewTextHandler(os.Stderr, nil))
 	}
 	for _, ec := range cfg.Exports {
-		if err := CheckExportName(ec.Name); err != nil {
+		if err := nbd.CheckExportName(ec.Name); err != nil {
 			s.closeExports()
 			return nil, err
 		}
@@ -221,21 +220,6 @@ func (s *Server) closeExports() {
 	for _, e := range s.exports {
 		e.file.Close()
 	}
-}
-
-// CheckExportName reports whether name can be an export name: not empty,
-// a valid NBD string, and without '@' (which introduces the view suffix).
-func CheckExportName(name string) error {
-	if name == "" {
-		return errors.New("nbd: empty export name")
-	}
-	if strings.Contains(name, "@") {
-		return fmt.Errorf("nbd: export name %q contains '@', which is reserved for views such as NAME@snapshot (rename it with NAME=IMAGE)", name)
-	}
-	if err := nbd.CheckString("export name", []byte(name)); err != nil {
-		return fmt.Errorf("nbd: export name %q: %w", name, err)
-	}
-	return nil
 }
 
 // Exports returns the names of the exports, in order.

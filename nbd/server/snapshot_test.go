@@ -67,38 +67,6 @@ func readView(t testing.TB, v *exportView, off, n int64, holes bool) []byte {
 	return p
 }
 
-func TestParseExportName(t *testing.T) {
-	for _, tc := range []struct {
-		in   string
-		want exportRef
-		bad  bool
-	}{
-		{"disk", exportRef{base: "disk"}, false},
-		{"", exportRef{}, false},
-		{"disk@snapshot", exportRef{base: "disk", kind: viewNewSnapshot}, false},
-		{"disk@live", exportRef{base: "disk", kind: viewLive}, false},
-		{"disk@s7", exportRef{base: "disk", kind: viewJoinSnapshot, snapID: 7}, false},
-		{"disk@s123456789", exportRef{base: "disk", kind: viewJoinSnapshot, snapID: 123456789}, false},
-		{"disk@s0", exportRef{}, true},
-		{"disk@s07", exportRef{}, true},
-		{"disk@s", exportRef{}, true},
-		{"disk@s-1", exportRef{}, true},
-		{"disk@s99999999999999999999999", exportRef{}, true},
-		{"disk@", exportRef{}, true},
-		{"disk@snap", exportRef{}, true},
-		{"disk@live@live", exportRef{}, true},
-	} {
-		got, err := parseExportName(tc.in)
-		if (err != nil) != tc.bad {
-			t.Errorf("parseExportName(%q) error %v, want error %v", tc.in, err, tc.bad)
-			continue
-		}
-		if !tc.bad && got != tc.want {
-			t.Errorf("parseExportName(%q) = %+v, want %+v", tc.in, got, tc.want)
-		}
-	}
-}
-
 func TestSnapshotFrozenAtItsInstant(t *testing.T) {
 	copyModes(t, func(t *testing.T, buffered bool) {
 		const size = 1<<20 + 1000 // not a multiple of the block size
