@@ -479,21 +479,10 @@ func (c *Cache) failFetch(f *fetch, err error) {
 	close(f.done)
 }
 
-// zeroPage is compared against to find all-zero blocks.
-var zeroPage [4096]byte
-
-// isZero reports whether b holds only zeros. Real data almost always has
-// a non-zero first or last byte, so the full scan is rare.
+// isZero reports whether b holds only zero bytes: its first byte is zero
+// and every byte equals the one before it. Real data almost always has a
+// non-zero first or last byte, so the full comparison is rare. (nbd.AllZero
+// is the same test; the cache does not import nbd.)
 func isZero(b []byte) bool {
-	if len(b) == 0 || b[0] != 0 || b[len(b)-1] != 0 {
-		return len(b) == 0
-	}
-	for len(b) > 0 {
-		n := min(len(b), len(zeroPage))
-		if !bytes.Equal(b[:n], zeroPage[:n]) {
-			return false
-		}
-		b = b[n:]
-	}
-	return true
+	return len(b) == 0 || b[0] == 0 && b[len(b)-1] == 0 && bytes.Equal(b[1:], b[:len(b)-1])
 }

@@ -29,7 +29,6 @@ package server
 // fails and the snapshot stays whole.
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -562,7 +561,7 @@ func (e *export) copyRunBuffered(snaps []*snapshot, first, last int64) error {
 	zero := make([]bool, last-first+1)
 	for i := range zero {
 		blk := buf[int64(i)*G : min(int64(i+1)*G, end-off)]
-		zero[i] = isZero(blk)
+		zero[i] = nbd.AllZero(blk)
 	}
 	for _, s := range snaps {
 		if s.broken.Load() != nil {
@@ -659,19 +658,6 @@ func (s *snapshot) reserve(n int64) error {
 func (s *snapshot) unreserve(n int64) {
 	s.exp.srv.storeUsed.Add(-n)
 	s.used.Add(-n)
-}
-
-var zeroBlock [64 << 10]byte
-
-func isZero(b []byte) bool {
-	for len(b) > 0 {
-		n := min(len(b), len(zeroBlock))
-		if !bytes.Equal(b[:n], zeroBlock[:n]) {
-			return false
-		}
-		b = b[n:]
-	}
-	return true
 }
 
 // ---- block locks ----
