@@ -104,8 +104,8 @@ func setupServe(fs *flag.FlagSet) func(ctx context.Context, io stdio, args []str
 }
 
 // serveConfig turns flags and arguments into a server configuration.
-func serveConfig(f *serveFlags, args []string) (server.ServerConfig, error) {
-	var cfg server.ServerConfig
+func serveConfig(f *serveFlags, args []string) (server.Config, error) {
+	var cfg server.Config
 	if len(args) == 0 {
 		return cfg, usagef("want at least one [NAME=]IMAGE")
 	}
@@ -259,7 +259,7 @@ func runServe(ctx context.Context, std stdio, f *serveFlags, args []string, list
 	}
 	cfg.Logger = slog.New(slog.NewTextHandler(std.err, &slog.HandlerOptions{Level: level}))
 
-	srv, err := server.NewServer(cfg)
+	srv, err := server.New(cfg)
 	if err != nil {
 		return err
 	}
@@ -307,7 +307,7 @@ func runServe(ctx context.Context, std stdio, f *serveFlags, args []string, list
 	if f.socket != "" {
 		os.Remove(f.socket)
 	}
-	if serveErr != nil && !errors.Is(serveErr, server.ErrServerClosed) {
+	if serveErr != nil && !errors.Is(serveErr, server.ErrClosed) {
 		return serveErr
 	}
 	return shutErr

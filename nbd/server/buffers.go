@@ -12,39 +12,39 @@ import (
 )
 
 const (
-	srvMinClassShift = 12 // 4 KiB
-	srvMaxClassShift = 25 // 32 MiB = MaxPayload
+	minClassShift = 12 // 4 KiB
+	maxClassShift = 25 // 32 MiB = MaxPayload
 )
 
-var srvBufPools [srvMaxClassShift - srvMinClassShift + 1]sync.Pool
+var bufPools [maxClassShift - minClassShift + 1]sync.Pool
 
-func srvClass(n int) int {
-	if n <= 1<<srvMinClassShift {
+func sizeClass(n int) int {
+	if n <= 1<<minClassShift {
 		return 0
 	}
-	return bits.Len(uint(n-1)) - srvMinClassShift
+	return bits.Len(uint(n-1)) - minClassShift
 }
 
-// srvGetBuf returns a buffer of length n (at most MaxPayload) whose
+// getBuf returns a buffer of length n (at most MaxPayload) whose
 // contents are undefined.
-func srvGetBuf(n int) []byte {
+func getBuf(n int) []byte {
 	if n > nbd.MaxPayload {
 		panic("nbd: buffer request above MaxPayload")
 	}
-	c := srvClass(n)
-	if p, ok := srvBufPools[c].Get().(*[]byte); ok {
+	c := sizeClass(n)
+	if p, ok := bufPools[c].Get().(*[]byte); ok {
 		return (*p)[:n]
 	}
-	return make([]byte, n, 1<<(c+srvMinClassShift))
+	return make([]byte, n, 1<<(c+minClassShift))
 }
 
-// srvPutBuf returns a buffer from srvGetBuf to its pool. The caller must
+// putBuf returns a buffer from getBuf to its pool. The caller must
 // not use it afterwards.
-func srvPutBuf(b []byte) {
+func putBuf(b []byte) {
 	c := cap(b)
-	if c < 1<<srvMinClassShift || c&(c-1) != 0 || c > nbd.MaxPayload {
-		panic("nbd: srvPutBuf of a buffer not from srvGetBuf")
+	if c < 1<<minClassShift || c&(c-1) != 0 || c > nbd.MaxPayload {
+		panic("nbd: putBuf of a buffer not from getBuf")
 	}
 	b = b[:c]
-	srvBufPools[bits.Len(uint(c))-1-srvMinClassShift].Put(&b)
+	bufPools[bits.Len(uint(c))-1-minClassShift].Put(&b)
 }

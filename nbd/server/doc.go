@@ -2,12 +2,12 @@
 // writers and as frozen point-in-time snapshots to readers, speaking the
 // protocol through the codec of package nbd.
 //
-// NewServer opens the images, Serve accepts on a listener (TCP gets
+// New opens the images, Serve accepts on a listener (TCP gets
 // TCP_NODELAY), Shutdown stops accepting, lets requests in flight finish,
 // flushes the images and deletes snapshot stores (server.go). One
 // connection has one reader goroutine (handshake in handshake.go,
 // request headers and WRITE payloads in transmission.go), at most
-// ServerConfig.Workers handlers and one writer at a time: a reply is
+// Config.Workers handlers and one writer at a time: a reply is
 // queued only when complete, and whoever finds the write lock free sends
 // everything queued with one writev. Cached live reads go out with
 // sendfile straight from the page cache; cheap requests run in the reader

@@ -18,7 +18,7 @@ import (
 
 // export is one served image.
 type export struct {
-	srv         *Server
+	server      *Server
 	name        string
 	description string
 	path        string
@@ -76,7 +76,7 @@ func openExport(s *Server, ec ExportConfig) (*export, error) {
 		return nil, fmt.Errorf("nbd: image for export %q: %w", ec.Name, err)
 	}
 	e := &export{
-		srv:         s,
+		server:      s,
 		name:        ec.Name,
 		description: ec.Description,
 		path:        ec.Path,
@@ -245,14 +245,14 @@ func (v *exportView) release() {
 }
 
 func (e *export) writersFull() bool {
-	max := e.srv.cfg.MaxWriters
+	max := e.server.cfg.MaxWriters
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return max > 0 && e.writers >= max
 }
 
 func (e *export) takeWriter() bool {
-	max := e.srv.cfg.MaxWriters
+	max := e.server.cfg.MaxWriters
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if max > 0 && e.writers >= max {
@@ -270,13 +270,13 @@ func (e *export) releaseWriter() {
 
 // ---- reads ----
 
-// srvExtent is a run of bytes that is all data or all hole.
-type srvExtent struct {
+// extent is a run of bytes that is all data or all hole.
+type extent struct {
 	off, length int64
 	hole        bool
 }
 
-func appendExtent(dst []srvExtent, off, length int64, hole bool) []srvExtent {
+func appendExtent(dst []extent, off, length int64, hole bool) []extent {
 	if length <= 0 {
 		return dst
 	}
@@ -284,14 +284,14 @@ func appendExtent(dst []srvExtent, off, length int64, hole bool) []srvExtent {
 		dst[n-1].length += length
 		return dst
 	}
-	return append(dst, srvExtent{off, length, hole})
+	return append(dst, extent{off, length, hole})
 }
 
 // imageExtents appends the allocation of [off, end) of f, found with
 // SEEK_DATA/SEEK_HOLE. After maxExtents entries the rest is reported as
 // data, which is always a safe answer; so is everything on a file system
 // that cannot tell.
-func imageExtents(f *os.File, off, end int64, dst []srvExtent, maxExtents int) []srvExtent {
+func imageExtents(f *os.File, off, end int64, dst []extent, maxExtents int) []extent {
 	pos, n := off, 0
 	// Most ranges of most images are all data: one SEEK_HOLE tells.
 	if hole, err := exportSeek(f, pos, seekHole); err == nil && hole > pos {
@@ -341,7 +341,7 @@ func (e *export) readImage(p []byte, off int64) error {
 // allocation map of the range and leaves the holes in p untouched (the
 // caller sends them as OFFSET_HOLE); otherwise holes are zeroed in p and
 // the map is nil.
-func (v *exportView) read(p []byte, off int64, holes bool) ([]srvExtent, error) {
+func (v *exportView) read(p []byte, off int64, holes bool) ([]extent, error) {
 	if v.snap != nil {
 		return v.snap.read(p, off, holes)
 	}
@@ -350,7 +350,7 @@ func (v *exportView) read(p []byte, off int64, holes bool) ([]srvExtent, error) 
 		return nil, e.readImage(p, off)
 	}
 	end := off + int64(len(p))
-	ext := imageExtents(e.file, off, end, make([]srvExtent, 0, 4), maxReadExtents)
+	ext := imageExtents(e.file, off, end, make([]extent, 0, 4), maxReadExtents)
 	for _, x := range ext {
 		if !x.hole {
 			if err := e.readImage(p[x.off-off:x.off-off+x.length], x.off); err != nil {
@@ -363,7 +363,7 @@ func (v *exportView) read(p []byte, off int64, holes bool) ([]srvExtent, error) 
 
 // blockStatus returns base:allocation extents from off, covering at most
 // length bytes and maxExtents entries.
-func (v *exportView) blockStatus(off, length int64, maxExtents int) ([]srvExtent, error) {
+func (v *exportView) blockStatus(off, length int64, maxExtents int) ([]extent, error) {
 	if v.snap != nil {
 		return v.snap.blockStatus(off, length, maxExtents)
 	}
@@ -452,8 +452,8 @@ func isUnsupported(err error) bool {
 
 func (e *export) writeZeroBytes(off, length int64) error {
 	const chunk = 1 << 20
-	buf := srvGetBuf(int(min(length, chunk)))
-	defer srvPutBuf(buf)
+	buf := getBuf(int(min(length, chunk)))
+	defer putBuf(buf)
 	clear(buf)
 	for length > 0 {
 		n := min(length, int64(len(buf)))

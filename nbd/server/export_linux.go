@@ -127,11 +127,11 @@ func exportResident(m []byte, off, n int64) bool {
 	return true
 }
 
-// srvSendfile sends n bytes of f from off on conn with sendfile(2): the
+// sendfile sends n bytes of f from off on conn with sendfile(2): the
 // data goes from the page cache to the socket without a copy through the
 // process. It returns how many bytes it sent; fewer than n without an
 // error means the file ended early.
-func srvSendfile(conn syscall.RawConn, f *os.File, off, n int64) (int64, error) {
+func sendfile(conn syscall.RawConn, f *os.File, off, n int64) (int64, error) {
 	var sent int64
 	err := storeRawConn(f, func(in int) error {
 		var opErr error

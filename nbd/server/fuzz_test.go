@@ -33,7 +33,7 @@ func getFuzzServer(t testing.TB) *Server {
 			fuzzServer.err = err
 			return
 		}
-		fuzzServer.srv, fuzzServer.err = NewServer(ServerConfig{
+		fuzzServer.srv, fuzzServer.err = New(Config{
 			Exports:          []ExportConfig{{Name: "disk", Path: img}},
 			SnapshotDir:      dir,
 			SnapshotMax:      256 << 10,
@@ -56,7 +56,7 @@ var discardLogger = testLoggerTo(io.Discard)
 func runServerOn(t *testing.T, input []byte) {
 	srv := getFuzzServer(t)
 	client, server := net.Pipe()
-	sc := srv.newConn(server)
+	sc := srv.admit(server)
 	if sc == nil {
 		t.Fatal("server refused the connection")
 	}

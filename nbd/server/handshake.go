@@ -1,7 +1,7 @@
 package server
 
 // One connection's life: the handshake (option haggling) here, the
-// transmission phase in server_transmission.go.
+// transmission phase in transmission.go.
 
 import (
 	"encoding/binary"
@@ -20,29 +20,29 @@ import (
 
 // Limits on what a client may send before it picks an export.
 const (
-	// srvMaxOptionData is the largest option data the server reads: the
+	// maxOptionData is the largest option data the server reads: the
 	// biggest legitimate option (SET_META_CONTEXT with a few 4096-byte
 	// strings) is far smaller.
-	srvMaxOptionData = 64 << 10
-	// srvMaxOptionDrain is the largest option data the server swallows to
+	maxOptionData = 64 << 10
+	// maxOptionDrain is the largest option data the server swallows to
 	// answer ERR_TOO_BIG; beyond it the client is treated as hostile and
 	// the connection is dropped.
-	srvMaxOptionDrain = 16 << 20
-	// srvMaxOptions bounds the options before GO or EXPORT_NAME.
-	srvMaxOptions = 256
-	// srvMaxInFlightBytes bounds the payload buffers (WRITE data and READ
+	maxOptionDrain = 16 << 20
+	// maxOptions bounds the options before GO or EXPORT_NAME.
+	maxOptions = 256
+	// maxInFlightBytes bounds the payload buffers (WRITE data and READ
 	// replies) one connection holds at a time.
-	srvMaxInFlightBytes = 2 * nbd.MaxPayload
+	maxInFlightBytes = 2 * nbd.MaxPayload
 )
 
-// serverConn is one client connection.
-type serverConn struct {
-	srv  *Server
-	id   uint64
-	raw  net.Conn // as accepted
-	conn net.Conn // raw, or the TLS connection over it after STARTTLS
-	peer string
-	log  *slog.Logger
+// conn is one client connection.
+type conn struct {
+	server *Server
+	id     uint64
+	raw    net.Conn // as accepted
+	conn   net.Conn // raw, or the TLS connection over it after STARTTLS
+	peer   string
+	log    *slog.Logger
 
 	// Negotiated state, touched only by the connection's own goroutine
 	// until the transmission phase starts. STARTTLS resets all of it.
@@ -63,15 +63,15 @@ type serverConn struct {
 	transmitting bool
 }
 
-func newServerConn(s *Server, c net.Conn, id uint64) *serverConn {
-	sc := &serverConn{srv: s, id: id, raw: c, conn: c, peer: peerName(c)}
+func newConn(s *Server, c net.Conn, id uint64) *conn {
+	sc := &conn{server: s, id: id, raw: c, conn: c, peer: peerName(c)}
 	sc.log = s.log.With("conn", id, "peer", sc.peer)
 	return sc
 }
 
 // shutdown asks the connection to end: at once while it negotiates, after
 // the requests in flight once it transmits (the reader stops reading).
-func (c *serverConn) shutdown() {
+func (c *conn) shutdown() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.transmitting {
@@ -82,7 +82,7 @@ func (c *serverConn) shutdown() {
 }
 
 // close ends the connection abruptly.
-func (c *serverConn) close() { c.raw.Close() }
+func (c *conn) close() { c.raw.Close() }
 
 // errAbort ends a handshake that the client ended politely.
 var errAbort = errors.New("client sent NBD_OPT_ABORT")
@@ -95,10 +95,10 @@ func protoErrorf(format string, args ...any) error {
 	return &nbd.ProtocolError{Msg: fmt.Sprintf(format, args...)}
 }
 
-func (c *serverConn) serve() {
-	defer c.srv.connDone(c)
+func (c *conn) serve() {
+	defer c.server.connDone(c)
 	defer c.raw.Close()
-	c.raw.SetDeadline(time.Now().Add(c.srv.cfg.HandshakeTimeout))
+	c.raw.SetDeadline(time.Now().Add(c.server.cfg.HandshakeTimeout))
 	view, err := c.handshake()
 	if err != nil {
 		if errors.Is(err, errAbort) {
@@ -112,7 +112,7 @@ func (c *serverConn) serve() {
 	defer view.release()
 
 	c.mu.Lock()
-	if c.srv.inShut.Load() {
+	if c.server.inShut.Load() {
 		c.mu.Unlock()
 		return
 	}
@@ -133,17 +133,17 @@ func (c *serverConn) serve() {
 	}
 }
 
-func (c *serverConn) send(b []byte) error {
+func (c *conn) send(b []byte) error {
 	_, err := c.conn.Write(b)
 	return err
 }
 
-func (c *serverConn) reply(opt nbd.Option, typ nbd.Reply, data []byte) error {
+func (c *conn) reply(opt nbd.Option, typ nbd.Reply, data []byte) error {
 	return c.send(nbd.AppendOptionReply(nil, opt, typ, data))
 }
 
 // replyErr answers an option with an error reply carrying a message.
-func (c *serverConn) replyErr(opt nbd.Option, typ nbd.Reply, format string, args ...any) error {
+func (c *conn) replyErr(opt nbd.Option, typ nbd.Reply, format string, args ...any) error {
 	msg := fmt.Sprintf(format, args...)
 	if len(msg) > nbd.MaxStringLen {
 		msg = msg[:nbd.MaxStringLen]
@@ -154,7 +154,7 @@ func (c *serverConn) replyErr(opt nbd.Option, typ nbd.Reply, format string, args
 
 // handshake runs the fixed-newstyle negotiation until the client opens an
 // export (GO or EXPORT_NAME) and returns the view it opened.
-func (c *serverConn) handshake() (*exportView, error) {
+func (c *conn) handshake() (*exportView, error) {
 	if err := c.send(nbd.AppendGreeting(nil, nbd.HandshakeFixedNewstyle|nbd.HandshakeNoZeroes)); err != nil {
 		return nil, err
 	}
@@ -170,8 +170,8 @@ func (c *serverConn) handshake() (*exportView, error) {
 	c.noZeroes = flags&nbd.ClientNoZeroes != 0
 
 	for n := 0; ; n++ {
-		if n >= srvMaxOptions {
-			return nil, protoErrorf("more than %d options without choosing an export", srvMaxOptions)
+		if n >= maxOptions {
+			return nil, protoErrorf("more than %d options without choosing an export", maxOptions)
 		}
 		if _, err := io.ReadFull(c.conn, buf[:]); err != nil {
 			return nil, fmt.Errorf("reading option: %w", err)
@@ -183,14 +183,14 @@ func (c *serverConn) handshake() (*exportView, error) {
 		if !fixed && opt != nbd.OptExportName {
 			return nil, protoErrorf("client without fixed newstyle sent %s", opt)
 		}
-		if length > srvMaxOptionData {
-			if length > srvMaxOptionDrain {
+		if length > maxOptionData {
+			if length > maxOptionDrain {
 				return nil, protoErrorf("%s with %d bytes of data", opt, length)
 			}
 			if _, err := io.CopyN(io.Discard, c.conn, int64(length)); err != nil {
 				return nil, fmt.Errorf("nbd: draining %d bytes: %w", length, err)
 			}
-			if err := c.replyErr(opt, nbd.RepErrTooBig, "option data of %d bytes exceeds the server's %d-byte limit", length, srvMaxOptionData); err != nil {
+			if err := c.replyErr(opt, nbd.RepErrTooBig, "option data of %d bytes exceeds the server's %d-byte limit", length, maxOptionData); err != nil {
 				return nil, err
 			}
 			continue
@@ -208,11 +208,11 @@ func (c *serverConn) handshake() (*exportView, error) {
 
 // option answers one option. It returns a view when the client opened an
 // export, and an error when the connection must end.
-func (c *serverConn) option(opt nbd.Option, data []byte) (*exportView, error) {
-	if c.srv.inShut.Load() && opt != nbd.OptAbort {
+func (c *conn) option(opt nbd.Option, data []byte) (*exportView, error) {
+	if c.server.inShut.Load() && opt != nbd.OptAbort {
 		return nil, c.replyErr(opt, nbd.RepErrShutdown, "server is shutting down")
 	}
-	if c.srv.cfg.TLSMode == TLSRequire && !c.tls && opt != nbd.OptStartTLS && opt != nbd.OptAbort {
+	if c.server.cfg.TLSMode == TLSRequire && !c.tls && opt != nbd.OptStartTLS && opt != nbd.OptAbort {
 		if opt == nbd.OptExportName {
 			return nil, protoErrorf("NBD_OPT_EXPORT_NAME before STARTTLS on a server that requires TLS")
 		}
@@ -248,12 +248,12 @@ func (c *serverConn) option(opt nbd.Option, data []byte) (*exportView, error) {
 	return nil, c.replyErr(opt, nbd.RepErrUnsup, "option %s is not supported by this server", opt)
 }
 
-func (c *serverConn) optExportName(data []byte) (*exportView, error) {
+func (c *conn) optExportName(data []byte) (*exportView, error) {
 	if err := nbd.CheckString("export name", data); err != nil {
 		return nil, err
 	}
 	name := string(data)
-	v, _, err := c.srv.openView(name, c.promised, true)
+	v, _, err := c.server.openView(name, c.promised, true)
 	if err != nil {
 		// The protocol has no way to report this but hanging up.
 		return nil, fmt.Errorf("NBD_OPT_EXPORT_NAME %q: %w", name, err)
@@ -271,12 +271,12 @@ func (c *serverConn) optExportName(data []byte) (*exportView, error) {
 	return v, nil
 }
 
-func (c *serverConn) optList(data []byte) error {
+func (c *conn) optList(data []byte) error {
 	if len(data) != 0 {
 		return c.replyErr(nbd.OptList, nbd.RepErrInvalid, "NBD_OPT_LIST carries no data")
 	}
 	var b []byte
-	for _, e := range c.srv.exports {
+	for _, e := range c.server.exports {
 		entry := nbd.ExportEntry{Name: e.name, Description: e.listDescription()}
 		b = nbd.AppendOptionReply(b, nbd.OptList, nbd.RepServer, entry.Encode())
 	}
@@ -296,19 +296,19 @@ func (e *export) listDescription() string {
 	return "read-write image; " + e.name + "@snapshot for a point-in-time view, " + e.name + "@live to read live"
 }
 
-func (c *serverConn) optStartTLS(data []byte) error {
+func (c *conn) optStartTLS(data []byte) error {
 	switch {
 	case len(data) != 0:
 		return c.replyErr(nbd.OptStartTLS, nbd.RepErrInvalid, "NBD_OPT_STARTTLS carries no data")
 	case c.tls:
 		return c.replyErr(nbd.OptStartTLS, nbd.RepErrInvalid, "TLS is already on")
-	case c.srv.cfg.TLSMode == TLSOff:
+	case c.server.cfg.TLSMode == TLSOff:
 		return c.replyErr(nbd.OptStartTLS, nbd.RepErrPolicy, "TLS is not enabled on this server")
 	}
 	if err := c.reply(nbd.OptStartTLS, nbd.RepAck, nil); err != nil {
 		return err
 	}
-	tc := tls.Server(c.raw, c.srv.cfg.TLSConfig)
+	tc := tls.Server(c.raw, c.server.cfg.TLSConfig)
 	if err := tc.Handshake(); err != nil {
 		return fmt.Errorf("TLS handshake: %w", err)
 	}
@@ -318,16 +318,16 @@ func (c *serverConn) optStartTLS(data []byte) error {
 	return nil
 }
 
-// srvBlockSize is what NBD_INFO_BLOCK_SIZE says: any alignment works,
+// advertisedBlockSize is what NBD_INFO_BLOCK_SIZE says: any alignment works,
 // 4 KiB is the natural size, and payloads up to 32 MiB.
-var srvBlockSize = nbd.BlockSize{Min: 1, Preferred: 4096, Max: nbd.MaxPayload}
+var advertisedBlockSize = nbd.BlockSize{Min: 1, Preferred: 4096, Max: nbd.MaxPayload}
 
-func (c *serverConn) optInfo(opt nbd.Option, data []byte) (*exportView, error) {
+func (c *conn) optInfo(opt nbd.Option, data []byte) (*exportView, error) {
 	req, err := nbd.ParseExportRequest(data)
 	if err != nil {
 		return nil, c.replyErr(opt, nbd.RepErrInvalid, "%v", err)
 	}
-	v, code, err := c.srv.openView(req.Name, c.promised, opt == nbd.OptGo)
+	v, code, err := c.server.openView(req.Name, c.promised, opt == nbd.OptGo)
 	if err != nil {
 		return nil, c.replyErr(opt, code, "%v", err)
 	}
@@ -349,7 +349,7 @@ func (c *serverConn) optInfo(opt nbd.Option, data []byte) (*exportView, error) {
 	if wantDesc && v.exp.description != "" {
 		b = nbd.AppendOptionReply(b, opt, nbd.RepInfo, nbd.AppendInfoText(nil, nbd.InfoDescription, v.exp.description))
 	}
-	b = nbd.AppendOptionReply(b, opt, nbd.RepInfo, nbd.AppendInfoBlockSize(nil, srvBlockSize))
+	b = nbd.AppendOptionReply(b, opt, nbd.RepInfo, nbd.AppendInfoBlockSize(nil, advertisedBlockSize))
 	b = nbd.AppendOptionReply(b, opt, nbd.RepAck, nil)
 	if err := c.send(b); err != nil {
 		if opt == nbd.OptGo {
@@ -364,7 +364,7 @@ func (c *serverConn) optInfo(opt nbd.Option, data []byte) (*exportView, error) {
 	return v, nil
 }
 
-func (c *serverConn) optMetaContext(opt nbd.Option, data []byte) error {
+func (c *conn) optMetaContext(opt nbd.Option, data []byte) error {
 	set := opt == nbd.OptSetMetaContext
 	if set {
 		c.metaSet = false // a SET replaces the selection even when it fails
@@ -376,7 +376,7 @@ func (c *serverConn) optMetaContext(opt nbd.Option, data []byte) error {
 	if err != nil {
 		return c.replyErr(opt, nbd.RepErrInvalid, "%v", err)
 	}
-	if _, _, err := c.srv.openView(req.Export, c.promised, false); err != nil && !errors.Is(err, errBusy) {
+	if _, _, err := c.server.openView(req.Export, c.promised, false); err != nil && !errors.Is(err, errBusy) {
 		return c.replyErr(opt, nbd.RepErrUnknown, "%v", err)
 	}
 	match := !set && len(req.Queries) == 0 // LIST with no query lists everything

@@ -57,7 +57,7 @@ func (w testLogWriter) Write(p []byte) (int, error) {
 
 // startTestServer serves cfg (with one export "disk" of image if cfg has
 // none) on 127.0.0.1 and returns the server and its address.
-func startTestServer(t testing.TB, cfg ServerConfig, image string) (*Server, string) {
+func startTestServer(t testing.TB, cfg Config, image string) (*Server, string) {
 	t.Helper()
 	if len(cfg.Exports) == 0 {
 		cfg.Exports = []ExportConfig{{Name: "disk", Path: image, Description: "test disk"}}
@@ -68,7 +68,7 @@ func startTestServer(t testing.TB, cfg ServerConfig, image string) (*Server, str
 	if cfg.SnapshotDir == "" {
 		cfg.SnapshotDir = t.TempDir()
 	}
-	srv, err := NewServer(cfg)
+	srv, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -82,8 +82,8 @@ func startTestServer(t testing.TB, cfg ServerConfig, image string) (*Server, str
 		if err := srv.Close(); err != nil {
 			t.Errorf("closing server: %v", err)
 		}
-		if err := <-done; !errors.Is(err, ErrServerClosed) {
-			t.Errorf("Serve returned %v, want ErrServerClosed", err)
+		if err := <-done; !errors.Is(err, ErrClosed) {
+			t.Errorf("Serve returned %v, want ErrClosed", err)
 		}
 	})
 	return srv, l.Addr().String()

@@ -1,6 +1,6 @@
 package server
 
-// The server: net/http-shaped. NewServer opens the images, Serve runs an
+// The server: net/http-shaped. New opens the images, Serve runs an
 // accept loop per listener, Shutdown stops accepting, lets requests in
 // flight finish, flushes the images and deletes the snapshot stores. Each
 // connection has one reader (the handshake, then request headers and
@@ -65,9 +65,9 @@ type ExportConfig struct {
 	Description string // sent in NBD_REP_SERVER and NBD_INFO_DESCRIPTION
 }
 
-// ServerConfig configures a Server. The zero value of each field is a
+// Config configures a Server. The zero value of each field is a
 // usable default except Exports, which must not be empty.
-type ServerConfig struct {
+type Config struct {
 	Exports []ExportConfig
 	// ReadOnly serves every export read-only: no client is ever a writer.
 	ReadOnly bool
@@ -105,7 +105,7 @@ type ServerConfig struct {
 	Logger *slog.Logger // default: text lines on stderr
 }
 
-// Defaults of ServerConfig.
+// Defaults of Config.
 const (
 	DefaultSnapshotBlock    = 64 << 10
 	DefaultSnapshotLinger   = 60 * time.Second
@@ -114,17 +114,17 @@ const (
 	DefaultWorkers          = 16
 )
 
-// ErrServerClosed is returned by Serve after Shutdown or Close.
-var ErrServerClosed = errors.New("nbd: server closed")
+// ErrClosed is returned by Serve after Shutdown or Close.
+var ErrClosed = errors.New("nbd: server closed")
 
-// Server serves exports over NBD. Create it with NewServer.
+// Server serves exports over NBD. Create it with New.
 type Server struct {
-	cfg        ServerConfig
+	cfg        Config
 	log        *slog.Logger
 	exports    []*export // in the order given; exports[0] answers the name ""
 	byName     map[string]*export
 	snapDir    string
-	ownSnapDir bool // snapDir was made by NewServer: Shutdown removes it
+	ownSnapDir bool // snapDir was made by New: Shutdown removes it
 
 	storeUsed atomic.Int64 // bytes held by all snapshot stores
 	connSeq   atomic.Uint64
@@ -132,14 +132,14 @@ type Server struct {
 
 	mu        sync.Mutex // protects following
 	listeners map[net.Listener]struct{}
-	conns     map[*serverConn]struct{}
+	conns     map[*conn]struct{}
 	closed    bool
 	connsDone chan struct{} // closed when conns becomes empty during shutdown
 }
 
-// NewServer checks cfg and opens every image (read-write unless
+// New checks cfg and opens every image (read-write unless
 // cfg.ReadOnly). The images are never truncated or resized.
-func NewServer(cfg ServerConfig) (*Server, error) {
+func New(cfg Config) (*Server, error) {
 	if len(cfg.Exports) == 0 {
 		return nil, errors.New("nbd: no image to serve")
 	}
@@ -172,7 +172,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		log:       cfg.Logger,
 		byName:    map[string]*export{},
 		listeners: map[net.Listener]struct{}{},
-		conns:     map[*serverConn]struct{}{},
+		conns:     map[*conn]struct{}{},
 	}
 	if s.log == nil {
 		s.log = slog.New(slog.NewTextHandler(os.Stderr, nil))
@@ -233,13 +233,13 @@ func (s *Server) Exports() []string {
 
 // Serve accepts connections on l until Shutdown or Close, serving each in
 // its own goroutine. It always returns a non-nil error; after Shutdown or
-// Close it is ErrServerClosed. TCP connections get TCP_NODELAY.
+// Close it is ErrClosed. TCP connections get TCP_NODELAY.
 func (s *Server) Serve(l net.Listener) error {
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
 		l.Close()
-		return ErrServerClosed
+		return ErrClosed
 	}
 	s.listeners[l] = struct{}{}
 	s.mu.Unlock()
@@ -254,7 +254,7 @@ func (s *Server) Serve(l net.Listener) error {
 		c, err := l.Accept()
 		if err != nil {
 			if s.isClosed() {
-				return ErrServerClosed
+				return ErrClosed
 			}
 			var ne net.Error
 			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) {
@@ -271,7 +271,7 @@ func (s *Server) Serve(l net.Listener) error {
 		if tc, ok := c.(*net.TCPConn); ok {
 			tc.SetNoDelay(true)
 		}
-		sc := s.newConn(c)
+		sc := s.admit(c)
 		if sc == nil {
 			continue
 		}
@@ -279,9 +279,9 @@ func (s *Server) Serve(l net.Listener) error {
 	}
 }
 
-// newConn registers a connection, or closes it when the server is shutting
+// admit registers a connection, or closes it when the server is shutting
 // down or full.
-func (s *Server) newConn(c net.Conn) *serverConn {
+func (s *Server) admit(c net.Conn) *conn {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
@@ -293,12 +293,12 @@ func (s *Server) newConn(c net.Conn) *serverConn {
 		c.Close()
 		return nil
 	}
-	sc := newServerConn(s, c, s.connSeq.Add(1))
+	sc := newConn(s, c, s.connSeq.Add(1))
 	s.conns[sc] = struct{}{}
 	return sc
 }
 
-func (s *Server) connDone(sc *serverConn) {
+func (s *Server) connDone(sc *conn) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	delete(s.conns, sc)

@@ -28,7 +28,7 @@ const writeFlags = nbd.FlagSendTrim | nbd.FlagSendWriteZeroes | nbd.FlagSendFast
 
 func TestServerReadOnlyOptionBeforeWriter(t *testing.T) {
 	img := testImage(t, testSize, 1)
-	_, addr := startTestServer(t, ServerConfig{MaxWriters: 1, Busy: BusyRefuse}, img)
+	_, addr := startTestServer(t, Config{MaxWriters: 1, Busy: BusyRefuse}, img)
 
 	// The reader connects first and promises to read only.
 	reader := dialRaw(t, addr)
@@ -100,7 +100,7 @@ func TestServerReadOnlyOptionBeforeWriter(t *testing.T) {
 
 func TestServerReaderViewLive(t *testing.T) {
 	img := testImage(t, testSize, 2)
-	_, addr := startTestServer(t, ServerConfig{ReaderView: ReaderViewLive}, img)
+	_, addr := startTestServer(t, Config{ReaderView: ReaderViewLive}, img)
 	reader := dialRaw(t, addr)
 	if got := final(reader.option(nbd.OptXReadOnly, nil)); got != nbd.RepAck {
 		t.Fatalf("X_READ_ONLY: %s", got)
@@ -122,7 +122,7 @@ func TestServerReaderViewLive(t *testing.T) {
 
 func TestServerBusyReadOnly(t *testing.T) {
 	img := testImage(t, testSize, 3)
-	_, addr := startTestServer(t, ServerConfig{MaxWriters: 1}, img)
+	_, addr := startTestServer(t, Config{MaxWriters: 1}, img)
 	w1 := dialRaw(t, addr)
 	if w1.mustGo("disk").flags&nbd.FlagReadOnly != 0 {
 		t.Fatal("first writer got a read-only view")
@@ -152,7 +152,7 @@ func TestServerBusyReadOnly(t *testing.T) {
 
 func TestServerExportNames(t *testing.T) {
 	img := testImage(t, testSize, 4)
-	_, addr := startTestServer(t, ServerConfig{SnapshotLinger: time.Hour}, img)
+	_, addr := startTestServer(t, Config{SnapshotLinger: time.Hour}, img)
 	c := dialRaw(t, addr)
 	for _, tc := range []struct {
 		name     string
@@ -183,8 +183,8 @@ func TestServerExportNames(t *testing.T) {
 		if tc.canon != "" && info.name != tc.canon {
 			t.Errorf("INFO %q: name %q, want %q", tc.name, info.name, tc.canon)
 		}
-		if info.blockSize != srvBlockSize {
-			t.Errorf("INFO %q: block size %+v, want %+v", tc.name, info.blockSize, srvBlockSize)
+		if info.blockSize != advertisedBlockSize {
+			t.Errorf("INFO %q: block size %+v, want %+v", tc.name, info.blockSize, advertisedBlockSize)
 		}
 	}
 	// GO on @snapshot creates s1; a second connection joins it by name.
@@ -222,7 +222,7 @@ func TestServerMetaContextAndBlockStatus(t *testing.T) {
 		t.Skipf("file system cannot punch holes: %v", err)
 	}
 	f.Close()
-	_, addr := startTestServer(t, ServerConfig{}, path)
+	_, addr := startTestServer(t, Config{}, path)
 	c := dialRaw(t, addr)
 	mc := nbd.MetaContextRequest{Export: "disk", Queries: []string{"base:allocation"}}
 	if got := final(c.option(nbd.OptSetMetaContext, mc.Encode())); got != nbd.RepErrInvalid {
@@ -298,7 +298,7 @@ func TestServerMetaContextAndBlockStatus(t *testing.T) {
 
 func TestServerUnknownOptionAndCommand(t *testing.T) {
 	img := testImage(t, testSize, 6)
-	_, addr := startTestServer(t, ServerConfig{}, img)
+	_, addr := startTestServer(t, Config{}, img)
 	c := dialRaw(t, addr)
 	if got := final(c.option(nbd.Option(0x40000001), bytes.Repeat([]byte{1}, 1000))); got != nbd.RepErrUnsup {
 		t.Errorf("unknown option: %s, want ERR_UNSUP", got)
@@ -310,7 +310,7 @@ func TestServerUnknownOptionAndCommand(t *testing.T) {
 		t.Errorf("STARTTLS without TLS: %s, want ERR_POLICY", got)
 	}
 	// Option data above the limit is drained and refused.
-	if got := final(c.option(nbd.OptList, make([]byte, srvMaxOptionData+1))); got != nbd.RepErrTooBig {
+	if got := final(c.option(nbd.OptList, make([]byte, maxOptionData+1))); got != nbd.RepErrTooBig {
 		t.Errorf("oversize option: %s, want ERR_TOO_BIG", got)
 	}
 	c.mustGo("disk")
@@ -357,7 +357,7 @@ func TestServerUnknownOptionAndCommand(t *testing.T) {
 func TestServerHostileBytes(t *testing.T) {
 	img := testImage(t, testSize, 7)
 	before := fileHash(t, img)
-	_, addr := startTestServer(t, ServerConfig{HandshakeTimeout: 5 * time.Second}, img)
+	_, addr := startTestServer(t, Config{HandshakeTimeout: 5 * time.Second}, img)
 
 	bystander := dialRaw(t, addr)
 	bystander.mustGo("disk@live")
@@ -413,7 +413,7 @@ func TestServerHostileBytes(t *testing.T) {
 	t.Run("too many options", func(t *testing.T) {
 		c := dialRaw(t, addr)
 		var b []byte
-		for i := 0; i <= srvMaxOptions; i++ {
+		for i := 0; i <= maxOptions; i++ {
 			b = nbd.AppendOption(b, nbd.OptStructuredReply, nil)
 		}
 		go c.c.Write(b)
@@ -474,7 +474,7 @@ func TestServerTLS(t *testing.T) {
 	img := testImage(t, testSize, 8)
 	cert := selfSignedCert(t)
 	for _, mode := range []TLSMode{TLSOn, TLSRequire} {
-		cfg := ServerConfig{TLSMode: mode, TLSConfig: &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}}
+		cfg := Config{TLSMode: mode, TLSConfig: &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}}
 		_, addr := startTestServer(t, cfg, img)
 		c := dialRaw(t, addr)
 		if mode == TLSRequire {
@@ -549,7 +549,7 @@ func selfSignedCert(t testing.TB) tls.Certificate {
 
 func TestServerExportNameOption(t *testing.T) {
 	img := testImage(t, testSize, 9)
-	_, addr := startTestServer(t, ServerConfig{}, img)
+	_, addr := startTestServer(t, Config{}, img)
 	c := dialRaw(t, addr)
 	c.write(nbd.AppendOption(nil, nbd.OptXReadOnly, nil))
 	var h [nbd.OptionReplyLen]byte
@@ -574,7 +574,7 @@ func TestServerExportNameOption(t *testing.T) {
 // starts get their replies; the connection then closes.
 func TestServerShutdown(t *testing.T) {
 	img := testImage(t, testSize, 10)
-	srv, addr := startTestServer(t, ServerConfig{}, img)
+	srv, addr := startTestServer(t, Config{}, img)
 	c := dialRaw(t, addr)
 	c.mustGo("disk")
 	p := bytes.Repeat([]byte{9}, 1<<20)
@@ -637,7 +637,7 @@ func TestServerPipelined(t *testing.T) {
 	}
 	f.Close()
 	want, _ := os.ReadFile(path)
-	_, addr := startTestServer(t, ServerConfig{Workers: 4}, path)
+	_, addr := startTestServer(t, Config{Workers: 4}, path)
 	c := dialRaw(t, addr)
 	if got := final(c.option(nbd.OptStructuredReply, nil)); got != nbd.RepAck {
 		t.Fatal(got)
@@ -734,7 +734,7 @@ func TestServerPipelined(t *testing.T) {
 // rejoin; a writer's GO without the request carries no name.
 func TestServerCanonicalNameUnasked(t *testing.T) {
 	img := testImage(t, testSize, 12)
-	_, addr := startTestServer(t, ServerConfig{}, img)
+	_, addr := startTestServer(t, Config{}, img)
 	names := func(name string, promise bool) []string {
 		c := dialRaw(t, addr)
 		if promise {
@@ -764,7 +764,7 @@ func TestServerCanonicalNameUnasked(t *testing.T) {
 
 func TestServerMaxConns(t *testing.T) {
 	img := testImage(t, testSize, 13)
-	_, addr := startTestServer(t, ServerConfig{MaxConns: 1}, img)
+	_, addr := startTestServer(t, Config{MaxConns: 1}, img)
 	first := dialRaw(t, addr)
 	first.mustGo("disk@live")
 	c, err := net.Dial("tcp", addr)

@@ -88,7 +88,7 @@ func storeFileName(export string) string {
 // newSnapshot freezes the export's current data as a new snapshot with
 // one reference (the connection that asked).
 func (e *export) newSnapshot() (*snapshot, error) {
-	f, err := os.CreateTemp(e.srv.snapDir, storeFileName(e.name)+"-*.cbw")
+	f, err := os.CreateTemp(e.server.snapDir, storeFileName(e.name)+"-*.cbw")
 	if err != nil {
 		return nil, fmt.Errorf("creating a snapshot store: %w", err)
 	}
@@ -132,7 +132,7 @@ func (e *export) newSnapshot() (*snapshot, error) {
 	e.mu.Unlock()
 	e.snapMu.Unlock()
 
-	e.srv.log.Info("snapshot created", "snapshot", s.name, "store", s.storePath, "block", 1<<e.blockShift)
+	e.server.log.Info("snapshot created", "snapshot", s.name, "store", s.storePath, "block", 1<<e.blockShift)
 	return s, nil
 }
 
@@ -180,7 +180,7 @@ func (s *snapshot) unref() {
 		e.mu.Unlock()
 		return
 	}
-	linger := e.srv.cfg.SnapshotLinger
+	linger := e.server.cfg.SnapshotLinger
 	if linger < 0 || s.broken.Load() != nil {
 		e.mu.Unlock()
 		s.drop("no connection uses it")
@@ -215,7 +215,7 @@ func (s *snapshot) drop(reason string) {
 	e.publishLiveLocked()
 	e.mu.Unlock()
 	used := s.releaseStore()
-	e.srv.log.Info("snapshot dropped", "snapshot", s.name, "reason", reason, "store_bytes", used)
+	e.server.log.Info("snapshot dropped", "snapshot", s.name, "reason", reason, "store_bytes", used)
 }
 
 // breakSnapshot marks the snapshot unusable: its readers get EIO from now
@@ -229,7 +229,7 @@ func (s *snapshot) breakSnapshot(reason string) {
 	e.publishLiveLocked()
 	e.mu.Unlock()
 	s.releaseStore()
-	e.srv.log.Warn("snapshot broken: its readers now get EIO", "snapshot", s.name, "reason", reason)
+	e.server.log.Warn("snapshot broken: its readers now get EIO", "snapshot", s.name, "reason", reason)
 }
 
 // releaseStore closes and deletes the store and returns its bytes to the
@@ -244,7 +244,7 @@ func (s *snapshot) releaseStore() int64 {
 	os.Remove(s.storePath)
 	s.store = nil
 	used := s.used.Load()
-	s.exp.srv.storeUsed.Add(-used)
+	s.exp.server.storeUsed.Add(-used)
 	return used
 }
 
@@ -268,7 +268,7 @@ func (s *snapshot) setPreserved(b int64) {
 }
 
 // read is exportView.read for a snapshot.
-func (s *snapshot) read(p []byte, off int64, holes bool) ([]srvExtent, error) {
+func (s *snapshot) read(p []byte, off int64, holes bool) ([]extent, error) {
 	if err := s.check(); err != nil {
 		return nil, err
 	}
@@ -280,7 +280,7 @@ func (s *snapshot) read(p []byte, off int64, holes bool) ([]srvExtent, error) {
 	s.storeMu.RLock()
 	defer s.storeMu.RUnlock()
 
-	var ext []srvExtent
+	var ext []extent
 	err := s.walk(off, end, func(from, to int64, preserved bool) error {
 		buf := p[from-off : to-off]
 		switch {
@@ -322,7 +322,7 @@ func (s *snapshot) read(p []byte, off int64, holes bool) ([]srvExtent, error) {
 // blockStatus is exportView.blockStatus for a snapshot: preserved blocks
 // are data, the rest is the image's allocation (unchanged since the
 // snapshot's instant, under the block locks).
-func (s *snapshot) blockStatus(off, length int64, maxExtents int) ([]srvExtent, error) {
+func (s *snapshot) blockStatus(off, length int64, maxExtents int) ([]extent, error) {
 	if err := s.check(); err != nil {
 		return nil, err
 	}
@@ -331,7 +331,7 @@ func (s *snapshot) blockStatus(off, length int64, maxExtents int) ([]srvExtent, 
 	b0, b1 := off>>e.blockShift, (end-1)>>e.blockShift
 	e.locks.rlock(b0, b1)
 	defer e.locks.runlock(b0, b1)
-	var ext []srvExtent
+	var ext []extent
 	s.walk(off, end, func(from, to int64, preserved bool) error {
 		if len(ext) >= maxExtents {
 			return errStopWalk
@@ -449,7 +449,7 @@ func (e *export) copyRun(snaps []*snapshot, first, last int64) error {
 			return err
 		}
 		e.noCopyRange.Store(true)
-		e.srv.log.Info("copy-before-write copies through memory: copy_file_range cannot copy from the image to the snapshot store", "export", e.name)
+		e.server.log.Info("copy-before-write copies through memory: copy_file_range cannot copy from the image to the snapshot store", "export", e.name)
 	}
 	return e.copyRunBuffered(snaps, first, last)
 }
@@ -546,8 +546,8 @@ func (s *snapshot) saveInKernel(first, last int64, hole []bool) error {
 func (e *export) copyRunBuffered(snaps []*snapshot, first, last int64) error {
 	off := first << e.blockShift
 	end := min((last+1)<<e.blockShift, e.size)
-	buf := srvGetBuf(int(end - off))
-	defer srvPutBuf(buf)
+	buf := getBuf(int(end - off))
+	defer putBuf(buf)
 	if err := e.readImage(buf, off); err != nil {
 		err = fmt.Errorf("reading old data at offset %d: %w", off, err)
 		for _, s := range snaps {
@@ -582,8 +582,8 @@ func (e *export) cbwFailed(s *snapshot, err error) error {
 	if s.gone.Load() || s.broken.Load() != nil {
 		return nil // nobody will read it again
 	}
-	if e.srv.cfg.OnSnapshotFull == FailWriter {
-		e.srv.log.Warn("write refused to keep a snapshot whole", "snapshot", s.name, "err", err)
+	if e.server.cfg.OnSnapshotFull == FailWriter {
+		e.server.log.Warn("write refused to keep a snapshot whole", "snapshot", s.name, "err", err)
 		return fmt.Errorf("snapshot %s cannot preserve old data: %w", s.name, err)
 	}
 	s.breakSnapshot(err.Error())
@@ -641,14 +641,14 @@ func (s *snapshot) save(buf []byte, off, first, last int64, zero []bool) error {
 
 // reserve counts n more bytes against --snapshot-max. storeMu is held.
 func (s *snapshot) reserve(n int64) error {
-	srv := s.exp.srv
-	if max := srv.cfg.SnapshotMax; max > 0 {
-		if srv.storeUsed.Add(n) > max {
-			srv.storeUsed.Add(-n)
+	server := s.exp.server
+	if max := server.cfg.SnapshotMax; max > 0 {
+		if server.storeUsed.Add(n) > max {
+			server.storeUsed.Add(-n)
 			return fmt.Errorf("snapshot stores are full (--snapshot-max %d bytes): %w", max, nbd.ENOSPC)
 		}
 	} else {
-		srv.storeUsed.Add(n)
+		server.storeUsed.Add(n)
 	}
 	s.used.Add(n)
 	return nil
@@ -656,7 +656,7 @@ func (s *snapshot) reserve(n int64) error {
 
 // unreserve gives back a reservation whose copy failed.
 func (s *snapshot) unreserve(n int64) {
-	s.exp.srv.storeUsed.Add(-n)
+	s.exp.server.storeUsed.Add(-n)
 	s.used.Add(-n)
 }
 

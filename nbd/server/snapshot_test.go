@@ -15,7 +15,7 @@ import (
 
 // newTestExport makes a server (not listening) over one image and returns
 // it with the export.
-func newTestExport(t testing.TB, cfg ServerConfig, size int64) (*Server, *export, string) {
+func newTestExport(t testing.TB, cfg Config, size int64) (*Server, *export, string) {
 	t.Helper()
 	img := testImage(t, size, 42)
 	cfg.Exports = []ExportConfig{{Name: "disk", Path: img}}
@@ -23,7 +23,7 @@ func newTestExport(t testing.TB, cfg ServerConfig, size int64) (*Server, *export
 		cfg.SnapshotDir = t.TempDir()
 	}
 	cfg.Logger = testLogger(t)
-	srv, err := NewServer(cfg)
+	srv, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -70,7 +70,7 @@ func readView(t testing.TB, v *exportView, off, n int64, holes bool) []byte {
 func TestSnapshotFrozenAtItsInstant(t *testing.T) {
 	copyModes(t, func(t *testing.T, buffered bool) {
 		const size = 1<<20 + 1000 // not a multiple of the block size
-		srv, e, img := newTestExport(t, ServerConfig{SnapshotBlock: 4096, SnapshotLinger: time.Hour}, size)
+		srv, e, img := newTestExport(t, Config{SnapshotBlock: 4096, SnapshotLinger: time.Hour}, size)
 		e.noCopyRange.Store(buffered)
 		orig, _ := os.ReadFile(img)
 		w := mustView(t, srv, "disk", false)
@@ -138,7 +138,7 @@ func TestSnapshotFrozenAtItsInstant(t *testing.T) {
 		if total != size {
 			t.Errorf("block status covers %d bytes, want %d", total, size)
 		}
-		if e.srv.storeUsed.Load() == 0 {
+		if e.server.storeUsed.Load() == 0 {
 			t.Error("no bytes counted in the snapshot stores")
 		}
 		if !buffered && e.noCopyRange.Load() {
@@ -152,7 +152,7 @@ func TestSnapshotFrozenAtItsInstant(t *testing.T) {
 
 func TestSnapshotZeroBlocksTakeNoSpace(t *testing.T) {
 	copyModes(t, func(t *testing.T, buffered bool) {
-		srv, e, img := newTestExport(t, ServerConfig{SnapshotLinger: -1}, 1<<20)
+		srv, e, img := newTestExport(t, Config{SnapshotLinger: -1}, 1<<20)
 		e.noCopyRange.Store(buffered)
 		f, _ := os.OpenFile(img, os.O_RDWR, 0)
 		if err := exportFallocate(f, fallocPunchHole|fallocKeepSize, 0, 512<<10); err != nil {
@@ -187,7 +187,7 @@ func TestSnapshotZeroBlocksTakeNoSpace(t *testing.T) {
 func TestSnapshotNoTornReads(t *testing.T) {
 	copyModes(t, func(t *testing.T, buffered bool) {
 		const size = 2 << 20
-		srv, _, img := newTestExport(t, ServerConfig{SnapshotBlock: 4096, SnapshotLinger: time.Hour}, size)
+		srv, _, img := newTestExport(t, Config{SnapshotBlock: 4096, SnapshotLinger: time.Hour}, size)
 		srv.exports[0].noCopyRange.Store(buffered)
 		orig, _ := os.ReadFile(img)
 		w := mustView(t, srv, "disk", false)
@@ -255,7 +255,7 @@ func TestSnapshotNoTornReads(t *testing.T) {
 
 func TestSnapshotStoreFullBreaksSnapshot(t *testing.T) {
 	copyModes(t, func(t *testing.T, buffered bool) {
-		srv, _, img := newTestExport(t, ServerConfig{SnapshotMax: 256 << 10, SnapshotLinger: time.Hour}, 1<<20)
+		srv, _, img := newTestExport(t, Config{SnapshotMax: 256 << 10, SnapshotLinger: time.Hour}, 1<<20)
 		srv.exports[0].noCopyRange.Store(buffered)
 		w := mustView(t, srv, "disk", false)
 		s := mustView(t, srv, "disk@snapshot", false)
@@ -293,7 +293,7 @@ func TestSnapshotStoreFullBreaksSnapshot(t *testing.T) {
 
 func TestSnapshotStoreFullFailsWriter(t *testing.T) {
 	copyModes(t, func(t *testing.T, buffered bool) {
-		srv, _, img := newTestExport(t, ServerConfig{SnapshotMax: 256 << 10, OnSnapshotFull: FailWriter, SnapshotLinger: time.Hour}, 1<<20)
+		srv, _, img := newTestExport(t, Config{SnapshotMax: 256 << 10, OnSnapshotFull: FailWriter, SnapshotLinger: time.Hour}, 1<<20)
 		srv.exports[0].noCopyRange.Store(buffered)
 		orig, _ := os.ReadFile(img)
 		w := mustView(t, srv, "disk", false)
@@ -320,7 +320,7 @@ func TestSnapshotStoreFullFailsWriter(t *testing.T) {
 }
 
 func TestSnapshotLingerThenDrop(t *testing.T) {
-	srv, e, _ := newTestExport(t, ServerConfig{SnapshotLinger: 20 * time.Millisecond}, 1<<20)
+	srv, e, _ := newTestExport(t, Config{SnapshotLinger: 20 * time.Millisecond}, 1<<20)
 	s := mustView(t, srv, "disk@snapshot", false)
 	j := mustView(t, srv, "disk@s1", false)
 	s.release()
@@ -353,7 +353,7 @@ func TestSnapshotLingerThenDrop(t *testing.T) {
 }
 
 func TestSnapshotJoinDuringLingerKeepsIt(t *testing.T) {
-	srv, _, _ := newTestExport(t, ServerConfig{SnapshotLinger: time.Hour}, 1<<20)
+	srv, _, _ := newTestExport(t, Config{SnapshotLinger: time.Hour}, 1<<20)
 	s := mustView(t, srv, "disk@snapshot", false)
 	s.release()
 	j := mustView(t, srv, "disk@s1", false)
@@ -417,7 +417,7 @@ func TestImageExtents(t *testing.T) {
 		t.Skipf("cannot punch holes: %v", err)
 	}
 	got := imageExtents(f, 512<<10, 3<<20, nil, 10)
-	want := []srvExtent{{512 << 10, 512 << 10, false}, {1 << 20, 1 << 20, true}, {2 << 20, 1 << 20, false}}
+	want := []extent{{512 << 10, 512 << 10, false}, {1 << 20, 1 << 20, true}, {2 << 20, 1 << 20, false}}
 	if fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Errorf("imageExtents = %v, want %v", got, want)
 	}
@@ -428,21 +428,21 @@ func TestImageExtents(t *testing.T) {
 	}
 }
 
-func TestServerConfigErrors(t *testing.T) {
+func TestConfigErrors(t *testing.T) {
 	img := testImage(t, 1<<20, 1)
 	for _, tc := range []struct {
 		name string
-		cfg  ServerConfig
+		cfg  Config
 	}{
-		{"no exports", ServerConfig{}},
-		{"bad block", ServerConfig{Exports: []ExportConfig{{Name: "d", Path: img}}, SnapshotBlock: 5000}},
-		{"at in name", ServerConfig{Exports: []ExportConfig{{Name: "d@x", Path: img}}}},
-		{"duplicate", ServerConfig{Exports: []ExportConfig{{Name: "d", Path: img}, {Name: "d", Path: img}}}},
-		{"missing image", ServerConfig{Exports: []ExportConfig{{Name: "d", Path: img + ".nope"}}}},
-		{"tls without cert", ServerConfig{Exports: []ExportConfig{{Name: "d", Path: img}}, TLSMode: TLSOn}},
+		{"no exports", Config{}},
+		{"bad block", Config{Exports: []ExportConfig{{Name: "d", Path: img}}, SnapshotBlock: 5000}},
+		{"at in name", Config{Exports: []ExportConfig{{Name: "d@x", Path: img}}}},
+		{"duplicate", Config{Exports: []ExportConfig{{Name: "d", Path: img}, {Name: "d", Path: img}}}},
+		{"missing image", Config{Exports: []ExportConfig{{Name: "d", Path: img + ".nope"}}}},
+		{"tls without cert", Config{Exports: []ExportConfig{{Name: "d", Path: img}}, TLSMode: TLSOn}},
 	} {
-		if _, err := NewServer(tc.cfg); err == nil {
-			t.Errorf("%s: NewServer succeeded", tc.name)
+		if _, err := New(tc.cfg); err == nil {
+			t.Errorf("%s: New succeeded", tc.name)
 		} else if !errors.Is(err, os.ErrNotExist) && tc.name == "missing image" {
 			t.Errorf("%s: %v, want a not-exist error", tc.name, err)
 		}

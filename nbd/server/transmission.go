@@ -20,8 +20,8 @@ import (
 	"snapmount/nbd"
 )
 
-// srvReply is one complete reply, ready for the writer.
-type srvReply struct {
+// reply is one complete reply, ready for the writer.
+type reply struct {
 	bufs net.Buffers // header(s) and payload, in wire order
 	buf  []byte      // pooled payload buffer to give back once written
 	cost int64       // in-flight budget to give back once written
@@ -29,30 +29,30 @@ type srvReply struct {
 	// A READ of cached live data is sent from the image with sendfile:
 	// then pieces replace bufs.
 	file   *os.File
-	pieces []srvPiece
+	pieces []piece
 }
 
-// srvPiece is part of a reply: bytes, or (b == nil) n bytes of the
+// piece is part of a reply: bytes, or (b == nil) n bytes of the
 // reply's file at off.
-type srvPiece struct {
+type piece struct {
 	b      []byte
 	off, n int64
 }
 
-// srvBudget is a counting semaphore of payload bytes.
-type srvBudget struct {
+// byteBudget is a counting semaphore of payload bytes.
+type byteBudget struct {
 	mu    sync.Mutex
 	cond  sync.Cond
 	avail int64
 }
 
-func newSrvBudget(n int64) *srvBudget {
-	b := &srvBudget{avail: n}
+func newByteBudget(n int64) *byteBudget {
+	b := &byteBudget{avail: n}
 	b.cond.L = &b.mu
 	return b
 }
 
-func (b *srvBudget) acquire(n int64) {
+func (b *byteBudget) acquire(n int64) {
 	b.mu.Lock()
 	for b.avail < n {
 		b.cond.Wait()
@@ -61,7 +61,7 @@ func (b *srvBudget) acquire(n int64) {
 	b.mu.Unlock()
 }
 
-func (b *srvBudget) release(n int64) {
+func (b *byteBudget) release(n int64) {
 	b.mu.Lock()
 	b.avail += n
 	b.cond.Broadcast()
@@ -71,11 +71,11 @@ func (b *srvBudget) release(n int64) {
 // transmit serves requests until DISC, EOF, a protocol violation or
 // shutdown, then waits for the handlers and the writer. It returns the
 // number of requests and why the connection ended (nil for DISC).
-func (c *serverConn) transmit() (int, error) {
-	workers := c.srv.cfg.Workers
+func (c *conn) transmit() (int, error) {
+	workers := c.server.cfg.Workers
 	slots := make(chan struct{}, workers) // a slot is held from request header to written reply
-	budget := newSrvBudget(srvMaxInFlightBytes)
-	w := &srvReplyWriter{c: c, slots: slots, budget: budget}
+	budget := newByteBudget(maxInFlightBytes)
+	w := &replyWriter{c: c, slots: slots, budget: budget}
 
 	// Small: it batches request headers; WRITE payloads mostly bypass it
 	// (a bigger buffer only copies more of each payload twice).
@@ -109,9 +109,9 @@ func (c *serverConn) transmit() (int, error) {
 			budget.acquire(cost)
 		}
 		if req.Type == nbd.CmdWrite && req.Length > 0 {
-			payload = srvGetBuf(int(req.Length))
+			payload = getBuf(int(req.Length))
 			if err := c.readRequestBytes(br, payload); err != nil {
-				srvPutBuf(payload)
+				putBuf(payload)
 				budget.release(cost)
 				<-slots
 				reason = c.readEnded(err)
@@ -134,28 +134,28 @@ func (c *serverConn) transmit() (int, error) {
 	handlers.Wait() // every reply is written once its handler is done
 	// After DISC every request was read, so closing at once resets
 	// nothing; a shutdown may leave requests unread.
-	if c.srv.inShut.Load() {
+	if c.server.inShut.Load() {
 		c.closeGracefully()
 	}
 	return n, reason
 }
 
-// srvShutdownGrace bounds how long shutdown waits for a request already
+// shutdownGrace bounds how long shutdown waits for a request already
 // begun to arrive whole, and for the client to read its last replies.
-const srvShutdownGrace = 5 * time.Second
+const shutdownGrace = 5 * time.Second
 
-// srvDrainGrace bounds how long a closing connection waits for the client
+// drainGrace bounds how long a closing connection waits for the client
 // to hang up after the server's FIN.
-const srvDrainGrace = 2 * time.Second
+const drainGrace = 2 * time.Second
 
 // readRequestBytes reads a request header or payload. A shutdown stops
 // the reader with an expired read deadline; a request of which some bytes
-// already arrived still gets srvShutdownGrace to arrive whole.
-func (c *serverConn) readRequestBytes(br *bufio.Reader, p []byte) error {
+// already arrived still gets shutdownGrace to arrive whole.
+func (c *conn) readRequestBytes(br *bufio.Reader, p []byte) error {
 	n, err := io.ReadFull(br, p)
 	var ne net.Error
-	if err != nil && n > 0 && errors.As(err, &ne) && ne.Timeout() && c.srv.inShut.Load() {
-		c.raw.SetReadDeadline(time.Now().Add(srvShutdownGrace))
+	if err != nil && n > 0 && errors.As(err, &ne) && ne.Timeout() && c.server.inShut.Load() {
+		c.raw.SetReadDeadline(time.Now().Add(shutdownGrace))
 		_, err = io.ReadFull(br, p[n:])
 		c.raw.SetReadDeadline(time.Now())
 	}
@@ -166,21 +166,21 @@ func (c *serverConn) readRequestBytes(br *bufio.Reader, p []byte) error {
 // client still sends until it hangs up, so that closing with unread bytes
 // (requests that came too late) does not reset the connection and
 // destroy replies the client has not read yet.
-func (c *serverConn) closeGracefully() {
+func (c *conn) closeGracefully() {
 	cw, ok := c.conn.(interface{ CloseWrite() error })
 	if !ok || cw.CloseWrite() != nil {
 		return
 	}
 	// Clients that read replies all the time (libnbd, qemu, snapmount
 	// mount) see the FIN and hang up at once; a silent one is cut off.
-	c.raw.SetReadDeadline(time.Now().Add(srvDrainGrace))
+	c.raw.SetReadDeadline(time.Now().Add(drainGrace))
 	io.Copy(io.Discard, io.LimitReader(c.conn, 2*nbd.MaxPayload))
 }
 
 // readEnded explains why reading a request failed.
-func (c *serverConn) readEnded(err error) error {
+func (c *conn) readEnded(err error) error {
 	switch {
-	case c.srv.inShut.Load():
+	case c.server.inShut.Load():
 		return errors.New("server shutting down")
 	case errors.Is(err, io.EOF):
 		return errors.New("client hung up without NBD_CMD_DISC")
@@ -190,22 +190,22 @@ func (c *serverConn) readEnded(err error) error {
 	return err
 }
 
-// srvReplyWriter serialises replies onto the connection. A handler with a
+// replyWriter serialises replies onto the connection. A handler with a
 // finished reply queues it and, if no other handler is writing, becomes
 // the writer: it sends everything queued (one writev) until the queue is
 // empty. So a reply goes out without a hop to another goroutine, replies
 // that pile up while one writev runs leave together, and only one
 // goroutine writes at a time. After a write error it closes the
 // connection (which stops the reader) and only gives back resources.
-type srvReplyWriter struct {
-	c      *serverConn
+type replyWriter struct {
+	c      *conn
 	slots  <-chan struct{}
-	budget *srvBudget
+	budget *byteBudget
 
 	writing sync.Mutex // held by the goroutine that writes
 
 	mu     sync.Mutex // protects following
-	queue  []*srvReply
+	queue  []*reply
 	failed bool
 }
 
@@ -217,7 +217,7 @@ type srvReplyWriter struct {
 // and takes over again if anything arrived meanwhile. (Looking only
 // before unlocking lost replies queued in between, and a client waiting
 // for one hung: found with nbdfuse and fio, 4 jobs of O_DIRECT reads.)
-func (w *srvReplyWriter) send(r *srvReply) {
+func (w *replyWriter) send(r *reply) {
 	w.mu.Lock()
 	w.queue = append(w.queue, r)
 	w.mu.Unlock()
@@ -239,7 +239,7 @@ func (w *srvReplyWriter) send(r *srvReply) {
 			}
 			for _, r := range batch {
 				if r.buf != nil {
-					srvPutBuf(r.buf)
+					putBuf(r.buf)
 				}
 				w.budget.release(r.cost)
 				<-w.slots
@@ -262,7 +262,7 @@ var testHookWriterUnlocking = func() {}
 
 // write sends a batch of replies: bytes with writev, file data with
 // sendfile in between.
-func (w *srvReplyWriter) write(batch []*srvReply) error {
+func (w *replyWriter) write(batch []*reply) error {
 	var bufs net.Buffers
 	flush := func() error {
 		_, err := bufs.WriteTo(w.c.conn)
@@ -282,7 +282,7 @@ func (w *srvReplyWriter) write(batch []*srvReply) error {
 			if err := flush(); err != nil {
 				return err
 			}
-			sent, err := srvSendfile(w.c.sendfile, r.file, p.off, p.n)
+			sent, err := sendfile(w.c.sendfile, r.file, p.off, p.n)
 			if err != nil {
 				// The header has gone out; the data cannot follow.
 				return fmt.Errorf("sendfile of %d bytes at %d: %w", p.n, p.off, err)
@@ -300,7 +300,7 @@ func (w *srvReplyWriter) write(batch []*srvReply) error {
 // ---- request handling ----
 
 // flags each command accepts (more are refused with EINVAL).
-func (c *serverConn) allowedFlags(t nbd.Cmd) nbd.CmdFlags {
+func (c *conn) allowedFlags(t nbd.Cmd) nbd.CmdFlags {
 	var f nbd.CmdFlags = nbd.CmdFlagFUA // proto.md: FUA is valid on any command
 	switch t {
 	case nbd.CmdRead:
@@ -317,7 +317,7 @@ func (c *serverConn) allowedFlags(t nbd.Cmd) nbd.CmdFlags {
 
 // handle runs one request and returns its reply. It never fails: errors
 // become error replies.
-func (c *serverConn) handle(req nbd.Request, payload []byte) *srvReply {
+func (c *conn) handle(req nbd.Request, payload []byte) *reply {
 	v := c.view
 	size := v.exp.size
 	off, length := int64(req.Offset), int64(req.Length)
@@ -326,7 +326,7 @@ func (c *serverConn) handle(req nbd.Request, payload []byte) *srvReply {
 
 	if bad := req.Flags &^ c.allowedFlags(req.Type); bad != 0 {
 		if payload != nil {
-			srvPutBuf(payload)
+			putBuf(payload)
 		}
 		return c.errorReply(req, fmt.Errorf("flags %#x are not valid for %s: %w", uint16(bad), req.Type, nbd.EINVAL))
 	}
@@ -336,7 +336,7 @@ func (c *serverConn) handle(req nbd.Request, payload []byte) *srvReply {
 	case nbd.CmdWrite:
 		defer func() {
 			if payload != nil {
-				srvPutBuf(payload)
+				putBuf(payload)
 			}
 		}()
 		switch {
@@ -390,7 +390,7 @@ func (c *serverConn) handle(req nbd.Request, payload []byte) *srvReply {
 // and a plain WRITE into the page cache while no snapshot needs
 // copy-before-write. FUA writes, snapshot I/O and uncached reads go to the
 // handlers, which run in parallel.
-func (c *serverConn) handleInline(req nbd.Request, payload []byte) *srvReply {
+func (c *conn) handleInline(req nbd.Request, payload []byte) *reply {
 	v := c.view
 	off, length := int64(req.Offset), int64(req.Length)
 	if req.Flags&^c.allowedFlags(req.Type) != 0 || req.Offset > uint64(v.exp.size) || length > v.exp.size-off || length == 0 {
@@ -413,7 +413,7 @@ func (c *serverConn) handleInline(req nbd.Request, payload []byte) *srvReply {
 
 var errReadOnlyView = fmt.Errorf("this connection is read-only: %w", nbd.EPERM)
 
-func (c *serverConn) handleRead(req nbd.Request, inRange bool) *srvReply {
+func (c *conn) handleRead(req nbd.Request, inRange bool) *reply {
 	off, length := int64(req.Offset), int64(req.Length)
 	switch {
 	case length > nbd.MaxPayload:
@@ -427,34 +427,34 @@ func (c *serverConn) handleRead(req nbd.Request, inRange bool) *srvReply {
 	if r := c.sendfileRead(req, holes); r != nil {
 		return r
 	}
-	buf := srvGetBuf(int(length))
+	buf := getBuf(int(length))
 	ext, err := c.view.read(buf, off, holes)
 	if err != nil {
-		srvPutBuf(buf)
+		putBuf(buf)
 		return c.errorReply(req, err)
 	}
-	r := &srvReply{buf: buf}
+	r := &reply{buf: buf}
 	if !c.structured {
 		r.bufs = net.Buffers{nbd.AppendSimpleReply(make([]byte, 0, nbd.SimpleReplyLen), 0, req.Cookie), buf}
 		return r
 	}
 	if len(ext) == 0 {
-		ext = []srvExtent{{off: off, length: length}}
+		ext = []extent{{off: off, length: length}}
 	}
 	r.bufs = make(net.Buffers, 0, 2*len(ext))
-	srvReadChunks(req.Cookie, ext,
+	readChunks(req.Cookie, ext,
 		func(h []byte) { r.bufs = append(r.bufs, h) },
-		func(x srvExtent) { r.bufs = append(r.bufs, buf[x.off-off:x.off-off+x.length]) })
+		func(x extent) { r.bufs = append(r.bufs, buf[x.off-off:x.off-off+x.length]) })
 	return r
 }
 
-// srvReadChunks lays out the structured reply to a READ whose range
+// readChunks lays out the structured reply to a READ whose range
 // splits into ext: per extent an OFFSET_HOLE chunk, or an OFFSET_DATA
 // chunk header followed by the extent's data, which data places (bytes in
 // memory, or a file range for sendfile). The last chunk carries
 // NBD_REPLY_FLAG_DONE. Headers go into one slice sized up front, so the
 // slices of it handed to header stay valid.
-func srvReadChunks(cookie uint64, ext []srvExtent, header func([]byte), data func(srvExtent)) {
+func readChunks(cookie uint64, ext []extent, header func([]byte), data func(extent)) {
 	hdr := make([]byte, 0, len(ext)*(nbd.ChunkHeaderLen+12))
 	for i, x := range ext {
 		var flags uint16
@@ -476,41 +476,41 @@ func srvReadChunks(cookie uint64, ext []srvExtent, header func([]byte), data fun
 	}
 }
 
-// srvSendfileMin is the smallest READ sent with sendfile: below it a copy
+// sendfileMin is the smallest READ sent with sendfile: below it a copy
 // through the process costs less than the extra system calls.
-const srvSendfileMin = 32 << 10
+const sendfileMin = 32 << 10
 
 // sendfileRead builds the reply to a READ of live data that is all in the
 // page cache, to be sent with sendfile. It returns nil when the READ must
 // take the ordinary path: snapshots (read under block locks), TLS, small
 // or uncached ranges (read in parallel by the handlers rather than by the
 // one writer).
-func (c *serverConn) sendfileRead(req nbd.Request, holes bool) *srvReply {
+func (c *conn) sendfileRead(req nbd.Request, holes bool) *reply {
 	v := c.view
 	off, length := int64(req.Offset), int64(req.Length)
-	if v.snap != nil || c.sendfile == nil || length < srvSendfileMin || !exportResident(v.exp.mapping, off, length) {
+	if v.snap != nil || c.sendfile == nil || length < sendfileMin || !exportResident(v.exp.mapping, off, length) {
 		return nil
 	}
-	r := &srvReply{file: v.exp.file}
+	r := &reply{file: v.exp.file}
 	if !c.structured {
-		r.pieces = []srvPiece{{b: nbd.AppendSimpleReply(nil, 0, req.Cookie)}, {off: off, n: length}}
+		r.pieces = []piece{{b: nbd.AppendSimpleReply(nil, 0, req.Cookie)}, {off: off, n: length}}
 		return r
 	}
-	ext := []srvExtent{{off: off, length: length}}
+	ext := []extent{{off: off, length: length}}
 	if holes {
-		ext = imageExtents(v.exp.file, off, off+length, make([]srvExtent, 0, 4), maxReadExtents)
+		ext = imageExtents(v.exp.file, off, off+length, make([]extent, 0, 4), maxReadExtents)
 	}
-	r.pieces = make([]srvPiece, 0, 2*len(ext))
-	srvReadChunks(req.Cookie, ext,
-		func(h []byte) { r.pieces = append(r.pieces, srvPiece{b: h}) },
-		func(x srvExtent) { r.pieces = append(r.pieces, srvPiece{off: x.off, n: x.length}) })
+	r.pieces = make([]piece, 0, 2*len(ext))
+	readChunks(req.Cookie, ext,
+		func(h []byte) { r.pieces = append(r.pieces, piece{b: h}) },
+		func(x extent) { r.pieces = append(r.pieces, piece{off: x.off, n: x.length}) })
 	return r
 }
 
-// srvMaxStatusExtents bounds the extents of one BLOCK_STATUS reply.
-const srvMaxStatusExtents = 2048
+// maxStatusExtents bounds the extents of one BLOCK_STATUS reply.
+const maxStatusExtents = 2048
 
-func (c *serverConn) handleBlockStatus(req nbd.Request, inRange bool) *srvReply {
+func (c *conn) handleBlockStatus(req nbd.Request, inRange bool) *reply {
 	off, length := int64(req.Offset), int64(req.Length)
 	switch {
 	case !c.structured || !c.metaAlloc:
@@ -518,7 +518,7 @@ func (c *serverConn) handleBlockStatus(req nbd.Request, inRange bool) *srvReply 
 	case length == 0 || !inRange:
 		return c.errorReply(req, fmt.Errorf("block status of %d bytes at offset %d is outside the export: %w", length, off, nbd.EINVAL))
 	}
-	maxExt := srvMaxStatusExtents
+	maxExt := maxStatusExtents
 	if req.Flags&nbd.CmdFlagReqOne != 0 {
 		maxExt = 1
 	}
@@ -539,24 +539,24 @@ func (c *serverConn) handleBlockStatus(req nbd.Request, inRange bool) *srvReply 
 	}
 	payload := nbd.AppendBlockStatusPayload(nil, 1, wire)
 	b := nbd.AppendChunkHeader(make([]byte, 0, nbd.ChunkHeaderLen+len(payload)), nbd.ReplyFlagDone, nbd.ChunkBlockStatus, req.Cookie, uint32(len(payload)))
-	return &srvReply{bufs: net.Buffers{append(b, payload...)}}
+	return &reply{bufs: net.Buffers{append(b, payload...)}}
 }
 
 // result is the reply to a command without reply payload.
-func (c *serverConn) result(req nbd.Request, err error) *srvReply {
+func (c *conn) result(req nbd.Request, err error) *reply {
 	if err != nil {
 		return c.errorReply(req, err)
 	}
 	if c.structured && req.Type == nbd.CmdRead {
 		b := nbd.AppendChunkHeader(nil, nbd.ReplyFlagDone, nbd.ChunkNone, req.Cookie, 0)
-		return &srvReply{bufs: net.Buffers{b}}
+		return &reply{bufs: net.Buffers{b}}
 	}
-	return &srvReply{bufs: net.Buffers{nbd.AppendSimpleReply(nil, 0, req.Cookie)}}
+	return &reply{bufs: net.Buffers{nbd.AppendSimpleReply(nil, 0, req.Cookie)}}
 }
 
 // errorReply reports err for one request: an ERROR chunk with a message
 // for READ and BLOCK_STATUS under structured replies, else a simple reply.
-func (c *serverConn) errorReply(req nbd.Request, err error) *srvReply {
+func (c *conn) errorReply(req nbd.Request, err error) *reply {
 	errno := nbd.ErrnoOf(err)
 	if errno == nbd.EIO || errors.Is(err, os.ErrClosed) {
 		c.log.Warn("request failed", "cmd", req.Type, "offset", req.Offset, "length", req.Length, "err", err)
@@ -567,7 +567,7 @@ func (c *serverConn) errorReply(req nbd.Request, err error) *srvReply {
 	if c.structured && (req.Type == nbd.CmdRead || req.Type == nbd.CmdBlockStatus) {
 		p := nbd.AppendErrorChunkPayload(nil, errno, err.Error(), -1)
 		b := nbd.AppendChunkHeader(make([]byte, 0, nbd.ChunkHeaderLen+len(p)), nbd.ReplyFlagDone, nbd.ChunkError, req.Cookie, uint32(len(p)))
-		return &srvReply{bufs: net.Buffers{append(b, p...)}}
+		return &reply{bufs: net.Buffers{append(b, p...)}}
 	}
-	return &srvReply{bufs: net.Buffers{nbd.AppendSimpleReply(nil, errno, req.Cookie)}}
+	return &reply{bufs: net.Buffers{nbd.AppendSimpleReply(nil, errno, req.Cookie)}}
 }

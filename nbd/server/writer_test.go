@@ -37,11 +37,11 @@ func socketPair(t testing.TB) (net.Conn, net.Conn) {
 // must still be written. Losing it left clients waiting for ever.
 func TestReplyWriterTakesReplyQueuedWhileUnlocking(t *testing.T) {
 	srvEnd, cliEnd := socketPair(t)
-	c := &serverConn{raw: srvEnd, conn: srvEnd, log: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	c := &conn{raw: srvEnd, conn: srvEnd, log: slog.New(slog.NewTextHandler(io.Discard, nil))}
 	slots := make(chan struct{}, 2)
-	w := &srvReplyWriter{c: c, slots: slots, budget: newSrvBudget(1 << 20)}
+	w := &replyWriter{c: c, slots: slots, budget: newByteBudget(1 << 20)}
 
-	late := &srvReply{bufs: [][]byte{[]byte("second")}}
+	late := &reply{bufs: [][]byte{[]byte("second")}}
 	injected := false
 	testHookWriterUnlocking = func() {
 		if injected {
@@ -61,7 +61,7 @@ func TestReplyWriterTakesReplyQueuedWhileUnlocking(t *testing.T) {
 	defer func() { testHookWriterUnlocking = func() {} }()
 
 	slots <- struct{}{}
-	w.send(&srvReply{bufs: [][]byte{[]byte("first.")}})
+	w.send(&reply{bufs: [][]byte{[]byte("first.")}})
 	srvEnd.Close()
 	got, _ := io.ReadAll(cliEnd)
 	if string(got) != "first.second" {
