@@ -69,7 +69,7 @@ func Greet(conn net.Conn) (*Negotiator, error) {
 		n.noZeroes = true
 		cf |= ClientNoZeroes
 	}
-	if _, err := conn.Write(be.AppendUint32(nil, uint32(cf))); err != nil {
+	if _, err := conn.Write(AppendClientFlags(nil, cf)); err != nil {
 		return nil, fmt.Errorf("nbd: sending client flags: %w", err)
 	}
 	return n, nil

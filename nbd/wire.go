@@ -40,6 +40,14 @@ func AppendGreeting(b []byte, flags HandshakeFlags) []byte {
 	return be.AppendUint16(b, uint16(flags))
 }
 
+// AppendClientFlags encodes the client's answer to the greeting.
+func AppendClientFlags(b []byte, flags ClientFlags) []byte {
+	return be.AppendUint32(b, uint32(flags))
+}
+
+// ParseClientFlags decodes the 4-byte answer to the greeting.
+func ParseClientFlags(b []byte) ClientFlags { return ClientFlags(be.Uint32(b)) }
+
 // ---- Handshake: option requests ----
 
 // AppendOption encodes one option request with its data.
@@ -302,6 +310,17 @@ func ParseMetaContextReply(data []byte) (uint32, string, error) {
 	return be.Uint32(data), string(data[4:]), nil
 }
 
+// AppendExportNameReply encodes the reply to NBD_OPT_EXPORT_NAME: the size
+// and flags, then the zero padding unless the client asked for NO_ZEROES.
+func AppendExportNameReply(b []byte, size uint64, flags TransmissionFlags, noZeroes bool) []byte {
+	b = be.AppendUint64(b, size)
+	b = be.AppendUint16(b, uint16(flags))
+	if !noZeroes {
+		b = append(b, make([]byte, ExportNamePadLen)...)
+	}
+	return b
+}
+
 // ParseExportNameReply decodes the reply to NBD_OPT_EXPORT_NAME (without
 // the optional padding).
 func ParseExportNameReply(b []byte) (uint64, TransmissionFlags) {
@@ -374,6 +393,21 @@ func AppendChunkHeader(b []byte, flags uint16, typ ChunkType, cookie uint64, len
 	b = be.AppendUint16(b, uint16(typ))
 	b = be.AppendUint64(b, cookie)
 	return be.AppendUint32(b, length)
+}
+
+// AppendHoleChunk encodes a whole OFFSET_HOLE chunk: length bytes of zeros
+// at off.
+func AppendHoleChunk(b []byte, flags uint16, cookie, off uint64, length uint32) []byte {
+	b = AppendChunkHeader(b, flags, ChunkOffsetHole, cookie, 12)
+	b = be.AppendUint64(b, off)
+	return be.AppendUint32(b, length)
+}
+
+// AppendDataChunkHeader encodes the header and offset of an OFFSET_DATA
+// chunk; its length bytes of data follow.
+func AppendDataChunkHeader(b []byte, flags uint16, cookie, off uint64, length uint32) []byte {
+	b = AppendChunkHeader(b, flags, ChunkOffsetData, cookie, 8+length)
+	return be.AppendUint64(b, off)
 }
 
 // ReadReplyHeader reads a simple reply (16 bytes) or a chunk header (20

@@ -271,3 +271,35 @@ func TestScatter(t *testing.T) {
 		t.Fatalf("overrun: %v", err)
 	}
 }
+
+// The server's side of the greeting, EXPORT_NAME and READ chunks decodes
+// back to what was encoded.
+func TestServerMessagesRoundTrip(t *testing.T) {
+	if got := ParseClientFlags(AppendClientFlags(nil, ClientFixedNewstyle|ClientNoZeroes)); got != ClientFixedNewstyle|ClientNoZeroes {
+		t.Errorf("client flags round trip: %#x", got)
+	}
+	for _, noZeroes := range []bool{true, false} {
+		b := AppendExportNameReply(nil, 1<<40, FlagHasFlags|FlagReadOnly, noZeroes)
+		want := ExportNameReplyLen
+		if !noZeroes {
+			want += ExportNamePadLen
+		}
+		size, flags := ParseExportNameReply(b)
+		if len(b) != want || size != 1<<40 || flags != FlagHasFlags|FlagReadOnly || !AllZero(b[ExportNameReplyLen:]) {
+			t.Errorf("EXPORT_NAME reply (NO_ZEROES %v): %d bytes, size %d, flags %s", noZeroes, len(b), size, flags)
+		}
+	}
+	var buf [ChunkHeaderLen]byte
+	hole := AppendHoleChunk(nil, ReplyFlagDone, 7, 4096, 512)
+	h, err := ReadReplyHeader(bytes.NewReader(hole), &buf)
+	if err != nil || h.Type != ChunkOffsetHole || h.Cookie != 7 || h.Flags != ReplyFlagDone || h.Length != 12 || len(hole) != ChunkHeaderLen+12 ||
+		be.Uint64(hole[ChunkHeaderLen:]) != 4096 || be.Uint32(hole[ChunkHeaderLen+8:]) != 512 {
+		t.Errorf("hole chunk %x: %+v, %v", hole, h, err)
+	}
+	data := AppendDataChunkHeader(nil, 0, 8, 8192, 1000)
+	h, err = ReadReplyHeader(bytes.NewReader(data), &buf)
+	if err != nil || h.Type != ChunkOffsetData || h.Cookie != 8 || h.Flags != 0 || h.Length != 1008 || len(data) != ChunkHeaderLen+8 ||
+		be.Uint64(data[ChunkHeaderLen:]) != 8192 {
+		t.Errorf("data chunk header %x: %+v, %v", data, h, err)
+	}
+}

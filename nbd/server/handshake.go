@@ -4,9 +4,6 @@ package server
 // transmission phase in transmission.go.
 
 import (
-	"encoding/binary"
-	"snapmount/nbd"
-
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -16,6 +13,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"snapmount/nbd"
 )
 
 // Limits on what a client may send before it picks an export.
@@ -86,9 +85,6 @@ func (c *conn) close() { c.raw.Close() }
 
 // errAbort ends a handshake that the client ended politely.
 var errAbort = errors.New("client sent NBD_OPT_ABORT")
-
-// be is the byte order of every number on the wire.
-var be = binary.BigEndian
 
 // protoErrorf reports a violation of the protocol by the client.
 func protoErrorf(format string, args ...any) error {
@@ -162,7 +158,7 @@ func (c *conn) handshake() (*exportView, error) {
 	if _, err := io.ReadFull(c.conn, buf[:4]); err != nil {
 		return nil, fmt.Errorf("reading client flags: %w", err)
 	}
-	flags := nbd.ClientFlags(be.Uint32(buf[:4]))
+	flags := nbd.ParseClientFlags(buf[:4])
 	if flags&^(nbd.ClientFixedNewstyle|nbd.ClientNoZeroes) != 0 {
 		return nil, protoErrorf("client flags %#x has bits the server did not offer", uint32(flags))
 	}
@@ -258,11 +254,7 @@ func (c *conn) optExportName(data []byte) (*exportView, error) {
 		// The protocol has no way to report this but hanging up.
 		return nil, fmt.Errorf("NBD_OPT_EXPORT_NAME %q: %w", name, err)
 	}
-	b := be.AppendUint64(nil, uint64(v.exp.size))
-	b = be.AppendUint16(b, uint16(exportFlags(v.writable, c.structured)))
-	if !c.noZeroes {
-		b = append(b, make([]byte, nbd.ExportNamePadLen)...)
-	}
+	b := nbd.AppendExportNameReply(nil, uint64(v.exp.size), exportFlags(v.writable, c.structured), c.noZeroes)
 	if err := c.send(b); err != nil {
 		v.release()
 		return nil, err

@@ -8,6 +8,7 @@ package server
 import (
 	"bytes"
 	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"io"
 	"log/slog"
@@ -20,6 +21,9 @@ import (
 
 	"snapmount/nbd"
 )
+
+// be is the byte order of the numbers the tests put on the wire by hand.
+var be = binary.BigEndian
 
 // testImage writes size bytes of seeded random data and returns the path.
 func testImage(t testing.TB, size int64, seed int64) string {

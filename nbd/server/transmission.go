@@ -463,14 +463,11 @@ func readChunks(cookie uint64, ext []extent, header func([]byte), data func(exte
 		}
 		start := len(hdr)
 		if x.hole {
-			hdr = nbd.AppendChunkHeader(hdr, flags, nbd.ChunkOffsetHole, cookie, 12)
-			hdr = be.AppendUint64(hdr, uint64(x.off))
-			hdr = be.AppendUint32(hdr, uint32(x.length))
+			hdr = nbd.AppendHoleChunk(hdr, flags, cookie, uint64(x.off), uint32(x.length))
 			header(hdr[start:])
 			continue
 		}
-		hdr = nbd.AppendChunkHeader(hdr, flags, nbd.ChunkOffsetData, cookie, uint32(8+x.length))
-		hdr = be.AppendUint64(hdr, uint64(x.off))
+		hdr = nbd.AppendDataChunkHeader(hdr, flags, cookie, uint64(x.off), uint32(x.length))
 		header(hdr[start:])
 		data(x)
 	}
