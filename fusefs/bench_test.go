@@ -6,6 +6,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"snapmount/test/testenv"
 )
 
 // The benchmarks read a mount of constReader (no copy, no latency) from
@@ -18,7 +20,7 @@ func benchMount(b *testing.B, flags int) int {
 	if runtime.GOMAXPROCS(0) < 2 {
 		b.Skip("reading our own mount needs GOMAXPROCS >= 2 (see the package doc on deadlocks)")
 	}
-	requireFUSE(b)
+	testenv.RequireFUSE(b)
 	dir := b.TempDir()
 	server, err := Mount(dir, constReader{}, Options{Name: "file", Size: 64 << 30})
 	if err != nil {
@@ -55,7 +57,7 @@ func BenchmarkSequentialRead(b *testing.B) {
 // BenchmarkDirectRead4K measures one FUSE round trip: a 4 KiB O_DIRECT read.
 func BenchmarkDirectRead4K(b *testing.B) {
 	fd := benchMount(b, unix.O_DIRECT)
-	buf := alignedBuf(4096)
+	buf := testenv.AlignedBuf(4096)
 	b.SetBytes(int64(len(buf)))
 	var off int64
 	for b.Loop() {

@@ -16,35 +16,11 @@ import (
 	"syscall"
 	"testing"
 	"time"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"snapmount/test/testenv"
 )
-
-// requirePeers reports whether CI asked that a missing prerequisite fail the
-// test instead of skipping it.
-func requirePeers() bool { return os.Getenv("SNAPMOUNT_REQUIRE_PEERS") == "1" }
-
-// skipOrFail skips with the reason, or fails when SNAPMOUNT_REQUIRE_PEERS=1.
-func skipOrFail(t testing.TB, format string, args ...any) {
-	t.Helper()
-	msg := fmt.Sprintf(format, args...)
-	if requirePeers() {
-		t.Fatalf("%s (SNAPMOUNT_REQUIRE_PEERS=1 turns this skip into a failure)", msg)
-	}
-	t.Skip(msg)
-}
-
-// requireFUSE skips (or fails) unless /dev/fuse and fusermount3 exist.
-func requireFUSE(t testing.TB) {
-	t.Helper()
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		skipOrFail(t, "/dev/fuse is missing, FUSE mounts are impossible here: %v", err)
-	}
-	if _, err := exec.LookPath("fusermount3"); err != nil {
-		skipOrFail(t, "fusermount3 is not installed (apt-get install fuse3)")
-	}
-}
 
 // Environment of the helper processes the tests start from their own binary
 // (see TestMain).
@@ -146,7 +122,7 @@ func helperPread() int {
 		fmt.Println("open:", err)
 		return 1
 	}
-	buf := alignedBuf(4096)
+	buf := testenv.AlignedBuf(4096)
 	fmt.Printf("tid %d\n", unix.Gettid())
 	n, err := unix.Pread(fd, buf, 0)
 	switch {
@@ -160,17 +136,6 @@ func helperPread() int {
 	return 0
 }
 
-// alignedBuf returns a page-aligned buffer of n bytes, as O_DIRECT may want.
-func alignedBuf(n int) []byte {
-	const page = 4096
-	b := make([]byte, n+page)
-	off := int(uintptr(unsafe.Pointer(&b[0])) & (page - 1))
-	if off != 0 {
-		off = page - off
-	}
-	return b[off : off+n]
-}
-
 // helperCmd returns a command running this test binary (or the copy at bin)
 // as the named helper.
 func helperCmd(bin, helper string, env ...string) *exec.Cmd {
@@ -181,25 +146,6 @@ func helperCmd(bin, helper string, env ...string) *exec.Cmd {
 	cmd.Env = append(cmd.Env, env...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	return cmd
-}
-
-// lockedBuffer is a bytes.Buffer safe for a writing process and a reading
-// test.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 // lineWriter collects a helper's stdout line by line. Set it as cmd.Stdout

@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"snapmount/test/testenv"
 )
 
 // These tests mount for real. They read the mount from the test process
@@ -29,7 +31,7 @@ import (
 // test fails if that does not work. SNAPMOUNT_FUSE_DEBUG=1 traces opcodes.
 func testMount(t *testing.T, r io.ReaderAt, opt Options) string {
 	t.Helper()
-	requireFUSE(t)
+	testenv.RequireFUSE(t)
 	dir := t.TempDir()
 	opt.Debug = os.Getenv("SNAPMOUNT_FUSE_DEBUG") == "1"
 	server, err := Mount(dir, r, opt)
@@ -313,7 +315,7 @@ func TestMountRequestSize(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer unix.Close(fd)
-	buf := alignedBuf(1 << 20)
+	buf := testenv.AlignedBuf(1 << 20)
 	for _, off := range []int64{0, 3 << 20} {
 		before, _, _ := counter.stats()
 		n, err := unix.Pread(fd, buf, off)

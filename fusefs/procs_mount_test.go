@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"snapmount/test/testenv"
 )
 
 // gateReader holds every read until gate is closed, and says on entered
@@ -62,7 +64,7 @@ func TestSerialProcsOnMount(t *testing.T) {
 	errs := make(chan error, 2)
 	for i := range 2 {
 		go func() {
-			_, err := f.ReadAt(alignedBuf(4096), int64(i)*65536)
+			_, err := f.ReadAt(testenv.AlignedBuf(4096), int64(i)*65536)
 			errs <- err
 		}()
 	}

@@ -8,7 +8,6 @@ import (
 	"io/fs"
 	"os"
 	"os/exec"
-	"os/user"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -16,24 +15,19 @@ import (
 	"syscall"
 	"testing"
 	"time"
-)
 
-// testUser is the unprivileged account the test mounts as. It is created if
-// missing and left in place: another run may be using it.
-const testUser = "snapmount-test"
+	"snapmount/test/testenv"
+)
 
 // TestMountUnprivileged mounts as an ordinary user through the setuid
 // fusermount3, as a desktop user without root would: a helper process (a
-// copy of this test binary) runs as testUser, mounts a pattern file in a
+// copy of this test binary) runs as testenv.TestUser, mounts a pattern file in a
 // directory that user owns and serves it; the user reads it back and
 // unmounts it with fusermount3 -u.
 func TestMountUnprivileged(t *testing.T) {
-	requireFUSE(t)
-	if os.Geteuid() != 0 {
-		skipOrFail(t, "must run as root to create the user %s and run a process as that user", testUser)
-	}
-	uid, gid := ensureUser(t)
-	devFuseWorldWritable(t)
+	testenv.RequireFUSE(t)
+	uid, gid := testenv.UnprivilegedUser(t)
+	testenv.OpenDevFuse(t)
 
 	base, err := os.MkdirTemp("", "snapmount-fusefs-unpriv-")
 	if err != nil {
@@ -56,7 +50,7 @@ func TestMountUnprivileged(t *testing.T) {
 	const size = 3<<20 + 77
 	helper := helperCmd(bin, "mount", helperDirEnv+"="+mnt, helperSizeEnv+"="+strconv.Itoa(size))
 	asUser(helper, uid, gid, base)
-	var stderr lockedBuffer
+	var stderr testenv.Buffer
 	helper.Stderr = &stderr
 	lines := newLineWriter()
 	helper.Stdout = lines
@@ -105,11 +99,11 @@ func TestMountUnprivileged(t *testing.T) {
 	file := filepath.Join(mnt, "file")
 	got := runAsUser(t, uid, gid, base, "cat", file)
 	if !bytes.Equal(got, patternBytes(0, size)) {
-		t.Errorf("cat as %s: %d bytes, want %d of the pattern (or content differs)", testUser, len(got), size)
+		t.Errorf("cat as %s: %d bytes, want %d of the pattern (or content differs)", testenv.TestUser, len(got), size)
 	}
 	want := fmt.Sprintf("%d:%d:444:%d", uid, gid, size)
 	if st := strings.TrimSpace(string(runAsUser(t, uid, gid, base, "stat", "-c", "%u:%g:%a:%s", file))); st != want {
-		t.Errorf("stat as %s: %s, want %s (uid:gid:mode:size)", testUser, st, want)
+		t.Errorf("stat as %s: %s, want %s (uid:gid:mode:size)", testenv.TestUser, st, want)
 	}
 	// Without allow_other nobody else may look, root included: proof that
 	// the mount belongs to the user.
@@ -137,75 +131,6 @@ func TestMountUnprivileged(t *testing.T) {
 	if s := stderr.String(); s != "" {
 		t.Errorf("helper wrote to stderr: %s", s)
 	}
-}
-
-// ensureUser returns the uid and gid of testUser, creating the user (a
-// system account without home or shell) if needed.
-func ensureUser(t *testing.T) (uid, gid uint32) {
-	t.Helper()
-	u, err := user.Lookup(testUser)
-	if errors.As(err, new(user.UnknownUserError)) {
-		if _, lerr := exec.LookPath("useradd"); lerr != nil {
-			skipOrFail(t, "useradd is not installed, cannot create the user %s (apt-get install passwd)", testUser)
-		}
-		out, aerr := exec.Command("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", testUser).CombinedOutput()
-		// Another test run may have created it meanwhile.
-		if u, err = user.Lookup(testUser); err != nil {
-			t.Fatalf("useradd %s: %v: %s", testUser, aerr, out)
-		}
-	}
-	if err != nil {
-		t.Fatalf("looking up %s: %v", testUser, err)
-	}
-	id, err := strconv.ParseUint(u.Uid, 10, 32)
-	if err != nil {
-		t.Fatal(err)
-	}
-	g, err := strconv.ParseUint(u.Gid, 10, 32)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return uint32(id), uint32(g)
-}
-
-// devFuseWorldWritable makes /dev/fuse usable by every user for the test, as
-// desktop distributions ship it (0666), and restores its mode afterwards.
-func devFuseWorldWritable(t *testing.T) {
-	t.Helper()
-	lockDevFuse(t)
-	st, err := os.Stat("/dev/fuse")
-	if err != nil {
-		t.Fatal(err)
-	}
-	old := st.Mode().Perm()
-	if old&0o666 == 0o666 {
-		return
-	}
-	if err := os.Chmod("/dev/fuse", old|0o666); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := os.Chmod("/dev/fuse", old); err != nil {
-			t.Errorf("restoring the mode of /dev/fuse: %v", err)
-		}
-	})
-}
-
-// lockDevFuse serialises tests that change the mode of /dev/fuse across
-// packages (test/ does the same with the same lock file): go test runs
-// packages in parallel, and two tests saving and restoring the mode at
-// once could leave it world-writable.
-func lockDevFuse(t *testing.T) {
-	t.Helper()
-	f, err := os.OpenFile(filepath.Join(os.TempDir(), "snapmount-dev-fuse.lock"), os.O_CREATE|os.O_RDWR, 0o600)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
-		t.Fatal(err)
-	}
-	// Registered first, so it runs after the mode is restored.
-	t.Cleanup(func() { f.Close() })
 }
 
 // copyExecutable copies the running test binary to dst, where another user
@@ -253,7 +178,7 @@ func runAsUser(t *testing.T, uid, gid uint32, dir string, name string, args ...s
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()
 	if err != nil {
-		t.Fatalf("%s %s as %s: %v: %s", name, strings.Join(args, " "), testUser, err, stderr.String())
+		t.Fatalf("%s %s as %s: %v: %s", name, strings.Join(args, " "), testenv.TestUser, err, stderr.String())
 	}
 	return out
 }
@@ -262,11 +187,8 @@ func runAsUser(t *testing.T, uid, gid uint32, dir string, name string, args ...s
 // modes, 0555 and 0444, are checked by the kernel: default_permissions);
 // without it the mount is the mounting user's alone.
 func TestMountAllowOther(t *testing.T) {
-	requireFUSE(t)
-	if os.Geteuid() != 0 {
-		skipOrFail(t, "must run as root to create the user %s and run a process as that user", testUser)
-	}
-	uid, gid := ensureUser(t)
+	testenv.RequireFUSE(t)
+	uid, gid := testenv.UnprivilegedUser(t)
 	const size = 1<<20 + 3
 	for _, allow := range []bool{true, false} {
 		// t.TempDir's parent is 0700; the other user must reach the mount.
@@ -294,9 +216,9 @@ func TestMountAllowOther(t *testing.T) {
 		out, err := cmd.Output()
 		switch {
 		case allow && (err != nil || !bytes.Equal(out, patternBytes(0, size))):
-			t.Errorf("AllowOther: cat as %s: %d bytes, %v: %s", testUser, len(out), err, stderr.String())
+			t.Errorf("AllowOther: cat as %s: %d bytes, %v: %s", testenv.TestUser, len(out), err, stderr.String())
 		case !allow && (err == nil || !strings.Contains(stderr.String(), "Permission denied")):
-			t.Errorf("without AllowOther: cat as %s: %v: %s, want permission denied", testUser, err, stderr.String())
+			t.Errorf("without AllowOther: cat as %s: %v: %s, want permission denied", testenv.TestUser, err, stderr.String())
 		}
 	}
 }

@@ -6,6 +6,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"snapmount/test/testenv"
 )
 
 // FuzzClientReplies feeds arbitrary bytes to a client connection as the
@@ -39,7 +41,7 @@ func FuzzClientReplies(f *testing.F) {
 	f.Add([]byte{0x66, 0x8e, 0x33, 0xef, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff}, true)
 
 	f.Fuzz(func(t *testing.T, data []byte, structured bool) {
-		cc, sc := socketPair(t)
+		cc, sc := testenv.SocketPair(t)
 		info := &ExportInfo{
 			Size: 1 << 20, Flags: FlagHasFlags | FlagReadOnly,
 			BlockSize:  BlockSize{Min: 1, Preferred: 4096, Max: 1 << 20},

@@ -16,30 +16,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
-)
 
-// socketPair returns two connected Unix stream sockets: a real, buffered,
-// bidirectional stream (net.Pipe is synchronous and would deadlock a
-// pipelined protocol).
-func socketPair(t testing.TB) (net.Conn, net.Conn) {
-	t.Helper()
-	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	conns := make([]net.Conn, 2)
-	for i, fd := range fds {
-		f := os.NewFile(uintptr(fd), "socketpair")
-		c, err := net.FileConn(f)
-		f.Close()
-		if err != nil {
-			t.Fatal(err)
-		}
-		conns[i] = c
-		t.Cleanup(func() { c.Close() })
-	}
-	return conns[0], conns[1]
-}
+	"snapmount/test/testenv"
+)
 
 // fakeServer is the server end of a test connection, scripted byte by
 // byte by the test with the package's codec.
@@ -142,7 +121,7 @@ func holeChunk(off uint64, n uint32) []byte {
 // fake server on the other end.
 func testConn(t testing.TB, structured bool) (*Conn, *fakeServer) {
 	t.Helper()
-	cc, sc := socketPair(t)
+	cc, sc := testenv.SocketPair(t)
 	info := &ExportInfo{
 		Size: 1 << 20, Flags: FlagHasFlags | FlagReadOnly,
 		BlockSize:  BlockSize{Min: 1, Preferred: 4096, Max: 1 << 20},

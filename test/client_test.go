@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"snapmount/test/testenv"
 )
 
 // peerServer is a running NBD server the client tests talk to.
@@ -28,7 +30,7 @@ func nbdkitPeer(extra ...string) peerStarter {
 }
 
 func qemuNbdPeer(t *testing.T, dir, image string) peerServer {
-	requireCmd(t, "qemu-nbd")
+	testenv.RequireCmd(t, "qemu-nbd")
 	sock := filepath.Join(dir, "q.sock")
 	p := startProc(t, "qemu-nbd", "-r", "-t", "-e", "0", "-k", sock, "-x", "disk", "-f", "raw", image)
 	p.waitReady("unix", sock)
@@ -36,7 +38,7 @@ func qemuNbdPeer(t *testing.T, dir, image string) peerServer {
 }
 
 func nbdServerPeer(t *testing.T, dir, image string) peerServer {
-	requireCmd(t, "nbd-server")
+	testenv.RequireCmd(t, "nbd-server")
 	sock := filepath.Join(dir, "n.sock")
 	conf := filepath.Join(dir, "nbd.conf")
 	pidfile := filepath.Join(dir, "n.pid")
@@ -94,7 +96,7 @@ func TestCopyFromStockServers(t *testing.T) {
 	for _, s := range stockServers {
 		t.Run(s.name, func(t *testing.T) {
 			t.Parallel()
-			dir := shortTempDir(t)
+			dir := testenv.ShortTempDir(t)
 			image := filepath.Join(dir, "disk.img")
 			// 24 MiB with data in three places, holes between: the
 			// copy must keep the holes.
@@ -161,7 +163,7 @@ func TestCopyToStdout(t *testing.T) {
 // With nbdkit's log filter recording every request, a whole session of
 // info, info --map and copy sent nothing that writes.
 func TestClientSendsNoWrites(t *testing.T) {
-	dir := shortTempDir(t)
+	dir := testenv.ShortTempDir(t)
 	image := filepath.Join(dir, "disk.img")
 	writeSparseImage(t, image, 8<<20, [][2]int64{{1 << 20, 1 << 20}}, 1)
 	logfile := filepath.Join(dir, "requests.log")
@@ -220,7 +222,7 @@ func logMatches(t testing.TB, path string, re *regexp.Regexp) [][]string {
 }
 
 func TestCopyTLS(t *testing.T) {
-	dir := shortTempDir(t)
+	dir := testenv.ShortTempDir(t)
 	pki := filepath.Join(dir, "pki")
 	makePKI(t, pki)
 	image := filepath.Join(dir, "disk.img")
@@ -257,7 +259,7 @@ func TestCopyTLS(t *testing.T) {
 // nbdkit's error filter makes every read fail with EIO: the copy fails
 // with an error naming the offset, and exits non-zero.
 func TestCopyReportsServerErrors(t *testing.T) {
-	dir := shortTempDir(t)
+	dir := testenv.ShortTempDir(t)
 	image := filepath.Join(dir, "disk.img")
 	writeRandomImage(t, image, 4<<20, 5)
 	sock, _ := startNbdkit(t, dir, "--filter=error", "file", image, "error-pread=EIO", "error-pread-rate=100%")
@@ -273,7 +275,7 @@ func TestCopyReportsServerErrors(t *testing.T) {
 // Slow replies (nbdkit's delay filter) are fine within --timeout, and a
 // read the server does not answer within it fails instead of hanging.
 func TestCopySlowServer(t *testing.T) {
-	dir := shortTempDir(t)
+	dir := testenv.ShortTempDir(t)
 	image := filepath.Join(dir, "disk.img")
 	writeRandomImage(t, image, 2<<20, 9)
 	sock, _ := startNbdkit(t, dir, "--filter=delay", "file", image, "rdelay=300ms")
@@ -291,7 +293,7 @@ func TestCopySlowServer(t *testing.T) {
 // A server killed in the middle of a copy makes the copy fail within its
 // --timeout (plus the time to notice), never hang.
 func TestCopyKilledServer(t *testing.T) {
-	dir := shortTempDir(t)
+	dir := testenv.ShortTempDir(t)
 	image := filepath.Join(dir, "disk.img")
 	writeRandomImage(t, image, 16<<20, 13)
 	logfile := filepath.Join(dir, "requests.log")
@@ -327,11 +329,11 @@ func waitForFile(t testing.TB, path, substr string) {
 
 // Bad input: one line saying what is wrong, and the exit code of its class.
 func TestClientBadInput(t *testing.T) {
-	dir := shortTempDir(t)
+	dir := testenv.ShortTempDir(t)
 	image := filepath.Join(dir, "disk.img")
 	writeRandomImage(t, image, 1<<20, 1)
 	qsock := filepath.Join(dir, "q.sock")
-	requireCmd(t, "qemu-nbd")
+	testenv.RequireCmd(t, "qemu-nbd")
 	q := startProc(t, "qemu-nbd", "-r", "-t", "-e", "0", "-k", qsock, "-x", "disk", "-f", "raw", image)
 	q.waitReady("unix", qsock)
 	for _, c := range []struct {

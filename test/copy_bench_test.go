@@ -4,14 +4,16 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+
+	"snapmount/test/testenv"
 )
 
 // BenchmarkCopy copies one image from one nbdkit server with snapmount
 // copy and with nbdcopy, 4 connections each, to a file; compare the two
 // MB/s figures (make bench prints the ratio from alternated runs).
 func BenchmarkCopy(b *testing.B) {
-	requireCmd(b, "nbdkit", "nbdcopy")
-	dir := shortTempDir(b)
+	testenv.RequireCmd(b, "nbdkit", "nbdcopy")
+	dir := testenv.ShortTempDir(b)
 	image := filepath.Join(dir, "disk.img")
 	const size = 256 << 20
 	writeRandomImage(b, image, size, 1)

@@ -14,66 +14,21 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"snapmount/test/testenv"
 )
-
-// requirePeers reports whether CI asked that a missing peer fail the test.
-func requirePeers() bool { return os.Getenv("SNAPMOUNT_REQUIRE_PEERS") == "1" }
-
-// skipOrFail skips with the reason, or fails when SNAPMOUNT_REQUIRE_PEERS=1.
-func skipOrFail(t testing.TB, format string, args ...any) {
-	t.Helper()
-	msg := fmt.Sprintf(format, args...)
-	if requirePeers() {
-		t.Fatalf("%s (SNAPMOUNT_REQUIRE_PEERS=1 turns this skip into a failure)", msg)
-	}
-	t.Skip(msg)
-}
-
-// requireCmd skips (or fails) unless every named program is on PATH.
-func requireCmd(t testing.TB, names ...string) {
-	t.Helper()
-	for _, n := range names {
-		if _, err := exec.LookPath(n); err != nil {
-			skipOrFail(t, "%s is not installed (apt-get install %s)", n, debianPackage(n))
-		}
-	}
-}
-
-func debianPackage(cmd string) string {
-	switch cmd {
-	case "qemu-nbd", "qemu-img", "qemu-io":
-		return "qemu-utils"
-	case "qemu-storage-daemon":
-		return "qemu-system-common"
-	case "nbdinfo", "nbdcopy", "nbdfuse", "nbdsh":
-		return "libnbd-bin"
-	case "fusermount3":
-		return "fuse3"
-	}
-	return cmd
-}
 
 // requireLibnbdPython skips unless Debian's python3 can import nbd.
 func requireLibnbdPython(t testing.TB) string {
 	t.Helper()
 	py := "/usr/bin/python3"
 	if err := exec.Command(py, "-c", "import nbd").Run(); err != nil {
-		skipOrFail(t, "python3-libnbd is not installed for %s (apt-get install python3-libnbd)", py)
+		testenv.SkipOrFail(t, "python3-libnbd is not installed for %s (apt-get install python3-libnbd)", py)
 	}
 	return py
-}
-
-// requireFUSE skips (or fails) unless /dev/fuse and fusermount3 exist.
-func requireFUSE(t testing.TB) {
-	t.Helper()
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		skipOrFail(t, "/dev/fuse is missing: FUSE mounts are impossible here")
-	}
-	requireCmd(t, "fusermount3")
 }
 
 // proc is a daemon started by a test. It is ended by PID in t.Cleanup.
@@ -81,26 +36,9 @@ type proc struct {
 	t      testing.TB
 	name   string
 	cmd    *exec.Cmd
-	out    lockedBuffer // stdout and stderr, interleaved
+	out    testenv.Buffer // stdout and stderr, interleaved
 	exited chan struct{}
 	err    error // set before exited is closed
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 // startProc starts a daemon in the foreground as a child of the test. The
@@ -219,18 +157,6 @@ func freePort(t testing.TB) int {
 	return l.Addr().(*net.TCPAddr).Port
 }
 
-// shortTempDir returns a temp dir with a short path, since Unix socket
-// paths are limited to 107 bytes and t.TempDir() paths can be long.
-func shortTempDir(t testing.TB) string {
-	t.Helper()
-	d, err := os.MkdirTemp("", "sm")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(d) })
-	return d
-}
-
 // writeRandomImage writes size bytes of seeded pseudo-random data.
 func writeRandomImage(t testing.TB, path string, size int64, seed int64) {
 	t.Helper()
@@ -344,7 +270,7 @@ func snapmount(t testing.TB, timeout time.Duration, args ...string) result {
 // returns the directory, the image's path and nbdkit's socket.
 func nbdkitImage(t testing.TB, size, seed int64) (dir, image, sock string) {
 	t.Helper()
-	dir = shortTempDir(t)
+	dir = testenv.ShortTempDir(t)
 	image = filepath.Join(dir, "disk.img")
 	writeRandomImage(t, image, size, seed)
 	sock, _ = startNbdkit(t, dir, "-r", "file", image)
@@ -355,7 +281,7 @@ func nbdkitImage(t testing.TB, size, seed int64) (dir, image, sock string) {
 // waits until it accepts connections. args are plugin, filters and params.
 func startNbdkit(t testing.TB, dir string, args ...string) (sock string, p *proc) {
 	t.Helper()
-	requireCmd(t, "nbdkit")
+	testenv.RequireCmd(t, "nbdkit")
 	sock = filepath.Join(dir, fmt.Sprintf("nbdkit-%d.sock", time.Now().UnixNano()%1e9))
 	p = startProc(t, "nbdkit", append([]string{"-f", "-U", sock}, args...)...)
 	p.waitReady("unix", sock)

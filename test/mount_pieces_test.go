@@ -7,6 +7,8 @@ import (
 	"strconv"
 	"syscall"
 	"testing"
+
+	"snapmount/test/testenv"
 )
 
 var logRead = regexp.MustCompile(`connection=\d+ Read id=\d+ offset=0x([0-9a-f]+) count=0x([0-9a-f]+)`)
@@ -29,8 +31,8 @@ func logReads(t testing.TB, path string) [][2]int64 {
 // connections), however large the read: one 1 MiB O_DIRECT read becomes
 // at least four NBD reads, none larger than 256 KiB.
 func TestMountFirstMissesGoInPieces(t *testing.T) {
-	requireFUSE(t)
-	dir := shortTempDir(t)
+	testenv.RequireFUSE(t)
+	dir := testenv.ShortTempDir(t)
 	image := filepath.Join(dir, "disk.img")
 	writeRandomImage(t, image, 16<<20, 12)
 	logfile := filepath.Join(dir, "requests.log")

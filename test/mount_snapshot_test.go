@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"snapmount/test/testenv"
 )
 
 // statsJSON reads a mount's counters.
@@ -35,9 +37,9 @@ func statsJSON(t testing.TB, mnt string) map[string]any {
 // a second mount joining the snapshot's canonical name with no cache,
 // while NAME@live shows the new data.
 func TestMountSnapshotUnderWriter(t *testing.T) {
-	requireFUSE(t)
-	requireCmd(t, "qemu-io")
-	dir := shortTempDir(t)
+	testenv.RequireFUSE(t)
+	testenv.RequireCmd(t, "qemu-io")
+	dir := testenv.ShortTempDir(t)
 	image := filepath.Join(dir, "disk.img")
 	const size = 32 << 20
 	writeRandomImage(t, image, size, 31)
@@ -101,13 +103,13 @@ func TestMountSnapshotUnderWriter(t *testing.T) {
 // A snapshot that is gone (the server restarted, its stores are dropped)
 // gives EIO, never the newer data the image now holds.
 func TestMountSnapshotGone(t *testing.T) {
-	requireFUSE(t)
-	requireCmd(t, "qemu-io")
-	dir := shortTempDir(t)
+	testenv.RequireFUSE(t)
+	testenv.RequireCmd(t, "qemu-io")
+	dir := testenv.ShortTempDir(t)
 	image := filepath.Join(dir, "disk.img")
 	writeRandomImage(t, image, 4<<20, 5)
 	orig, _ := os.ReadFile(image)
-	sockDir := shortTempDir(t)
+	sockDir := testenv.ShortTempDir(t)
 	sock := filepath.Join(sockDir, "s.sock")
 	serve := func() *proc {
 		p := startProc(t, snapmountBin, "serve", "--no-tcp", "--socket", sock, "disk="+image)

@@ -14,6 +14,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"snapmount/test/testenv"
 )
 
 // mountSM runs `snapmount mount URI DIR extra...` in the default
@@ -21,7 +23,7 @@ import (
 // in t.Cleanup, checking that nothing of ours stays in /proc/mounts.
 func mountSM(t testing.TB, uri, dir string, extra ...string) {
 	t.Helper()
-	requireFUSE(t)
+	testenv.RequireFUSE(t)
 	args := append([]string{"mount"}, extra...)
 	args = append(args, uri, dir)
 	r := snapmount(t, time.Minute, args...)
@@ -115,8 +117,8 @@ func TestMountStockServers(t *testing.T) {
 		{"nbd-server", nbdServerPeer, "disk"},
 	} {
 		t.Run(s.name, func(t *testing.T) {
-			requireFUSE(t)
-			dir := shortTempDir(t)
+			testenv.RequireFUSE(t)
+			dir := testenv.ShortTempDir(t)
 			image := filepath.Join(dir, "disk.img")
 			writeSparseImage(t, image, 20<<20, [][2]int64{{0, 3 << 20}, {9 << 20, 2<<20 + 4096}, {19 << 20, 1 << 20}}, 21)
 			srv := s.start(t, dir, image)
@@ -152,8 +154,8 @@ func mountOptions(t testing.TB, dir string) string {
 // server nothing but reads and block-status queries, even when the export
 // is writable.
 func TestMountSendsNoWrites(t *testing.T) {
-	requireFUSE(t)
-	dir := shortTempDir(t)
+	testenv.RequireFUSE(t)
+	dir := testenv.ShortTempDir(t)
 	image := filepath.Join(dir, "disk.img")
 	writeSparseImage(t, image, 16<<20, [][2]int64{{2 << 20, 4 << 20}}, 4)
 	logfile := filepath.Join(dir, "requests.log")
@@ -194,7 +196,7 @@ func TestMountSendsNoWrites(t *testing.T) {
 // The mount command returns with the file readable, and after umount
 // nothing is mounted and the mount process has exited.
 func TestMountReadinessAndUmount(t *testing.T) {
-	requireFUSE(t)
+	testenv.RequireFUSE(t)
 	dir, _, sock := nbdkitImage(t, 4<<20, 8)
 	mnt := mountDir(t, dir, "mnt")
 	pidfile := filepath.Join(dir, "mount.pid")
@@ -246,7 +248,7 @@ func TestMountReadinessAndUmount(t *testing.T) {
 
 // In the foreground, SIGTERM unmounts cleanly and the process exits 0.
 func TestMountForegroundSignal(t *testing.T) {
-	requireFUSE(t)
+	testenv.RequireFUSE(t)
 	dir, image, sock := nbdkitImage(t, 1<<20, 2)
 	mnt := mountDir(t, dir, "mnt")
 	p := startProc(t, snapmountBin, "mount", "-f", "-v", unixURI("", sock), mnt)
@@ -269,7 +271,7 @@ func TestMountForegroundSignal(t *testing.T) {
 
 // A mountpoint left by a crashed run (ENOTCONN) is recovered.
 func TestMountStaleMountpoint(t *testing.T) {
-	requireFUSE(t)
+	testenv.RequireFUSE(t)
 	dir, image, sock := nbdkitImage(t, 1<<20, 3)
 	mnt := mountDir(t, dir, "mnt")
 	p := startProc(t, snapmountBin, "mount", "-f", unixURI("", sock), mnt)
@@ -291,7 +293,7 @@ func TestMountStaleMountpoint(t *testing.T) {
 }
 
 func TestMountBadInput(t *testing.T) {
-	requireFUSE(t)
+	testenv.RequireFUSE(t)
 	dir, image, sock := nbdkitImage(t, 1<<20, 3)
 	uri := unixURI("", sock)
 	full := mountDir(t, dir, "full")
@@ -329,8 +331,8 @@ func TestMountBadInput(t *testing.T) {
 // (uncached) ranges fail with EIO, everything else stays correct, and an
 // error is not cached: once the fault is gone the same range reads fine.
 func TestMountServerErrors(t *testing.T) {
-	requireFUSE(t)
-	dir := shortTempDir(t)
+	testenv.RequireFUSE(t)
+	dir := testenv.ShortTempDir(t)
 	image := filepath.Join(dir, "disk.img")
 	writeRandomImage(t, image, 8<<20, 6)
 	want, _ := os.ReadFile(image)
@@ -367,8 +369,8 @@ func TestMountServerErrors(t *testing.T) {
 // stays usable for cached data and unmounts cleanly. A server restarted
 // on the same socket is reconnected without the reader noticing.
 func TestMountServerLostAndBack(t *testing.T) {
-	requireFUSE(t)
-	dir := shortTempDir(t)
+	testenv.RequireFUSE(t)
+	dir := testenv.ShortTempDir(t)
 	image := filepath.Join(dir, "disk.img")
 	writeRandomImage(t, image, 8<<20, 12)
 	want, _ := os.ReadFile(image)
@@ -432,7 +434,7 @@ func processRunning(pid int) bool {
 // GOGC/100, 4 MB at the default. (A mount built without -race usually
 // starts, reads and ends without any; a -race build allocates more.)
 func TestMountCollectsAtGOGC200(t *testing.T) {
-	requireFUSE(t)
+	testenv.RequireFUSE(t)
 	dir, _, sock := nbdkitImage(t, 1<<20, 3)
 	mnt := mountDir(t, dir, "mnt")
 	logfile := filepath.Join(dir, "mount.log")

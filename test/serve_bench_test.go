@@ -9,6 +9,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"snapmount/test/testenv"
 )
 
 // BenchmarkServeNbdcopy compares nbdcopy reading and writing an image
@@ -23,7 +25,7 @@ func BenchmarkServeNbdcopy(b *testing.B) {
 	if raceEnabled {
 		b.Skip("benchmarks of a -race build measure the race detector")
 	}
-	requireCmd(b, "nbdcopy", "nbdkit")
+	testenv.RequireCmd(b, "nbdcopy", "nbdkit")
 	size := int64(1 << 30)
 	if s := os.Getenv("SNAPMOUNT_BENCH_SIZE"); s != "" {
 		mib, err := strconv.Atoi(s)
@@ -38,7 +40,7 @@ func BenchmarkServeNbdcopy(b *testing.B) {
 	kimg, simg := filepath.Join(dir, "k.img"), filepath.Join(dir, "s.img")
 	copyFile(b, src, kimg)
 	copyFile(b, src, simg)
-	ksock, kp := startNbdkit(b, shortTempDir(b), "file", kimg)
+	ksock, kp := startNbdkit(b, testenv.ShortTempDir(b), "file", kimg)
 	ssock, sp := startServe(b, "--snapshot-linger", "0", "s.img="+simg)
 	kuri, suri := unixURI("", ksock), unixURI("s.img", ssock)
 

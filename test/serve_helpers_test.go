@@ -12,13 +12,14 @@ import (
 	"time"
 
 	"snapmount/nbd"
+	"snapmount/test/testenv"
 )
 
 // startServe runs "snapmount serve" on a Unix socket in a fresh short
 // directory, with args before the images, and waits for its ready line.
 func startServe(t testing.TB, args ...string) (sock string, p *proc) {
 	t.Helper()
-	sock = filepath.Join(shortTempDir(t), "s.sock")
+	sock = filepath.Join(testenv.ShortTempDir(t), "s.sock")
 	full := append([]string{"serve", "--no-tcp", "--socket", sock}, args...)
 	p = startProc(t, snapmountBin, full...)
 	p.waitOutput("snapmount serve: listening on", 60*time.Second)
@@ -33,31 +34,28 @@ func pyLibnbd(t testing.TB, script string, args ...string) string {
 	return mustRun(t, py, append([]string{"-c", script}, args...)...).stdout
 }
 
-// rawNBD is a minimal hand-written NBD client for what no stock client
-// does: sending snapmount's read-only promise. It is a test fixture, not a
-// client library.
+// rawNBD is a minimal NBD client, one message at a time through nbd's
+// codec, for what no stock client does: sending snapmount's read-only
+// promise. It is a test fixture, not a client library.
 type rawNBD struct {
 	t      testing.TB
 	c      net.Conn
 	cookie uint64
 }
 
+// be is the byte order of what tests put on the wire by hand.
 var be = binary.BigEndian
 
+// dialRawNBD connects to sock and answers the greeting (fixed newstyle,
+// no zeroes).
 func dialRawNBD(t testing.TB, sock string) *rawNBD {
 	t.Helper()
-	c, err := net.Dial("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	c.SetDeadline(time.Now().Add(60 * time.Second))
-	r := &rawNBD{t: t, c: c}
-	g := r.read(18)
+	r := &rawNBD{t: t, c: testenv.Dial(t, "unix", sock)}
+	g := r.read(nbd.GreetingLen)
 	if be.Uint64(g) != nbd.Magic || be.Uint64(g[8:]) != nbd.IHaveOpt {
 		t.Fatalf("greeting % x is not fixed newstyle", g)
 	}
-	r.write(be.AppendUint32(nil, uint32(nbd.ClientFixedNewstyle|nbd.ClientNoZeroes)))
+	r.write(nbd.AppendClientFlags(nil, nbd.ClientFixedNewstyle|nbd.ClientNoZeroes))
 	return r
 }
 
@@ -81,18 +79,14 @@ func (r *rawNBD) read(n int) []byte {
 // (type, data) pairs.
 func (r *rawNBD) option(opt nbd.Option, data []byte) (types []nbd.Reply, datas [][]byte) {
 	r.t.Helper()
-	b := be.AppendUint64(nil, nbd.IHaveOpt)
-	b = be.AppendUint32(b, uint32(opt))
-	b = be.AppendUint32(b, uint32(len(data)))
-	r.write(append(b, data...))
+	r.write(nbd.AppendOption(nil, opt, data))
 	for {
-		h := r.read(20)
-		if be.Uint64(h) != nbd.OptReplyMagic || nbd.Option(be.Uint32(h[8:])) != opt {
-			r.t.Fatalf("bad option reply header % x", h)
+		o, typ, n, err := nbd.ParseOptionReplyHeader(r.read(nbd.OptionReplyLen))
+		if err != nil || o != opt {
+			r.t.Fatalf("bad reply to %s: %s, %v", opt, o, err)
 		}
-		typ := nbd.Reply(be.Uint32(h[12:]))
 		types = append(types, typ)
-		datas = append(datas, r.read(int(be.Uint32(h[16:]))))
+		datas = append(datas, r.read(int(n)))
 		if typ == nbd.RepAck || typ.IsError() {
 			return types, datas
 		}
@@ -103,25 +97,26 @@ func (r *rawNBD) option(opt nbd.Option, data []byte) (types []nbd.Reply, datas [
 // canonical name the server sent.
 func (r *rawNBD) goExport(name string) (nbd.TransmissionFlags, string) {
 	r.t.Helper()
-	d := be.AppendUint32(nil, uint32(len(name)))
-	d = append(d, name...)
-	d = be.AppendUint16(d, 1)
-	d = be.AppendUint16(d, uint16(nbd.InfoName))
-	types, datas := r.option(nbd.OptGo, d)
+	req := nbd.ExportRequest{Name: name, Infos: []nbd.InfoType{nbd.InfoName}}
+	types, datas := r.option(nbd.OptGo, req.Encode())
 	if types[len(types)-1] != nbd.RepAck {
 		r.t.Fatalf("GO %q: %s %q", name, types[len(types)-1], datas[len(datas)-1])
 	}
 	var flags nbd.TransmissionFlags
 	var canon string
 	for i, typ := range types {
-		if typ != nbd.RepInfo || len(datas[i]) < 2 {
+		if typ != nbd.RepInfo {
 			continue
 		}
-		switch nbd.InfoType(be.Uint16(datas[i])) {
+		info, err := nbd.ParseInfoReply(datas[i])
+		if err != nil {
+			r.t.Fatalf("GO %q: %v", name, err)
+		}
+		switch info.Type {
 		case nbd.InfoExport:
-			flags = nbd.TransmissionFlags(be.Uint16(datas[i][10:]))
+			flags = info.Flags
 		case nbd.InfoName:
-			canon = string(datas[i][2:])
+			canon = info.Text
 		}
 	}
 	return flags, canon
@@ -129,25 +124,22 @@ func (r *rawNBD) goExport(name string) (nbd.TransmissionFlags, string) {
 
 // request sends a request (simple replies) and returns the reply's errno
 // and, for a successful READ, the data.
-func (r *rawNBD) request(cmd nbd.Cmd, off uint64, length uint32, payload []byte) (uint32, []byte) {
+func (r *rawNBD) request(cmd nbd.Cmd, off uint64, length uint32, payload []byte) (nbd.Errno, []byte) {
 	r.t.Helper()
 	r.cookie++
-	b := be.AppendUint32(nil, nbd.RequestMagic)
-	b = be.AppendUint16(b, 0)
-	b = be.AppendUint16(b, uint16(cmd))
-	b = be.AppendUint64(b, r.cookie)
-	b = be.AppendUint64(b, off)
-	b = be.AppendUint32(b, length)
+	req := nbd.Request{Type: cmd, Cookie: r.cookie, Offset: off, Length: length}
+	b := make([]byte, nbd.RequestHeaderLen)
+	req.Encode(b)
 	r.write(append(b, payload...))
-	h := r.read(16)
-	if be.Uint32(h) != nbd.SimpleReplyMagic || be.Uint64(h[8:]) != r.cookie {
-		r.t.Fatalf("bad simple reply % x", h)
+	var buf [nbd.ChunkHeaderLen]byte
+	h, err := nbd.ReadReplyHeader(r.c, &buf)
+	if err != nil || h.Structured || h.Cookie != r.cookie {
+		r.t.Fatalf("bad reply to %s: %+v, %v", cmd, h, err)
 	}
-	errno := be.Uint32(h[4:])
-	if cmd == nbd.CmdRead && errno == 0 {
+	if cmd == nbd.CmdRead && h.Errno == 0 {
 		return 0, r.read(int(length))
 	}
-	return errno, nil
+	return h.Errno, nil
 }
 
 // readFileRange returns n bytes of a file at off.

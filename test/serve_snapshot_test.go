@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"snapmount/nbd"
+	"snapmount/test/testenv"
 )
 
 // pySnapshotReader opens the reader URI (argv 1), then a second
@@ -64,7 +65,7 @@ func runSnapshotScenario(t *testing.T, readerURI, secondTpl string, size int64, 
 }
 
 func TestServeSnapshotConsistency(t *testing.T) {
-	requireCmd(t, "nbdcopy", "qemu-storage-daemon", "qemu-img")
+	testenv.RequireCmd(t, "nbdcopy", "qemu-storage-daemon", "qemu-img")
 	const size = serveImageSize
 	dir := t.TempDir()
 	before := filepath.Join(dir, "before.img")
@@ -112,7 +113,7 @@ func TestServeSnapshotConsistency(t *testing.T) {
 		copyFile(t, before, src)
 		tmp := filepath.Join(dir, "qsd-tmp.img")
 		mustRun(t, "qemu-img", "create", "-f", "raw", tmp, fmt.Sprint(size))
-		sock := filepath.Join(shortTempDir(t), "qsd.sock")
+		sock := filepath.Join(testenv.ShortTempDir(t), "qsd.sock")
 		p := startProc(t, "qemu-storage-daemon",
 			"--blockdev", "driver=file,node-name=src-file,filename="+src,
 			"--blockdev", "driver=raw,node-name=src,file=src-file",
@@ -152,7 +153,7 @@ print(json.dumps(out))
 `
 
 func TestServeSnapshotStoreFull(t *testing.T) {
-	requireCmd(t, "qemu-io")
+	testenv.RequireCmd(t, "qemu-io")
 	const size = 8 << 20
 	for _, policy := range []string{"break-snapshot", "fail-writer"} {
 		t.Run(policy, func(t *testing.T) {
@@ -193,7 +194,7 @@ func TestServeSnapshotStoreFull(t *testing.T) {
 }
 
 func TestServeSnapshotLingerThenGone(t *testing.T) {
-	requireCmd(t, "nbdinfo")
+	testenv.RequireCmd(t, "nbdinfo")
 	img := filepath.Join(t.TempDir(), "disk.img")
 	writeRandomImage(t, img, 4<<20, 13)
 	snapDir := t.TempDir()
@@ -257,7 +258,7 @@ w.pwrite(b"\x44" * 65536, 0)
 
 // TestServeReadOnlyFlag: with --readonly nobody is a writer.
 func TestServeReadOnlyFlag(t *testing.T) {
-	requireCmd(t, "nbdinfo", "qemu-io")
+	testenv.RequireCmd(t, "nbdinfo", "qemu-io")
 	img := filepath.Join(t.TempDir(), "disk.img")
 	writeRandomImage(t, img, 4<<20, 15)
 	before := fileSHA256(t, img)

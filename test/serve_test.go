@@ -14,12 +14,13 @@ import (
 	"time"
 
 	"snapmount/nbd"
+	"snapmount/test/testenv"
 )
 
 const serveImageSize = 32 << 20
 
 func TestServeNbdinfo(t *testing.T) {
-	requireCmd(t, "nbdinfo")
+	testenv.RequireCmd(t, "nbdinfo")
 	dir := t.TempDir()
 	sparse := filepath.Join(dir, "sparse.img")
 	writeSparseImage(t, sparse, serveImageSize, [][2]int64{{4 << 20, 1 << 20}, {20 << 20, 2 << 20}}, 1)
@@ -82,7 +83,7 @@ func TestServeNbdinfo(t *testing.T) {
 }
 
 func TestServeNbdcopyRoundTrip(t *testing.T) {
-	requireCmd(t, "nbdcopy", "qemu-img")
+	testenv.RequireCmd(t, "nbdcopy", "qemu-img")
 	dir := t.TempDir()
 	src := filepath.Join(dir, "src.img")
 	writeRandomImage(t, src, serveImageSize, 3)
@@ -105,7 +106,7 @@ func TestServeNbdcopyRoundTrip(t *testing.T) {
 }
 
 func TestServeQemuIO(t *testing.T) {
-	requireCmd(t, "qemu-io")
+	testenv.RequireCmd(t, "qemu-io")
 	dir := t.TempDir()
 	img := filepath.Join(dir, "disk.img")
 	writeRandomImage(t, img, 8<<20, 4)
@@ -226,7 +227,7 @@ func TestServePythonLibnbd(t *testing.T) {
 // first, then a stock writer (qemu-io) with --max-writers 1 still gets the
 // write slot; the reader's writes fail with EPERM.
 func TestServeReadOnlyPromise(t *testing.T) {
-	requireCmd(t, "qemu-io")
+	testenv.RequireCmd(t, "qemu-io")
 	img := filepath.Join(t.TempDir(), "disk.img")
 	writeRandomImage(t, img, 8<<20, 6)
 	orig := readFileRange(t, img, 0, 4096)
@@ -253,10 +254,10 @@ func TestServeReadOnlyPromise(t *testing.T) {
 		t.Error("the writer's data is not in the image")
 	}
 	// The reader cannot write, and still sees its instant.
-	if errno, _ := reader.request(nbd.CmdWrite, 0, 4096, bytes.Repeat([]byte{1}, 4096)); errno != uint32(nbd.EPERM) {
+	if errno, _ := reader.request(nbd.CmdWrite, 0, 4096, bytes.Repeat([]byte{1}, 4096)); errno != nbd.EPERM {
 		t.Errorf("reader WRITE: errno %d, want EPERM", errno)
 	}
-	if errno, _ := reader.request(nbd.CmdTrim, 0, 4096, nil); errno != uint32(nbd.EPERM) {
+	if errno, _ := reader.request(nbd.CmdTrim, 0, 4096, nil); errno != nbd.EPERM {
 		t.Errorf("reader TRIM: errno %d, want EPERM", errno)
 	}
 	if errno, data := reader.request(nbd.CmdRead, 0, 4096, nil); errno != 0 || !bytes.Equal(data, orig) {
@@ -299,7 +300,7 @@ h.flush()
 // TestServeHostileBytes: garbage and broken handshakes end only their own
 // connection; the server, the image and other clients are unharmed.
 func TestServeHostileBytes(t *testing.T) {
-	requireCmd(t, "nbdinfo")
+	testenv.RequireCmd(t, "nbdinfo")
 	img := filepath.Join(t.TempDir(), "disk.img")
 	writeRandomImage(t, img, 8<<20, 7)
 	before := fileSHA256(t, img)

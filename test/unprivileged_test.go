@@ -4,70 +4,15 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"os/user"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"snapmount/test/testenv"
 )
-
-const testUser = "snapmount-test"
-
-// testUserIDs returns the uid and gid of the system user the
-// unprivileged tests run as, creating it if needed (root only).
-func testUserIDs(t *testing.T) (uint32, uint32) {
-	t.Helper()
-	if os.Getuid() != 0 {
-		skipOrFail(t, "creating a test user needs root")
-	}
-	u, err := user.Lookup(testUser)
-	if err != nil {
-		requireCmd(t, "useradd")
-		if out, err := exec.Command("useradd", "-r", "-M", "-s", "/usr/sbin/nologin", testUser).CombinedOutput(); err != nil {
-			// Another package's test may have created it meanwhile.
-			if u, err = user.Lookup(testUser); err != nil {
-				t.Fatalf("useradd %s: %v: %s", testUser, err, out)
-			}
-		}
-		if u == nil {
-			if u, err = user.Lookup(testUser); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
-	uid, _ := strconv.Atoi(u.Uid)
-	gid, _ := strconv.Atoi(u.Gid)
-	return uint32(uid), uint32(gid)
-}
-
-// openDevFuse makes /dev/fuse usable by every user for the test, as
-// desktop distributions ship it (0666; 0600 on these machines), and puts
-// the old mode back afterwards.
-func openDevFuse(t *testing.T) {
-	t.Helper()
-	// go test runs packages in parallel and fusefs's tests change the
-	// mode too: the same lock file keeps the save and restore pairs from
-	// interleaving.
-	lock, err := os.OpenFile(filepath.Join(os.TempDir(), "snapmount-dev-fuse.lock"), os.O_CREATE|os.O_RDWR, 0o600)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { lock.Close() }) // runs last: after the mode is back
-	st, err := os.Stat("/dev/fuse")
-	if err != nil {
-		skipOrFail(t, "/dev/fuse is missing")
-	}
-	old := st.Mode().Perm()
-	if err := os.Chmod("/dev/fuse", 0o666); err != nil {
-		t.Fatalf("chmod /dev/fuse: %v", err)
-	}
-	t.Cleanup(func() { os.Chmod("/dev/fuse", old) })
-}
 
 // asUser runs the binary under test as the unprivileged user.
 func asUser(t *testing.T, uid, gid uint32, bin string, args ...string) result {
@@ -102,12 +47,12 @@ func asUser(t *testing.T, uid, gid uint32, bin string, args ...string) result {
 // An ordinary user mounts through fusermount3 in a directory it owns,
 // reads the export, and unmounts; the file belongs to that user.
 func TestMountUnprivileged(t *testing.T) {
-	requireFUSE(t)
-	requireCmd(t, "nbdkit")
-	uid, gid := testUserIDs(t)
-	openDevFuse(t)
+	testenv.RequireFUSE(t)
+	testenv.RequireCmd(t, "nbdkit")
+	uid, gid := testenv.UnprivilegedUser(t)
+	testenv.OpenDevFuse(t)
 
-	dir := shortTempDir(t)
+	dir := testenv.ShortTempDir(t)
 	os.Chmod(dir, 0o755)
 	// The user cannot enter the suite's private build directory.
 	bin := filepath.Join(dir, "snapmount")
@@ -129,7 +74,7 @@ func TestMountUnprivileged(t *testing.T) {
 	uri := fmt.Sprintf("nbd://127.0.0.1:%d/", port)
 	r := asUser(t, uid, gid, bin, "mount", uri, mnt)
 	if r.code != 0 {
-		t.Fatalf("mount as %s: exit %d: %s", testUser, r.code, r.stderr)
+		t.Fatalf("mount as %s: exit %d: %s", testenv.TestUser, r.code, r.stderr)
 	}
 	t.Cleanup(func() {
 		if isMounted(mnt) {
@@ -144,14 +89,14 @@ func TestMountUnprivileged(t *testing.T) {
 	// Without allow_other only the user may look: read it as the user.
 	sum := asUser(t, uid, gid, "/usr/bin/sha256sum", file)
 	if sum.code != 0 || !strings.HasPrefix(sum.stdout, fileSHA256(t, image)) {
-		t.Fatalf("sha256sum as %s: %q %q", testUser, sum.stdout, sum.stderr)
+		t.Fatalf("sha256sum as %s: %q %q", testenv.TestUser, sum.stdout, sum.stderr)
 	}
 	st := asUser(t, uid, gid, "/usr/bin/stat", "-c", "%u %a", file)
 	if strings.TrimSpace(st.stdout) != fmt.Sprintf("%d 444", uid) {
 		t.Errorf("file owner and mode %q, want %d 444", st.stdout, uid)
 	}
 	if r := asUser(t, uid, gid, bin, "umount", mnt); r.code != 0 {
-		t.Fatalf("umount as %s: %d %s", testUser, r.code, r.stderr)
+		t.Fatalf("umount as %s: %d %s", testenv.TestUser, r.code, r.stderr)
 	}
 	if isMounted(mnt) {
 		t.Fatal("still mounted")

@@ -7,6 +7,9 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
+
+	"snapmount/test/testenv"
 )
 
 // TestServeUsageErrors: every mistake on the command line is one line on
@@ -59,27 +62,39 @@ func TestServeRunsUntilCancelled(t *testing.T) {
 	if err := os.WriteFile(img, make([]byte, 1<<20), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	sock := filepath.Join(shortDir(t), "s.sock")
+	sock := filepath.Join(testenv.ShortTempDir(t), "s.sock")
 	ctx, cancel := context.WithCancel(context.Background())
-	var stdout, stderr syncBuffer
+	var stdout, stderr testenv.Buffer
 	done := make(chan int, 1)
 	go func() {
 		done <- run(ctx, []string{"serve", "--no-tcp", "--socket", sock, "vm=" + img}, &stdout, &stderr)
 	}()
-	for !strings.Contains(stdout.String(), "listening on unix:"+sock) {
+	ready := "listening on unix:" + sock
+	deadline := time.After(30 * time.Second)
+	for {
+		changed := stdout.Changed()
+		if strings.Contains(stdout.String(), ready) {
+			break
+		}
 		select {
 		case code := <-done:
 			t.Fatalf("serve exited %d early: %s", code, stderr.String())
-		default:
-			syncYield()
+		case <-changed:
+		case <-deadline:
+			t.Fatalf("serve did not print %q within 30 s; stdout %q, stderr %q", ready, stdout.String(), stderr.String())
 		}
 	}
 	if !strings.Contains(stdout.String(), "exports: vm") {
 		t.Errorf("ready line %q does not name the export", stdout.String())
 	}
 	cancel()
-	if code := <-done; code != exitOK {
-		t.Errorf("serve exited %d after cancel, want 0; stderr: %s", code, stderr.String())
+	select {
+	case code := <-done:
+		if code != exitOK {
+			t.Errorf("serve exited %d after cancel, want 0; stderr: %s", code, stderr.String())
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatalf("serve still running 30 s after its context was cancelled; stderr: %s", stderr.String())
 	}
 	if _, err := os.Stat(sock); err == nil {
 		t.Error("the socket was not removed at exit")

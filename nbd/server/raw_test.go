@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"snapmount/nbd"
+	"snapmount/test/testenv"
 )
 
 // be is the byte order of the numbers the tests put on the wire by hand.
@@ -102,13 +103,7 @@ type rawClient struct {
 // dialRaw connects and does the greeting with FIXED_NEWSTYLE|NO_ZEROES.
 func dialRaw(t testing.TB, addr string) *rawClient {
 	t.Helper()
-	c, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	c.SetDeadline(time.Now().Add(30 * time.Second))
-	r := &rawClient{t: t, c: c}
+	r := &rawClient{t: t, c: testenv.Dial(t, "tcp", addr)}
 	var g [nbd.GreetingLen]byte
 	r.readFull(g[:])
 	if be.Uint64(g[0:]) != nbd.Magic || be.Uint64(g[8:]) != nbd.IHaveOpt {

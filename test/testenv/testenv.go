@@ -1,0 +1,241 @@
+// Package testenv holds what snapmount's tests need of the machine they
+// run on: the peers and FUSE they require (a test without them skips with
+// the reason, or fails when SNAPMOUNT_REQUIRE_PEERS=1, as CI sets it),
+// short temporary directories for Unix sockets, the unprivileged user and
+// the /dev/fuse mode for tests that mount as that user, and small helpers
+// several packages' tests share. Only tests import it.
+package testenv
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+	"unsafe"
+)
+
+// RequirePeers reports whether a missing prerequisite must fail the test
+// instead of skipping it (SNAPMOUNT_REQUIRE_PEERS=1).
+func RequirePeers() bool { return os.Getenv("SNAPMOUNT_REQUIRE_PEERS") == "1" }
+
+// SkipOrFail skips the test with the reason, or fails it when
+// SNAPMOUNT_REQUIRE_PEERS=1.
+func SkipOrFail(t testing.TB, format string, args ...any) {
+	t.Helper()
+	msg := fmt.Sprintf(format, args...)
+	if RequirePeers() {
+		t.Fatalf("%s (SNAPMOUNT_REQUIRE_PEERS=1 turns this skip into a failure)", msg)
+	}
+	t.Skip(msg)
+}
+
+// RequireCmd skips (or fails) unless every named program is on PATH.
+func RequireCmd(t testing.TB, names ...string) {
+	t.Helper()
+	for _, n := range names {
+		if _, err := exec.LookPath(n); err != nil {
+			SkipOrFail(t, "%s is not installed (apt-get install %s)", n, debianPackage(n))
+		}
+	}
+}
+
+// debianPackage names the package that installs a program.
+func debianPackage(cmd string) string {
+	switch cmd {
+	case "qemu-nbd", "qemu-img", "qemu-io":
+		return "qemu-utils"
+	case "qemu-storage-daemon":
+		return "qemu-system-common"
+	case "nbdinfo", "nbdcopy", "nbdfuse", "nbdsh":
+		return "libnbd-bin"
+	case "fusermount3":
+		return "fuse3"
+	case "useradd":
+		return "passwd"
+	}
+	return cmd
+}
+
+// RequireFUSE skips (or fails) unless /dev/fuse and fusermount3 exist.
+func RequireFUSE(t testing.TB) {
+	t.Helper()
+	if _, err := os.Stat("/dev/fuse"); err != nil {
+		SkipOrFail(t, "/dev/fuse is missing, FUSE mounts are impossible here: %v", err)
+	}
+	RequireCmd(t, "fusermount3")
+}
+
+// ShortTempDir returns a new temporary directory, removed when the test
+// ends, whose path is short enough for Unix sockets (107 bytes at most;
+// t.TempDir's paths can be longer).
+func ShortTempDir(t testing.TB) string {
+	t.Helper()
+	d, err := os.MkdirTemp("", "sm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(d) })
+	return d
+}
+
+// TestUser is the unprivileged account tests mount and read as. It is
+// created when missing and left in place: another run may be using it.
+const TestUser = "snapmount-test"
+
+// UnprivilegedUser returns the uid and gid of TestUser, creating it (a
+// system account without home or login shell) if needed. Only root can:
+// for anyone else the test skips (or fails).
+func UnprivilegedUser(t testing.TB) (uid, gid uint32) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		SkipOrFail(t, "must run as root to create the user %s and run processes as that user", TestUser)
+	}
+	u, err := user.Lookup(TestUser)
+	if errors.As(err, new(user.UnknownUserError)) {
+		RequireCmd(t, "useradd")
+		out, aerr := exec.Command("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TestUser).CombinedOutput()
+		// Another package's test may have created it meanwhile.
+		if u, err = user.Lookup(TestUser); err != nil {
+			t.Fatalf("useradd %s: %v: %s", TestUser, aerr, out)
+		}
+	}
+	if err != nil {
+		t.Fatalf("looking up %s: %v", TestUser, err)
+	}
+	id, err := strconv.ParseUint(u.Uid, 10, 32)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, err := strconv.ParseUint(u.Gid, 10, 32)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return uint32(id), uint32(g)
+}
+
+// OpenDevFuse makes /dev/fuse usable by every user for the test, as
+// desktop distributions ship it (0666), and puts the old mode back when
+// the test ends. Tests that do this hold a lock file meanwhile: go test
+// runs packages in parallel, and two of them saving and restoring the mode
+// at once could leave it changed.
+func OpenDevFuse(t testing.TB) {
+	t.Helper()
+	lock, err := os.OpenFile(filepath.Join(os.TempDir(), "snapmount-dev-fuse.lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
+		lock.Close()
+		t.Fatal(err)
+	}
+	// Registered first, so it runs after the mode is back.
+	t.Cleanup(func() { lock.Close() })
+	st, err := os.Stat("/dev/fuse")
+	if err != nil {
+		SkipOrFail(t, "/dev/fuse is missing, FUSE mounts are impossible here: %v", err)
+	}
+	old := st.Mode().Perm()
+	if old&0o666 == 0o666 {
+		return
+	}
+	if err := os.Chmod("/dev/fuse", old|0o666); err != nil {
+		t.Fatalf("chmod /dev/fuse: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := os.Chmod("/dev/fuse", old); err != nil {
+			t.Errorf("restoring the mode of /dev/fuse: %v", err)
+		}
+	})
+}
+
+// SocketPair returns two connected Unix stream sockets, closed when the
+// test ends: a real, buffered, bidirectional stream (net.Pipe is
+// synchronous and would deadlock a pipelined protocol).
+func SocketPair(t testing.TB) (net.Conn, net.Conn) {
+	t.Helper()
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conns := make([]net.Conn, 2)
+	for i, fd := range fds {
+		f := os.NewFile(uintptr(fd), "socketpair")
+		c, err := net.FileConn(f)
+		f.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns[i] = c
+		t.Cleanup(func() { c.Close() })
+	}
+	return conns[0], conns[1]
+}
+
+// Dial connects to addr, closes the connection when the test ends, and
+// gives every read and write on it a deadline a minute away, so that a
+// peer that stops answering fails the test instead of hanging it.
+func Dial(t testing.TB, network, addr string) net.Conn {
+	t.Helper()
+	c, err := net.Dial(network, addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(time.Minute))
+	return c
+}
+
+// Buffer is a bytes.Buffer that a process or goroutine may write while
+// the test reads it, and whose writes a test can wait for.
+type Buffer struct {
+	mu      sync.Mutex
+	b       bytes.Buffer
+	changed chan struct{} // closed by the next Write; nil until asked for
+}
+
+func (b *Buffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.changed != nil {
+		close(b.changed)
+		b.changed = nil
+	}
+	return b.b.Write(p)
+}
+
+func (b *Buffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
+}
+
+// Changed returns a channel that the next Write closes. Take it before
+// looking at the content, so that no write falls in between.
+func (b *Buffer) Changed() <-chan struct{} {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.changed == nil {
+		b.changed = make(chan struct{})
+	}
+	return b.changed
+}
+
+// AlignedBuf returns a page-aligned buffer of n bytes, as O_DIRECT wants.
+func AlignedBuf(n int) []byte {
+	const page = 4096
+	b := make([]byte, n+page)
+	off := int(uintptr(unsafe.Pointer(&b[0])) & (page - 1))
+	if off != 0 {
+		off = page - off
+	}
+	return b[off : off+n]
+}
