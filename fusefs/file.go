@@ -72,9 +72,9 @@ func (f *fileNode) Read(ctx context.Context, _ fs.FileHandle, dest []byte, off i
 	if off >= f.v.size {
 		return fuse.ReadResultData(nil), 0
 	}
-	if g := f.v.procs.Load(); g != nil {
-		g.enter()
-		defer g.leave()
+	if r := f.v.reads; r != nil {
+		r.ReadStarted()
+		defer r.ReadEnded()
 	}
 	if rest := f.v.size - off; int64(len(dest)) > rest {
 		dest = dest[:rest]

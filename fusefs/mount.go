@@ -8,7 +8,6 @@ import (
 	"log"
 	"os"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"syscall"
 	"time"
@@ -72,17 +71,12 @@ type Options struct {
 	// longer interrupt it: only use it when every read is bounded by a
 	// timeout below (the NBD client's is).
 	AsyncDirectIO bool
-	// SerialProcs lowers GOMAXPROCS to 1 while reads arrive one at a
-	// time, and restores it as soon as two overlap, for as long as the
-	// mount lasts (see procGovernor). It changes the whole process's
-	// scheduler: only for a process that does little else. It applies
-	// only where Mount could raise the kernel's readahead window (root):
-	// there a sequential reader shows as several 1 MiB reads at once.
-	// With the kernel's 128 KiB window a reader's own prefetching (the
-	// cache's readahead) runs beside reads that come one at a time, and
-	// one processor slowed it: the first 64 MiB of a fresh mount as an
-	// ordinary user took 272-435 ms against 267-290.
-	SerialProcs bool
+	// Reads, if set, is told as each read of the file starts and ends,
+	// so that the caller knows how many are in flight (to size the
+	// process's scheduler to them, say). Its methods are called
+	// concurrently, on the path of every read: they must be cheap and
+	// must not block.
+	Reads ReadObserver
 }
 
 // Seeker, if the reader implements it, answers lseek(2) SEEK_DATA and
@@ -94,6 +88,12 @@ type Options struct {
 type Seeker interface {
 	SeekData(ctx context.Context, off int64) (int64, error)
 	SeekHole(ctx context.Context, off int64) (int64, error)
+}
+
+// ReadObserver is told as each read starts and ends; see Options.Reads.
+type ReadObserver interface {
+	ReadStarted()
+	ReadEnded()
 }
 
 // ContextReaderAt, if the reader implements it, is used instead of ReadAt
@@ -186,16 +186,6 @@ func Mount(dir string, r io.ReaderAt, opt Options) (*fuse.Server, error) {
 	raiseErr := raiseReadAhead(dir)
 	if raiseErr != nil && !errors.Is(raiseErr, os.ErrPermission) {
 		fsOpts.Logger.Printf("fusefs: cannot raise the readahead window of %s: %v", dir, raiseErr)
-	}
-	if full := runtime.GOMAXPROCS(0); opt.SerialProcs && raiseErr == nil && full > 1 {
-		g := newProcGovernor(full, serialInterval, func(n int) { runtime.GOMAXPROCS(n) })
-		root.(*rootNode).v.procs.Store(g)
-		stop := make(chan struct{})
-		go g.run(stop)
-		go func() {
-			server.Wait()
-			close(stop)
-		}()
 	}
 	return server, nil
 }

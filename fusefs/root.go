@@ -3,7 +3,6 @@ package fusefs
 import (
 	"context"
 	"io"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -29,7 +28,7 @@ type view struct {
 	stats          func() []byte
 	onWriteAttempt func(op string, pid, uid uint32)
 	errs           *errorLog
-	procs          atomic.Pointer[procGovernor] // set by Mount (Options.SerialProcs)
+	reads          ReadObserver // nil: nobody counts reads
 }
 
 // rootNode is the mount root: a read-only directory holding the file.
@@ -57,6 +56,7 @@ func NewRoot(r io.ReaderAt, opt Options) fs.InodeEmbedder {
 		mtime:          opt.Mtime,
 		stats:          opt.Stats,
 		onWriteAttempt: opt.OnWriteAttempt,
+		reads:          opt.Reads,
 		errs:           newErrorLog(opt.logger()),
 	}
 	if v.mtime.IsZero() {

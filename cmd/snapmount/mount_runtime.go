@@ -5,6 +5,8 @@ package main
 import (
 	"runtime"
 	"runtime/debug"
+	"sync/atomic"
+	"time"
 )
 
 // mountGCPercent is the mount process's GOGC unless its environment sets
@@ -32,7 +34,7 @@ const mountGCPercent = 200
 // 18.5-19.5k from nbdkit, nbdfuse 17.5-18.9k; 18.9k against 16.5k medians
 // from snapmount serve), and one read at a time and cold sequential reads
 // the same. (While reads come one at a time, a root mount runs on one
-// processor: fusefs.Options.SerialProcs.)
+// processor: procGovernor.)
 func tuneMountRuntime(getenv func(string) string) (procs int) {
 	if getenv("GOGC") == "" {
 		debug.SetGCPercent(mountGCPercent)
@@ -41,4 +43,105 @@ func tuneMountRuntime(getenv func(string) string) (procs int) {
 		runtime.GOMAXPROCS(runtime.GOMAXPROCS(0) + 1)
 	}
 	return runtime.GOMAXPROCS(0)
+}
+
+// procGovernor runs the Go scheduler with one processor while reads arrive
+// one at a time, and with all of them as soon as two overlap. It counts
+// the file's reads as their fusefs.ReadObserver.
+//
+// Why: with more than one processor, every goroutine made runnable (a
+// reader whose reply another goroutine read, a new go-fuse reader) wakes
+// an idle processor's thread, which finds nothing to do and sleeps again,
+// and go-fuse's readers block in read(2) holding processors, which the
+// runtime's monitor takes back every 20 µs; a single reader, one read at a
+// time, pays for all that and gains nothing from a second processor. But
+// one processor for good slows cold sequential reads, so overlapping
+// reads get them all back at once. It governs only mounts whose kernel
+// readahead window could be raised (root): there a sequential reader shows
+// as several reads at once, while with the kernel's 128 KiB window the
+// cache's own readahead runs beside reads that come one at a time, and
+// one processor slowed it.
+type procGovernor struct {
+	full     int           // processors while reads overlap: GOMAXPROCS at start
+	set      func(int)     // runtime.GOMAXPROCS, or a test's recorder
+	interval time.Duration // how long reads must not overlap before going to one
+
+	inflight atomic.Int32
+	peak     atomic.Int32  // most reads in flight at once since the last tick
+	one      atomic.Bool   // running with one processor
+	raise    chan struct{} // reads overlap while on one processor
+}
+
+// serialInterval is how long reads must come one at a time before the
+// mount drops to one processor. Each change stops the world briefly, so
+// changes are at most a few per second.
+const serialInterval = 100 * time.Millisecond
+
+func newProcGovernor(full int, interval time.Duration, set func(int)) *procGovernor {
+	return &procGovernor{full: full, set: set, interval: interval, raise: make(chan struct{}, 1)}
+}
+
+// ReadStarted counts a read in; a read that overlaps another while on one
+// processor asks for all of them (without waiting for the change).
+func (g *procGovernor) ReadStarted() {
+	n := g.inflight.Add(1)
+	for p := g.peak.Load(); n > p && !g.peak.CompareAndSwap(p, n); p = g.peak.Load() {
+	}
+	if n >= 2 && g.one.Load() {
+		select {
+		case g.raise <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// ReadEnded counts a read out.
+func (g *procGovernor) ReadEnded() { g.inflight.Add(-1) }
+
+// governProcs starts g, until stop is closed, on a mount whose kernel
+// readahead window is at least 1 MiB (the mount raised it: root), and
+// reports whether it did; see procGovernor for why only there.
+func governProcs(g *procGovernor, kernelReadahead int64, stop <-chan struct{}) bool {
+	if kernelReadahead < 1<<20 || g.full <= 1 {
+		return false
+	}
+	go g.run(stop)
+	return true
+}
+
+// run governs until stop is closed, then leaves all processors in place.
+func (g *procGovernor) run(stop <-chan struct{}) {
+	t := time.NewTicker(g.interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-stop:
+			g.setOne(false)
+			return
+		case <-g.raise:
+			g.setOne(false)
+		case <-t.C:
+			g.tick()
+		}
+	}
+}
+
+// tick ends an interval: one processor if no two reads overlapped in it.
+// The next interval's peak starts at the reads in flight now.
+func (g *procGovernor) tick() {
+	if g.peak.Swap(g.inflight.Load()) <= 1 {
+		g.setOne(true)
+	}
+}
+
+func (g *procGovernor) setOne(one bool) {
+	if g.one.Load() == one {
+		return
+	}
+	g.one.Store(one)
+	if one {
+		g.set(1)
+	} else {
+		g.set(g.full)
+	}
 }

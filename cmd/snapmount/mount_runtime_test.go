@@ -1,9 +1,18 @@
 package main
 
 import (
+	"os"
+	"path/filepath"
 	"runtime"
 	"runtime/debug"
+	"slices"
 	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"snapmount/fusefs"
+	"snapmount/test/testenv"
 )
 
 // The mount process collects at mountGCPercent and runs with one Go
@@ -40,5 +49,160 @@ func TestTuneMountRuntime(t *testing.T) {
 	}
 	if got != prevProcs || runtime.GOMAXPROCS(0) != prevProcs {
 		t.Errorf("with GOMAXPROCS set: %d processors (returned %d), want %d unchanged", runtime.GOMAXPROCS(0), got, prevProcs)
+	}
+}
+
+// The governor drops to one processor after an interval without
+// overlapping reads, asks for all of them the moment two reads overlap,
+// stays there while they keep overlapping, and gives them back at stop.
+func TestProcGovernor(t *testing.T) {
+	var set []int
+	g := newProcGovernor(4, time.Hour, func(n int) { set = append(set, n) })
+
+	g.tick() // an interval with no reads
+	g.ReadStarted()
+	g.ReadEnded()
+	g.ReadStarted()
+	g.tick() // one read at a time, one still in flight
+	if !slices.Equal(set, []int{1}) {
+		t.Fatalf("after serial reads: GOMAXPROCS set to %v, want [1]", set)
+	}
+	select {
+	case <-g.raise:
+		t.Fatal("a single read in flight asked for more processors")
+	default:
+	}
+
+	g.ReadStarted() // overlaps the one in flight
+	select {
+	case <-g.raise:
+		g.setOne(false) // what run does
+	default:
+		t.Fatal("overlapping reads did not ask for more processors")
+	}
+	if !slices.Equal(set, []int{1, 4}) {
+		t.Fatalf("after overlapping reads: GOMAXPROCS set to %v, want [1 4]", set)
+	}
+	g.ReadEnded()
+	g.tick() // the interval saw two at once: stay
+	g.ReadEnded()
+	g.tick() // the next interval started with one in flight, then none
+	if !slices.Equal(set, []int{1, 4, 1}) {
+		t.Fatalf("after the overlap ended: GOMAXPROCS set to %v, want [1 4 1]", set)
+	}
+
+	stop := make(chan struct{})
+	close(stop)
+	g.run(stop)
+	if !slices.Equal(set, []int{1, 4, 1, 4}) {
+		t.Fatalf("after stop: GOMAXPROCS set to %v, want [1 4 1 4]", set)
+	}
+}
+
+// setsOf returns a GOMAXPROCS setter that also reports every change.
+func setsOf(sets chan<- int) func(int) {
+	return func(n int) {
+		runtime.GOMAXPROCS(n)
+		sets <- n
+	}
+}
+
+// waitSet waits until the governor sets GOMAXPROCS to want.
+func waitSet(t *testing.T, sets <-chan int, want int, what string) {
+	t.Helper()
+	deadline := time.After(10 * time.Second)
+	for {
+		select {
+		case n := <-sets:
+			if n == want {
+				return
+			}
+		case <-deadline:
+			t.Fatalf("%s: the governor did not set GOMAXPROCS to %d within 10 s (it is %d)", what, want, runtime.GOMAXPROCS(0))
+		}
+	}
+}
+
+// On a root mount (whose readahead window the mount raised) the governor
+// runs the process with one Go processor while reads come one at a time,
+// with all of them while two overlap, and gives them back at stop.
+func TestProcGovernorOnMount(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("the governor applies only where the mount can raise the kernel's readahead window: root")
+	}
+	testenv.RequireFUSE(t)
+	before := runtime.GOMAXPROCS(0)
+	full := max(before, 2)
+	runtime.GOMAXPROCS(full)
+	t.Cleanup(func() { runtime.GOMAXPROCS(before) })
+	sets := make(chan int, 64)
+	g := newProcGovernor(full, serialInterval, setsOf(sets))
+	gate := testenv.NewGate(2)
+	dir := t.TempDir()
+	srv, err := fusefs.Mount(dir, gate, fusefs.Options{Name: "disk", Size: 1 << 20, Reads: g})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := srv.Unmount(); err != nil {
+			t.Errorf("Unmount: %v", err)
+		}
+	})
+	kra, err := fusefs.KernelReadahead(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := make(chan struct{})
+	if !governProcs(g, kra, stop) {
+		t.Fatalf("the governor did not start on a root mount (kernel readahead %d KiB)", kra>>10)
+	}
+	waitSet(t, sets, 1, "with no reads")
+
+	f, err := os.OpenFile(filepath.Join(dir, "disk"), os.O_RDONLY|unix.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	errs := make(chan error, 2)
+	for i := range 2 {
+		go func() {
+			_, err := f.ReadAt(testenv.AlignedBuf(4096), int64(i)*65536)
+			errs <- err
+		}()
+	}
+	for range 2 {
+		select {
+		case <-gate.Entered:
+		case <-time.After(10 * time.Second):
+			t.Fatal("two O_DIRECT reads did not both reach the reader within 10 s")
+		}
+	}
+	waitSet(t, sets, full, "with two reads in flight")
+	gate.Open()
+	for range 2 {
+		select {
+		case err := <-errs:
+			if err != nil {
+				t.Fatal(err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("the reads did not return within 10 s of the gate opening")
+		}
+	}
+	waitSet(t, sets, 1, "after the reads")
+	close(stop)
+	waitSet(t, sets, full, "after stop")
+}
+
+// Without a raised readahead window (no root) the governor stays off.
+func TestProcGovernorOnlyWithRaisedReadahead(t *testing.T) {
+	g := newProcGovernor(4, time.Hour, func(int) { t.Error("GOMAXPROCS changed") })
+	stop := make(chan struct{})
+	defer close(stop)
+	if governProcs(g, 128<<10, stop) {
+		t.Error("the governor started with the kernel's 128 KiB readahead window")
+	}
+	if governProcs(newProcGovernor(1, time.Hour, nil), 4<<20, stop) {
+		t.Error("the governor started with one processor to govern")
 	}
 }

@@ -229,6 +229,29 @@ func (b *Buffer) Changed() <-chan struct{} {
 	return b.changed
 }
 
+// Gate is an io.ReaderAt of zeros that holds every read until Open, so
+// that a test can keep reads in flight; each read announces itself on
+// Entered as it arrives.
+type Gate struct {
+	Entered chan struct{}
+	open    chan struct{}
+}
+
+// NewGate returns a closed gate whose Entered holds n announcements.
+func NewGate(n int) *Gate {
+	return &Gate{Entered: make(chan struct{}, n), open: make(chan struct{})}
+}
+
+// Open lets every read through, those waiting and those to come.
+func (g *Gate) Open() { close(g.open) }
+
+func (g *Gate) ReadAt(p []byte, off int64) (int, error) {
+	g.Entered <- struct{}{}
+	<-g.open
+	clear(p)
+	return len(p), nil
+}
+
 // AlignedBuf returns a page-aligned buffer of n bytes, as O_DIRECT wants.
 func AlignedBuf(n int) []byte {
 	const page = 4096
