@@ -8,6 +8,8 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+
+	"snapmount/test/testenv"
 )
 
 // sparseImage returns data whose given ranges are zeros (everything else
@@ -102,14 +104,14 @@ func TestAllocOneQueryPerWindow(t *testing.T) {
 			readOK(t, c, data, int64(i)*8*bs, bs)
 		}()
 		if i == 0 {
-			<-src.allocEnter
+			testenv.Receive(t, src.allocEnter, "an allocation query to reach the source")
 		}
 	}
 	for range readers - 1 {
-		<-waiting
+		testenv.Receive(t, waiting, "a reader to wait for the allocation query")
 	}
 	close(src.allocGate)
-	wg.Wait()
+	testenv.Wait(t, &wg, "the readers to finish")
 	checkStats(t, c.Stats(), map[string]int64{"AllocQueries": 1, "ZeroHits": 4, "Misses": 4})
 }
 
@@ -171,9 +173,9 @@ func TestAllocCancelled(t *testing.T) {
 		_, err := c.ReadAtContext(ctx, make([]byte, bs), 0)
 		errc <- err
 	}()
-	<-src.allocEnter
+	testenv.Receive(t, src.allocEnter, "an allocation query to reach the source")
 	cancel()
-	if err := <-errc; !errors.Is(err, context.Canceled) {
+	if err := testenv.Receive(t, errc, "the read's result"); !errors.Is(err, context.Canceled) {
 		t.Fatalf("got %v, want context.Canceled", err)
 	}
 	close(src.allocGate)

@@ -12,6 +12,8 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+
+	"snapmount/test/testenv"
 )
 
 // Reads of every alignment and length, straddling blocks, through the
@@ -203,16 +205,16 @@ func TestOneFetchPerBlock(t *testing.T) {
 			}
 			wg.Add(1)
 			go read()
-			<-src.entered // the fetch is at the source, held by the gate
+			testenv.Receive(t, src.entered, "the fetch to reach the source (the gate holds it)")
 			for range readers - 1 {
 				wg.Add(1)
 				go read()
 			}
 			for range readers - 1 {
-				<-joined
+				testenv.Receive(t, joined, "a read to join the fetch in flight")
 			}
 			close(src.gate)
-			wg.Wait()
+			testenv.Wait(t, &wg, "the readers to finish")
 			checkStats(t, c.Stats(), map[string]int64{"SourceReads": 1, "Misses": 1, "InflightJoins": readers - 1})
 		})
 	}
@@ -238,13 +240,13 @@ func TestCancelledReaderLeavesFetchRunning(t *testing.T) {
 				_, err := c.ReadAtContext(ctx, make([]byte, bs), 0)
 				firstErr <- err
 			}()
-			<-src.entered
+			testenv.Receive(t, src.entered, "a read to reach the source")
 			secondDone := make(chan struct{})
 			go func() {
 				defer close(secondDone)
 				readOK(t, c, data, 0, bs)
 			}()
-			<-joined
+			testenv.Receive(t, joined, "a read to join the fetch in flight")
 
 			// The reader that started the fetch runs it and gives up:
 			// the fetch is not cancelled, the reader is held by the
@@ -258,8 +260,8 @@ func TestCancelledReaderLeavesFetchRunning(t *testing.T) {
 			default:
 			}
 			close(src.gate)
-			<-secondDone
-			if err := <-firstErr; err != nil {
+			testenv.Receive(t, secondDone, "the second reader to finish")
+			if err := testenv.Receive(t, firstErr, "the first reader's result"); err != nil {
 				t.Fatalf("the cancelled reader that ran the fetch got %v; it had its data", err)
 			}
 			readOK(t, c, data, 0, bs) // cached
@@ -285,7 +287,7 @@ func TestCancelledWaiter(t *testing.T) {
 		defer close(firstDone)
 		readOK(t, c, data, 0, 2*bs)
 	}()
-	<-src.entered
+	testenv.Receive(t, src.entered, "a read to reach the source")
 	ctx, cancel := context.WithCancel(context.Background())
 	waiterErr := make(chan error, 1)
 	go func() {
@@ -295,14 +297,14 @@ func TestCancelledWaiter(t *testing.T) {
 		}
 		waiterErr <- err
 	}()
-	<-joined
-	<-joined // both blocks
+	testenv.Receive(t, joined, "the waiter to join the fetch of block 0")
+	testenv.Receive(t, joined, "the waiter to join the fetch of block 1")
 	cancel()
-	if err := <-waiterErr; !errors.Is(err, context.Canceled) {
+	if err := testenv.Receive(t, waiterErr, "the waiter's result"); !errors.Is(err, context.Canceled) {
 		t.Fatalf("waiter got %v, want context.Canceled", err)
 	}
 	close(src.gate)
-	<-firstDone
+	testenv.Receive(t, firstDone, "the first reader to finish")
 	checkStats(t, c.Stats(), map[string]int64{"SourceReads": 1, "Misses": 2, "InflightJoins": 2})
 }
 
@@ -473,7 +475,7 @@ func TestConcurrentReadsStayInBudget(t *testing.T) {
 					}
 				}()
 			}
-			wg.Wait()
+			testenv.Wait(t, &wg, "the readers to finish")
 			idle(c)
 			st := c.Stats()
 			if st.CachedBytes > budget || c.bufs.live() > budget/bs {
@@ -548,11 +550,11 @@ func TestClose(t *testing.T) {
 		_, err := c.ReadAt(make([]byte, bs), 0)
 		readErr <- err
 	}()
-	<-src.entered
+	testenv.Receive(t, src.entered, "a read to reach the source")
 	if err := c.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if err := <-readErr; !errors.Is(err, ErrClosed) {
+	if err := testenv.Receive(t, readErr, "the read's result"); !errors.Is(err, ErrClosed) {
 		t.Fatalf("read during Close got %v, want ErrClosed", err)
 	}
 	if _, err := c.ReadAt(make([]byte, 1), 0); !errors.Is(err, ErrClosed) {
@@ -689,10 +691,10 @@ func TestCloseDuringReads(t *testing.T) {
 				}()
 			}
 			for range 8 {
-				<-started
+				testenv.Receive(t, started, "the readers to start")
 			}
 			c.Close()
-			wg.Wait()
+			testenv.Wait(t, &wg, "the readers to finish")
 			if c.bufs.live() != 0 {
 				t.Fatalf("%d buffers live after Close and the last reader", c.bufs.live())
 			}

@@ -8,6 +8,8 @@ import (
 	"slices"
 	"sync"
 	"testing"
+
+	"snapmount/test/testenv"
 )
 
 // A sequential reader is served from readahead after its second read: the
@@ -172,8 +174,8 @@ func TestReadaheadConcurrencyBounds(t *testing.T) {
 		c := newTestCache(t, asVec(src), int64(len(data)), Options{BlockSize: bs, MaxRequest: bs})
 		readOK(t, c, data, 0, bs)
 		readOK(t, c, data, bs, bs) // two one-block readahead requests: the limit
-		<-src.entered
-		<-src.entered
+		testenv.Receive(t, src.entered, "a read to reach the source")
+		testenv.Receive(t, src.entered, "a read to reach the source")
 		// Continue the stream into the held blocks; the window would grow
 		// and ask for more, but the stream has its two requests out. The
 		// read itself gives up at once.
@@ -201,7 +203,7 @@ func TestReadaheadConcurrencyBounds(t *testing.T) {
 			readOK(t, c, data, (s*16+2)*bs-bs/2, bs/2) // continues: wants readahead
 		}
 		for range readaheadWorkers {
-			<-src.entered
+			testenv.Receive(t, src.entered, "a read to reach the source")
 		}
 		if n := len(c.ra.sem); n != readaheadWorkers {
 			t.Fatalf("%d readahead requests outstanding, want %d", n, readaheadWorkers)
@@ -223,8 +225,8 @@ func TestCloseStopsReadahead(t *testing.T) {
 	c := New(asVec(src), int64(len(data)), Options{BlockSize: bs})
 	readOK(t, c, data, 0, bs)
 	readOK(t, c, data, bs, bs)
-	<-src.entered // readahead is at the source
-	c.Close()     // returns only once the readahead goroutine is done
+	testenv.Receive(t, src.entered, "readahead to reach the source")
+	c.Close() // returns only once the readahead goroutine is done
 	if n := len(c.ra.sem); n != 0 {
 		t.Fatalf("%d readahead requests still outstanding after Close", n)
 	}
@@ -261,7 +263,7 @@ func TestReadaheadConcurrentStreams(t *testing.T) {
 					}
 				}()
 			}
-			wg.Wait()
+			testenv.Wait(t, &wg, "the readers to finish")
 			idle(c)
 			st := c.Stats()
 			if st.CachedBytes > budget || c.bufs.live() > budget/bs {
@@ -288,17 +290,17 @@ func TestReadaheadJoined(t *testing.T) {
 	c.hookJoined = func(idx int64) { joined <- idx }
 	readOK(t, c, data, 0, bs)
 	readOK(t, c, data, bs, bs)
-	<-src.entered // readahead of blocks 2-3 is at the source
+	testenv.Receive(t, src.entered, "the readahead of blocks 2-3 to reach the source")
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
 		readOK(t, c, data, 2*bs, bs)
 	}()
-	if idx := <-joined; idx != 2 {
+	if idx := testenv.Receive(t, joined, "a read to join the fetch in flight"); idx != 2 {
 		t.Fatalf("joined block %d, want 2", idx)
 	}
 	close(src.gate)
-	<-done
+	testenv.Receive(t, done, "the reader to finish")
 	idle(c)
 	// The read of block 2 also grew the window: blocks 4-6 were prefetched.
 	checkStats(t, c.Stats(), map[string]int64{

@@ -104,7 +104,7 @@ func TestMountParallelReadAt(t *testing.T) {
 			}
 		})
 	}
-	wg.Wait()
+	testenv.Wait(t, &wg, "the readers to finish")
 }
 
 func TestMountAttributes(t *testing.T) {
@@ -505,13 +505,13 @@ func TestMountInterrupt(t *testing.T) {
 		case <-exited:
 		default:
 			_ = cmd.Process.Kill()
-			<-exited
+			testenv.Receive(t, exited, "the helper process to exit")
 		}
 	})
 	line, _ := lines.next(t, 30*time.Second)
 	var tid int
 	if _, err := fmt.Sscanf(line, "tid %d", &tid); err != nil {
-		<-exited
+		testenv.Receive(t, exited, "the helper process to exit")
 		t.Fatalf("helper said %q (exit: %v)", line, waitErr)
 	}
 	select {
@@ -523,7 +523,7 @@ func TestMountInterrupt(t *testing.T) {
 		t.Fatal(err)
 	}
 	if got, ok := lines.next(t, 30*time.Second); !ok {
-		<-exited
+		testenv.Receive(t, exited, "the helper process to exit")
 		t.Fatalf("helper ended without a result: %v", waitErr)
 	} else if got != "result EINTR" {
 		t.Errorf("helper: %q, want result EINTR", got)
@@ -533,7 +533,7 @@ func TestMountInterrupt(t *testing.T) {
 	default:
 		t.Errorf("the reader's context was not cancelled")
 	}
-	<-exited
+	testenv.Receive(t, exited, "the helper process to exit")
 	if waitErr != nil {
 		t.Errorf("helper: %v", waitErr)
 	}

@@ -76,14 +76,14 @@ func TestMountUnprivileged(t *testing.T) {
 		case <-exited:
 		case <-time.After(10 * time.Second):
 			_ = helper.Process.Kill()
-			<-exited
+			testenv.Receive(t, exited, "the helper process to exit")
 		}
 		if t.Failed() {
 			t.Logf("helper stderr:\n%s", stderr.String())
 		}
 	})
 	if line, _ := lines.next(t, 30*time.Second); line != "ready" {
-		<-exited
+		testenv.Receive(t, exited, "the helper process to exit")
 		t.Fatalf("helper said %q, want ready (exit: %v); stderr: %s", line, waitErr, stderr.String())
 	}
 

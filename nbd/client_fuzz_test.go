@@ -93,7 +93,7 @@ func FuzzClientReplies(f *testing.F) {
 		}()
 		_, _ = sc.Write(data)
 		sc.Close()
-		wg.Wait()
+		testenv.Wait(t, &wg, "the client's requests to end")
 		if ctx.Err() != nil {
 			t.Fatal("requests did not end after the server hung up")
 		}

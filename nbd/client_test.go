@@ -162,7 +162,7 @@ func TestConnStructuredRead(t *testing.T) {
 	s.chunk(0, ChunkOffsetData, r.Cookie, dataChunk(4096+8, []byte("BBBBBBBB")))
 	s.chunk(0, ChunkOffsetHole, r.Cookie, holeChunk(4096+4, 4))
 	s.chunk(ReplyFlagDone, ChunkOffsetData, r.Cookie, dataChunk(4096, []byte("AAAA")))
-	got := <-res
+	got := testenv.Receive(t, res, "the read's result")
 	if got.err != nil || string(got.buf) != "AAAA\x00\x00\x00\x00BBBBBBBB" {
 		t.Fatalf("got %q, %v", got.buf, got.err)
 	}
@@ -179,10 +179,10 @@ func TestConnPipelinedOutOfOrder(t *testing.T) {
 	}
 	s.write(append(AppendSimpleReply(nil, 0, r2.Cookie), "2222"...))
 	s.write(append(AppendSimpleReply(nil, 0, r1.Cookie), "1111"...))
-	if g := <-first; g.err != nil || string(g.buf) != "1111" {
+	if g := testenv.Receive(t, first, "the first read's result"); g.err != nil || string(g.buf) != "1111" {
 		t.Fatalf("first: %q %v", g.buf, g.err)
 	}
-	if g := <-second; g.err != nil || string(g.buf) != "2222" {
+	if g := testenv.Receive(t, second, "the second read's result"); g.err != nil || string(g.buf) != "2222" {
 		t.Fatalf("second: %q %v", g.buf, g.err)
 	}
 }
@@ -193,7 +193,7 @@ func TestConnRequestErrorsKeepConnection(t *testing.T) {
 	r := s.readRequest()
 	s.chunk(0, ChunkOffsetData, r.Cookie, dataChunk(8192, make([]byte, 512)))
 	s.chunk(ReplyFlagDone, ChunkErrorOffset, r.Cookie, AppendErrorChunkPayload(nil, EIO, "bad sector", 8192+512))
-	g := <-res
+	g := testenv.Receive(t, res, "the read's result")
 	var re *RequestError
 	if !errors.As(g.err, &re) || re.Errno != EIO || re.Offset != 8192+512 || re.Msg != "bad sector" {
 		t.Fatalf("got %v", g.err)
@@ -208,7 +208,7 @@ func TestConnRequestErrorsKeepConnection(t *testing.T) {
 	res = goRead(context.Background(), c, 0, make([]byte, 3))
 	r = s.readRequest()
 	s.chunk(ReplyFlagDone, ChunkOffsetData, r.Cookie, dataChunk(0, []byte("ok!")))
-	if g := <-res; g.err != nil || string(g.buf) != "ok!" {
+	if g := testenv.Receive(t, res, "the read's result"); g.err != nil || string(g.buf) != "ok!" {
 		t.Fatalf("after error: %q %v", g.buf, g.err)
 	}
 }
@@ -218,14 +218,14 @@ func TestConnSimpleErrors(t *testing.T) {
 	res := goRead(context.Background(), c, 0, make([]byte, 4))
 	r := s.readRequest()
 	s.write(AppendSimpleReply(nil, 1234, r.Cookie)) // unknown errno: EINVAL to the caller
-	g := <-res
+	g := testenv.Receive(t, res, "the read's result")
 	if !errors.Is(g.err, syscall.EINVAL) {
 		t.Fatalf("got %v", g.err)
 	}
 	res = goRead(context.Background(), c, 0, make([]byte, 2))
 	r = s.readRequest()
 	s.write(append(AppendSimpleReply(nil, 0, r.Cookie), "hi"...))
-	if g := <-res; g.err != nil || string(g.buf) != "hi" {
+	if g := testenv.Receive(t, res, "the read's result"); g.err != nil || string(g.buf) != "hi" {
 		t.Fatalf("%q %v", g.buf, g.err)
 	}
 }
@@ -286,7 +286,7 @@ func TestConnProtocolViolations(t *testing.T) {
 			res := goRead(ctx, conn, 0, make([]byte, 8))
 			r := s.readRequest()
 			c.reply(s, r.Cookie)
-			g := <-res
+			g := testenv.Receive(t, res, "the read's result")
 			var ce *ConnError
 			if !errors.As(g.err, &ce) {
 				t.Fatalf("got %v, want a connection error", g.err)
@@ -312,7 +312,7 @@ func TestConnAbandonedRead(t *testing.T) {
 	res := goRead(ctx, c, 0, buf)
 	r := s.readRequest()
 	cancel()
-	if g := <-res; !errors.Is(g.err, context.Canceled) {
+	if g := testenv.Receive(t, res, "the read's result"); !errors.Is(g.err, context.Canceled) {
 		t.Fatalf("got %v, want context.Canceled", g.err)
 	}
 	s.chunk(ReplyFlagDone, ChunkOffsetData, r.Cookie, dataChunk(0, []byte("LATEDATA")))
@@ -320,7 +320,7 @@ func TestConnAbandonedRead(t *testing.T) {
 	res = goRead(context.Background(), c, 16, make([]byte, 2))
 	r2 := s.readRequest()
 	s.chunk(ReplyFlagDone, ChunkOffsetData, r2.Cookie, dataChunk(16, []byte("ok")))
-	if g := <-res; g.err != nil || string(g.buf) != "ok" {
+	if g := testenv.Receive(t, res, "the read's result"); g.err != nil || string(g.buf) != "ok" {
 		t.Fatalf("after an abandoned read: %q %v", g.buf, g.err)
 	}
 	if !bytes.Equal(buf, make([]byte, 8)) {
@@ -364,21 +364,21 @@ func TestConnLeaderReadsForOthers(t *testing.T) {
 	cancel0()
 	cancel1()
 	for _, r := range []<-chan readResult{r0, r1} {
-		if g := <-r; !errors.Is(g.err, context.Canceled) {
+		if g := testenv.Receive(t, r, "the read's result"); !errors.Is(g.err, context.Canceled) {
 			t.Fatalf("a cancelled read: got %v, want context.Canceled", g.err)
 		}
 	}
 	s.chunk(ReplyFlagDone, ChunkOffsetData, q2.Cookie, dataChunk(8, []byte("CCCC")))
 	s.chunk(ReplyFlagDone, ChunkOffsetData, q1.Cookie, dataChunk(4, []byte("BBBB")))
 	s.chunk(ReplyFlagDone, ChunkOffsetData, q0.Cookie, dataChunk(0, []byte("AAAA")))
-	if g := <-r2; g.err != nil || string(g.buf) != "CCCC" {
+	if g := testenv.Receive(t, r2, "the third read's result"); g.err != nil || string(g.buf) != "CCCC" {
 		t.Fatalf("the surviving read: %q %v", g.buf, g.err)
 	}
 	// A fourth read proves the abandoned replies were consumed in step.
 	r3 := goRead(context.Background(), c, 12, make([]byte, 2))
 	q3 := s.readRequest()
 	s.chunk(ReplyFlagDone, ChunkOffsetData, q3.Cookie, dataChunk(12, []byte("ok")))
-	if g := <-r3; g.err != nil || string(g.buf) != "ok" {
+	if g := testenv.Receive(t, r3, "the fourth read's result"); g.err != nil || string(g.buf) != "ok" {
 		t.Fatalf("after abandoned reads: %q %v", g.buf, g.err)
 	}
 	if string(b0)+string(b1) != string(make([]byte, 8)) {
@@ -417,7 +417,7 @@ func TestConnGivesUpOnAStalledReply(t *testing.T) {
 		ctx, cancel := context.WithCancel(context.Background())
 		res := goRead(ctx, c, 0, make([]byte, 8))
 		stalled(s, s.readRequest().Cookie)
-		<-started
+		testenv.Receive(t, started, "the readers to start")
 		cancel()
 		select {
 		case g := <-res:
@@ -435,7 +435,7 @@ func TestConnGivesUpOnAStalledReply(t *testing.T) {
 		res := goRead(ctx, c, 0, make([]byte, 8))
 		r := s.readRequest()
 		cancel()
-		if g := <-res; !errors.Is(g.err, context.Canceled) {
+		if g := testenv.Receive(t, res, "the read's result"); !errors.Is(g.err, context.Canceled) {
 			t.Fatalf("got %v, want context.Canceled", g.err)
 		}
 		stalled(s, r.Cookie)
@@ -458,7 +458,7 @@ func TestConnRefusesWrites(t *testing.T) {
 	} else {
 		s.chunk(ReplyFlagDone, ChunkOffsetData, r.Cookie, dataChunk(0, []byte("x")))
 	}
-	if g := <-res; g.err != nil {
+	if g := testenv.Receive(t, res, "the read's result"); g.err != nil {
 		t.Fatal(g.err)
 	}
 }
@@ -482,7 +482,7 @@ func TestConnBlockStatus(t *testing.T) {
 	// may run past the request and is clipped to the export.
 	s.chunk(0, ChunkBlockStatus, r.Cookie, AppendBlockStatusPayload(nil, 99, []WireExtent{{512, 0}}))
 	s.chunk(ReplyFlagDone, ChunkBlockStatus, r.Cookie, AppendBlockStatusPayload(nil, 7, []WireExtent{{65536, 0}, {1 << 20, StateHole | StateZero}}))
-	g := <-ch
+	g := testenv.Receive(t, ch, "the block status result")
 	want := []Extent{{1 << 19, 65536, 0}, {1<<19 + 65536, 1<<19 - 65536, StateHole | StateZero}}
 	if g.err != nil || len(g.ext) != 2 || g.ext[0] != want[0] || g.ext[1] != want[1] {
 		t.Fatalf("got %v %v, want %v", g.ext, g.err, want)
@@ -497,7 +497,7 @@ func TestConnCloseFailsPending(t *testing.T) {
 	res := goRead(context.Background(), c, 0, make([]byte, 8))
 	s.readRequest()
 	go c.Close()
-	if g := <-res; !errors.Is(g.err, ErrClosed) {
+	if g := testenv.Receive(t, res, "the read's result"); !errors.Is(g.err, ErrClosed) {
 		t.Fatalf("got %v, want ErrClosed", g.err)
 	}
 	// Close sent NBD_CMD_DISC.
@@ -563,7 +563,7 @@ func listenPool(t *testing.T, fn func(n int, s *fakeServer)) *URI {
 			s.c.Close()
 		}
 		mu.Unlock()
-		wg.Wait()
+		testenv.Wait(t, &wg, "the fake servers to end")
 	})
 	u, err := ParseURI("nbd+unix:///disk?socket=" + path)
 	if err != nil {

@@ -7,6 +7,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"snapmount/test/testenv"
 )
 
 // serveReads answers the handshake like serveExport, then every READ
@@ -154,15 +156,19 @@ func TestJoinWakesWaitingRequests(t *testing.T) {
 		read <- err
 	}()
 	// The read found the first connection gone; the others are held.
+	deadline := time.Now().Add(testenv.WaitLimit)
 	for cl.Stats().Retries == 0 {
 		select {
 		case err := <-read:
 			t.Fatalf("read ended while no connection could serve it: %v", err)
 		case <-time.After(time.Millisecond):
 		}
+		if time.Now().After(deadline) {
+			t.Fatalf("waited %v for the read to find the first connection gone and retry", testenv.WaitLimit)
+		}
 	}
 	close(release)
-	if err := <-read; err != nil {
+	if err := testenv.Receive(t, read, "the read's result"); err != nil {
 		t.Fatalf("read after the other connections joined: %v", err)
 	}
 	if buf[0] != 0 || buf[1] != 1 {

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"snapmount/nbd"
+	"snapmount/test/testenv"
 )
 
 const testSize = 4 << 20
@@ -609,7 +610,7 @@ func TestServerShutdown(t *testing.T) {
 		acked = append(acked, h.Cookie)
 	}
 	c.c.Close()
-	wg.Wait()
+	testenv.Wait(t, &wg, "Shutdown to return")
 	data, _ := os.ReadFile(img)
 	for _, ck := range acked {
 		i := ck - 1

@@ -32,7 +32,7 @@ func TestReplyWriterTakesReplyQueuedWhileUnlocking(t *testing.T) {
 			w.send(late)
 			close(done)
 		}()
-		<-done
+		testenv.Receive(t, done, "the other handler's send to return")
 	}
 	defer func() { testHookWriterUnlocking = func() {} }()
 

@@ -194,6 +194,37 @@ func Dial(t testing.TB, network, addr string) net.Conn {
 	return c
 }
 
+// WaitLimit bounds every wait in a test: far above what a working test
+// needs, so that it only turns a hang into a failure saying what hung.
+const WaitLimit = time.Minute
+
+// Receive returns the next value from ch (the zero value once ch is
+// closed), or fails the test if none comes within WaitLimit; what says
+// what the test waited for.
+func Receive[T any](t testing.TB, ch <-chan T, what string) T {
+	t.Helper()
+	select {
+	case v := <-ch:
+		return v
+	case <-time.After(WaitLimit):
+		t.Fatalf("waited %v for %s", WaitLimit, what)
+	}
+	var zero T
+	return zero
+}
+
+// Wait waits for wg, or fails the test after WaitLimit; what says what
+// the test waited for.
+func Wait(t testing.TB, wg *sync.WaitGroup, what string) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() {
+		wg.Wait()
+		close(done)
+	}()
+	Receive(t, done, what)
+}
+
 // Buffer is a bytes.Buffer that a process or goroutine may write while
 // the test reads it, and whose writes a test can wait for.
 type Buffer struct {
