@@ -6,11 +6,13 @@ import (
 	"fmt"
 	"math/rand"
 	"os"
+	"runtime"
 	"sync"
 	"testing"
 	"time"
 
 	"snapmount/nbd"
+	"snapmount/test/testenv"
 )
 
 // newTestExport makes a server (not listening) over one image and returns
@@ -240,10 +242,10 @@ func TestSnapshotNoTornReads(t *testing.T) {
 				}
 			}(int64(100 + i))
 		}
-		wg.Wait()
+		testenv.Wait(t, &wg, "the writers and readers to finish")
 		close(stop)
 		for i := 0; i < 4; i++ {
-			if err := <-errs; err != nil {
+			if err := testenv.Receive(t, errs, "a reader's result"); err != nil {
 				t.Error(err)
 			}
 		}
@@ -375,13 +377,16 @@ func TestSnapshotJoinDuringLingerKeepsIt(t *testing.T) {
 
 func TestBlockLocksNoDeadlock(t *testing.T) {
 	var l blockLocks
+	const goroutines = 8
 	var wg sync.WaitGroup
 	var counter [lockStripes + 10]int // guarded by the stripes of each block
-	for g := 0; g < 8; g++ {
+	var added [goroutines][lockStripes + 10]int
+	torn := make(chan string, goroutines)
+	for g := 0; g < goroutines; g++ {
 		wg.Add(1)
-		go func(seed int64) {
+		go func(g int) {
 			defer wg.Done()
-			r := rand.New(rand.NewSource(seed))
+			r := rand.New(rand.NewSource(int64(g)))
 			for i := 0; i < 2000; i++ {
 				b0 := r.Int63n(int64(len(counter)))
 				b1 := min(b0+r.Int63n(lockStripes+5), int64(len(counter)-1))
@@ -389,21 +394,54 @@ func TestBlockLocksNoDeadlock(t *testing.T) {
 					l.lock(b0, b1)
 					for b := b0; b <= b1; b++ {
 						counter[b]++
+						added[g][b]++
 					}
 					l.unlock(b0, b1)
 				} else {
+					// Under the read locks no writer may change the range.
 					l.rlock(b0, b1)
 					sum := 0
 					for b := b0; b <= b1; b++ {
 						sum += counter[b]
 					}
-					_ = sum
+					runtime.Gosched()
+					for b := b0; b <= b1; b++ {
+						sum -= counter[b]
+					}
 					l.runlock(b0, b1)
+					if sum != 0 {
+						select {
+						case torn <- fmt.Sprintf("blocks %d-%d changed by %d under the read locks", b0, b1, -sum):
+						default:
+						}
+					}
 				}
 			}
-		}(int64(g))
+		}(g)
 	}
-	wg.Wait()
+	done := make(chan struct{})
+	go func() {
+		testenv.Wait(t, &wg, "the writers and readers to finish")
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(2 * time.Minute):
+		t.Fatal("lockers still running after 2 minutes: deadlock")
+	}
+	close(torn)
+	for msg := range torn {
+		t.Error(msg)
+	}
+	for b := range counter {
+		want := 0
+		for g := range added {
+			want += added[g][b]
+		}
+		if counter[b] != want {
+			t.Errorf("block %d: counter %d after %d locked increments", b, counter[b], want)
+		}
+	}
 }
 
 func TestImageExtents(t *testing.T) {
