@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -152,9 +153,44 @@ func TestMountAttributes(t *testing.T) {
 	}
 }
 
+// kernelMaxRead is the largest READ this kernel lets a mount negotiate:
+// maxRequest, or less where fs.fuse.max_pages_limit is lower (go-fuse
+// lowers max_read to it; kernels without the setting allow 256 pages).
+func kernelMaxRead(t *testing.T) int {
+	t.Helper()
+	pages := 256
+	if b, err := os.ReadFile("/proc/sys/fs/fuse/max_pages_limit"); err == nil {
+		if pages, err = strconv.Atoi(strings.TrimSpace(string(b))); err != nil {
+			t.Fatalf("fs.fuse.max_pages_limit %q: %v", b, err)
+		}
+	}
+	return min(maxRequest, pages*os.Getpagesize())
+}
+
+// mountMaxRead returns the max_read the mount at dir negotiated, from
+// /proc/self/mounts.
+func mountMaxRead(t *testing.T, dir string) int {
+	t.Helper()
+	m, ok := findMount(t, dir)
+	if !ok {
+		t.Fatalf("%s not in /proc/self/mounts", dir)
+	}
+	for _, o := range m.options {
+		if v, ok := strings.CutPrefix(o, "max_read="); ok {
+			n, err := strconv.Atoi(v)
+			if err != nil {
+				t.Fatalf("mount option %s: %v", o, err)
+			}
+			return n
+		}
+	}
+	t.Fatalf("mount options %v have no max_read", m.options)
+	return 0
+}
+
 // TestMountOptions checks /proc/mounts: read-only, nosuid and nodev (as
 // fusermount3 mounts, also when root mounts directly), our type and
-// source, and 1 MiB reads.
+// source, and reads as large as the kernel allows up to 1 MiB.
 func TestMountOptions(t *testing.T) {
 	dir := testMount(t, patternReader{}, Options{Name: "disk", Size: 1, FsName: "nbd+unix:///disk?socket=/run/x.sock"})
 	m, ok := findMount(t, dir)
@@ -164,7 +200,8 @@ func TestMountOptions(t *testing.T) {
 	if m.fstype != "fuse.snapmount" || m.source != "nbd+unix:///disk?socket=/run/x.sock" {
 		t.Errorf("type %q source %q, want fuse.snapmount and the FsName", m.fstype, m.source)
 	}
-	for _, want := range []string{"ro", "nosuid", "nodev", "max_read=1048576", "default_permissions"} {
+	maxRead := fmt.Sprintf("max_read=%d", kernelMaxRead(t))
+	for _, want := range []string{"ro", "nosuid", "nodev", maxRead, "default_permissions"} {
 		if !slices.Contains(m.options, want) {
 			t.Errorf("mount options %v lack %s", m.options, want)
 		}
@@ -305,11 +342,16 @@ func TestMountStatsXattr(t *testing.T) {
 	}
 }
 
-// TestMountRequestSize: a 1 MiB O_DIRECT read reaches the reader as one
-// 1 MiB request, not eight of 128 KiB.
+// TestMountRequestSize: a 1 MiB O_DIRECT read reaches the reader in
+// requests of the negotiated max_read (one of 1 MiB where the kernel
+// allows it), not eight of 128 KiB.
 func TestMountRequestSize(t *testing.T) {
 	counter := &countingReader{r: patternReader{}}
 	dir := testMount(t, counter, Options{Name: "disk", Size: 8 << 20})
+	maxRead := mountMaxRead(t, dir)
+	if want := kernelMaxRead(t); maxRead != want {
+		t.Fatalf("the mount negotiated max_read=%d, want %d", maxRead, want)
+	}
 	fd, err := unix.Open(filepath.Join(dir, "disk"), unix.O_RDONLY|unix.O_DIRECT, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -323,16 +365,17 @@ func TestMountRequestSize(t *testing.T) {
 			t.Fatalf("Pread(1 MiB @%d): %d, %v", off, n, err)
 		}
 		after, _, largest := counter.stats()
-		if after-before != 1 || largest != 1<<20 {
-			t.Errorf("1 MiB O_DIRECT read at %d took %d requests, largest %d; want one of 1 MiB", off, after-before, largest)
+		if want := (1<<20 + maxRead - 1) / maxRead; after-before != want || largest != maxRead {
+			t.Errorf("1 MiB O_DIRECT read at %d took %d requests, largest %d; want %d of %d", off, after-before, largest, want, maxRead)
 		}
 	}
 }
 
 // TestMountBufferedRequestSizes: buffered sequential reads reach the reader
-// as kernel readahead shapes them. As root, Mount raised the readahead
-// window, so requests grow to max_read (1 MiB); otherwise the kernel's
-// 128 KiB window caps them.
+// as kernel readahead shapes them, in requests as large as the readahead
+// window or max_read allow, whichever is smaller. As root, Mount raised
+// the window, so requests grow to max_read; otherwise the kernel's window
+// (128 KiB by default) caps them.
 func TestMountBufferedRequestSizes(t *testing.T) {
 	counter := &countingReader{r: patternReader{}}
 	const size = 32 << 20
@@ -350,15 +393,12 @@ func TestMountBufferedRequestSizes(t *testing.T) {
 	}
 	requests, bytes, largest := counter.stats()
 	t.Logf("buffered 1 MiB reads of %d MiB: %d requests, %d bytes, largest %d", size>>20, requests, bytes, largest)
-	want := 128 << 10
-	if os.Geteuid() == 0 {
-		want = 1 << 20
-		if ra := readAheadKB(t, dir); ra != readAhead>>10 {
-			t.Errorf("read_ahead_kb of the mount is %d, want %d", ra, readAhead>>10)
-		}
+	ra := readAheadKB(t, dir)
+	if os.Geteuid() == 0 && ra != readAhead>>10 {
+		t.Errorf("read_ahead_kb of the mount is %d, want %d", ra, readAhead>>10)
 	}
-	if largest != want {
-		t.Errorf("largest request %d bytes, want %d", largest, want)
+	if want := min(mountMaxRead(t, dir), ra<<10); largest != want {
+		t.Errorf("largest request %d bytes, want %d (max_read %d, read_ahead_kb %d)", largest, want, mountMaxRead(t, dir), ra)
 	}
 }
 
