@@ -1,7 +1,10 @@
 // Package nbd owns the NBD protocol for snapmount: the wire format (one
-// codec shared by both sides), NBD URIs, errors and a read-only client.
+// codec, exported, that the client here and the server in nbd/server
+// share), NBD URIs, errors, the export-name grammar of snapmount's server,
+// and a read-only client with a pool of connections and a sparse copier.
 // The server, which serves images read-write to writers and as frozen
-// point-in-time snapshots to readers, is package nbd/server.
+// point-in-time snapshots to readers, is package nbd/server; nothing here
+// refers to it.
 //
 // # Wire format
 //
@@ -23,9 +26,19 @@
 //
 // # Export names
 //
-// The server answers NAME (a writer, or a new snapshot for a client that
-// promised to read only), NAME@snapshot (a new snapshot), NAME@sN (join
-// snapshot N) and NAME@live (read-only, live). The GO reply names the
-// snapshot it created in NBD_INFO_NAME, so further connections of one
-// mount join the same instant.
+// snapmount's server answers NAME (a writer, or a new snapshot for a
+// client that promised to read only), NAME@snapshot (a new snapshot),
+// NAME@sN (join snapshot N) and NAME@live (read-only, live);
+// ParseExportName is that grammar, for the server and for clients. The GO
+// reply names the snapshot it created in NBD_INFO_NAME, so further
+// connections of one mount join the same instant, and a client tells a
+// frozen snapshot by that canonical name.
+//
+// # Client
+//
+// Client (client.go) keeps a pool of connections (conn.go: pipelined
+// requests, a leader reading replies for the others, a guard that fails
+// requests the server leaves unanswered) and reconnects to the canonical
+// name. Client.Copy (copy.go) reads a whole export in parallel, aligned
+// requests and writes it out sparse, in order, or both.
 package nbd

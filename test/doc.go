@@ -4,7 +4,8 @@
 // FUSE and checks data byte for byte.
 //
 // A test whose peer or /dev/fuse is missing skips with the reason; with
-// SNAPMOUNT_REQUIRE_PEERS=1 (CI sets it) such a skip is a failure instead.
+// SNAPMOUNT_REQUIRE_PEERS=1 (CI sets it) such a skip is a failure instead
+// (test/testenv, which the other packages' tests use too).
 // Daemons are started as children of the test, ended by PID in t.Cleanup,
 // and waited for by readiness (a socket that accepts, a line on stdout),
 // never by sleeping.
