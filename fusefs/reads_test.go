@@ -1,13 +1,9 @@
 package fusefs
 
 import (
-	"os"
 	"path/filepath"
 	"sync"
 	"testing"
-	"time"
-
-	"golang.org/x/sys/unix"
 
 	"snapmount/test/testenv"
 )
@@ -45,39 +41,11 @@ func TestReadsInFlight(t *testing.T) {
 	var reads readCounter
 	dir := testMount(t, gate, Options{Name: "disk", Size: 1 << 20, Reads: &reads})
 
-	f, err := os.OpenFile(filepath.Join(dir, "disk"), os.O_RDONLY|unix.O_DIRECT, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	errs := make(chan error, 2)
-	for i := range 2 {
-		go func() {
-			_, err := f.ReadAt(testenv.AlignedBuf(4096), int64(i)*65536)
-			errs <- err
-		}()
-	}
-	for range 2 {
-		select {
-		case <-gate.Entered:
-		case <-time.After(10 * time.Second):
-			t.Fatal("two O_DIRECT reads did not both reach the reader within 10 s")
-		}
-	}
+	finish := testenv.HoldReads(t, filepath.Join(dir, "disk"), gate, 2)
 	if inflight, _, _ := reads.counts(); inflight != 2 {
 		t.Errorf("with two reads held in the reader: %d in flight, want 2", inflight)
 	}
-	gate.Open()
-	for range 2 {
-		select {
-		case err := <-errs:
-			if err != nil {
-				t.Fatal(err)
-			}
-		case <-time.After(10 * time.Second):
-			t.Fatal("the reads did not return within 10 s of the gate opening")
-		}
-	}
+	finish()
 	if inflight, peak, started := reads.counts(); inflight != 0 || peak != 2 || started != 2 {
 		t.Errorf("after the reads: %d in flight, at most %d, %d started; want 0, 2, 2", inflight, peak, started)
 	}

@@ -9,8 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"snapmount/fusefs"
 	"snapmount/test/testenv"
 )
@@ -158,37 +156,9 @@ func TestProcGovernorOnMount(t *testing.T) {
 	}
 	waitSet(t, sets, 1, "with no reads")
 
-	f, err := os.OpenFile(filepath.Join(dir, "disk"), os.O_RDONLY|unix.O_DIRECT, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	errs := make(chan error, 2)
-	for i := range 2 {
-		go func() {
-			_, err := f.ReadAt(testenv.AlignedBuf(4096), int64(i)*65536)
-			errs <- err
-		}()
-	}
-	for range 2 {
-		select {
-		case <-gate.Entered:
-		case <-time.After(10 * time.Second):
-			t.Fatal("two O_DIRECT reads did not both reach the reader within 10 s")
-		}
-	}
+	finish := testenv.HoldReads(t, filepath.Join(dir, "disk"), gate, 2)
 	waitSet(t, sets, full, "with two reads in flight")
-	gate.Open()
-	for range 2 {
-		select {
-		case err := <-errs:
-			if err != nil {
-				t.Fatal(err)
-			}
-		case <-time.After(10 * time.Second):
-			t.Fatal("the reads did not return within 10 s of the gate opening")
-		}
-	}
+	finish()
 	waitSet(t, sets, 1, "after the reads")
 	close(stop)
 	waitSet(t, sets, full, "after stop")

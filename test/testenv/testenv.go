@@ -283,6 +283,43 @@ func (g *Gate) ReadAt(p []byte, off int64) (int, error) {
 	return len(p), nil
 }
 
+// HoldReads starts n O_DIRECT reads of 4 KiB, 64 KiB apart, of the file
+// at path, served by a mount whose reader is g, and waits until all of
+// them are held at the gate. It returns a function that opens the gate
+// and waits for the reads to succeed; if the test ends first, the gate
+// is opened in t.Cleanup so that the mount can go.
+func HoldReads(t testing.TB, path string, g *Gate, n int) (finish func()) {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var open sync.Once
+	t.Cleanup(func() {
+		open.Do(g.Open)
+		f.Close()
+	})
+	errs := make(chan error, n)
+	for i := range n {
+		go func() {
+			_, err := f.ReadAt(AlignedBuf(4096), int64(i)*65536)
+			errs <- err
+		}()
+	}
+	for range n {
+		Receive(t, g.Entered, "the O_DIRECT reads to reach the reader")
+	}
+	return func() {
+		t.Helper()
+		open.Do(g.Open)
+		for range n {
+			if err := Receive(t, errs, "the reads to return once the gate opened"); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+}
+
 // AlignedBuf returns a page-aligned buffer of n bytes, as O_DIRECT wants.
 func AlignedBuf(n int) []byte {
 	const page = 4096
