@@ -74,6 +74,7 @@ func negotiate(nc net.Conn, u *URI, opt DialOptions) (*Negotiator, error) {
 	if err != nil {
 		return nil, err
 	}
+	var tw tlsWatch
 	if u.TLS {
 		if !n.fixed {
 			return nil, errors.New("nbd: server is not fixed-newstyle and cannot do TLS, but the URI requires it")
@@ -84,23 +85,25 @@ func negotiate(nc net.Conn, u *URI, opt DialOptions) (*Negotiator, error) {
 				return nil, err
 			}
 		}
-		if err := n.StartTLS(cfg); err != nil {
+		if err := n.StartTLS(tw.watch(cfg)); err != nil {
 			var oe *OptionError
 			if errors.As(err, &oe) {
 				return nil, fmt.Errorf("nbd: server %s refused TLS (%s); use nbd:// without TLS if it serves plaintext", u.Address, oe.Reply)
 			}
-			return nil, err
+			return nil, tw.explain(err, u)
 		}
 	}
 	if !n.fixed {
 		return n, nil // only EXPORT_NAME is possible
 	}
+	// Under TLS 1.3 a server refuses our certificate after the
+	// handshake: the refusal is the reply to the first option.
 	if _, err := n.StructuredReply(); err != nil {
-		return nil, err
+		return nil, tw.explain(err, u)
 	}
 	if !opt.NoPromise && !u.NoPromise {
 		if _, _, err := n.PromiseReadOnly(); err != nil {
-			return nil, err
+			return nil, tw.explain(err, u)
 		}
 	}
 	return n, nil

@@ -465,12 +465,15 @@ func (n *Negotiator) Abort() {
 	}
 }
 
+// errServerClosed is how noEOF reports a hang-up.
+var errServerClosed = errors.New("server closed the connection")
+
 // noEOF turns the ways a hang-up shows (EOF, EPIPE, ECONNRESET) into an
 // error that says so.
 func noEOF(err error) error {
 	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
 		errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET) {
-		return errors.New("server closed the connection")
+		return errServerClosed
 	}
 	return err
 }
