@@ -221,41 +221,6 @@ func logMatches(t testing.TB, path string, re *regexp.Regexp) [][]string {
 	return out
 }
 
-func TestCopyTLS(t *testing.T) {
-	dir := testenv.ShortTempDir(t)
-	pki := filepath.Join(dir, "pki")
-	makePKI(t, pki)
-	image := filepath.Join(dir, "disk.img")
-	writeRandomImage(t, image, 4<<20, 11)
-	sock, _ := startNbdkit(t, dir, "--tls=require", "--tls-certificates="+pki, "--tls-verify-peer", "file", image)
-
-	uri := "nbds+unix:///?socket=" + sock + "&tls-certificates=" + pki
-	r := snapmount(t, time.Minute, "copy", "--sha256", uri, filepath.Join(dir, "out.img"))
-	if r.code != 0 {
-		t.Fatalf("copy over TLS: exit %d: %s", r.code, r.stderr)
-	}
-	if want := fileSHA256(t, image); !strings.HasPrefix(r.stdout, want) {
-		t.Fatalf("TLS copy sha %q, want %s", r.stdout, want)
-	}
-	info := snapmount(t, time.Minute, "info", uri)
-	if !strings.Contains(info.stdout, "with TLS") {
-		t.Errorf("info over TLS does not say so:\n%s", info.stdout)
-	}
-
-	// Without TLS the server refuses, and the message says what to do.
-	r = snapmount(t, time.Minute, "info", unixURI("", sock))
-	if r.code != 3 || !strings.Contains(r.stderr, "requires TLS") || strings.Count(strings.TrimSpace(r.stderr), "\n") != 0 {
-		t.Errorf("plaintext to a TLS-only server: exit %d, stderr %q", r.code, r.stderr)
-	}
-	// A CA that did not sign the server's certificate is refused.
-	other := filepath.Join(dir, "other")
-	makePKI(t, other)
-	r = snapmount(t, time.Minute, "info", "nbds+unix:///?socket="+sock+"&tls-certificates="+other)
-	if r.code == 0 || !strings.Contains(r.stderr, "TLS") {
-		t.Errorf("wrong CA accepted: exit %d, stderr %q", r.code, r.stderr)
-	}
-}
-
 // nbdkit's error filter makes every read fail with EIO: the copy fails
 // with an error naming the offset, and exits non-zero.
 func TestCopyReportsServerErrors(t *testing.T) {

@@ -61,6 +61,8 @@ func debianPackage(cmd string) string {
 		return "fuse3"
 	case "useradd":
 		return "passwd"
+	case "certtool":
+		return "gnutls-bin"
 	}
 	return cmd
 }
