@@ -15,8 +15,8 @@ FUZZTIME ?= 10s
 all: build
 
 # Static (no cgo: nothing needs it): the binary runs on any distribution,
-# and skipping the dynamic loader starts it 2-3 ms sooner (11.9 against
-# 14.2 ms for --help here), which a background mount pays twice.
+# and without the dynamic loader it starts sooner, which a background
+# mount pays twice.
 build:
 	CGO_ENABLED=0 $(GO) build -o $(BIN) ./cmd/snapmount
 

@@ -12,23 +12,19 @@ package cache
 // fetched (by readahead or by the stream's own misses) go on scanList
 // when first read, and eviction takes the most recent of them first. A
 // long sequential read then recycles a few buffers that are still warm in
-// the CPU caches instead of cycling through the whole budget (a cold
-// 1 GiB read through the mount: 1.3-2.0 GB/s cycling 256 MiB, 2.3-2.6
-// with 16 MiB), and it no longer flushes what other reads cached: the
-// start of a scan larger than the cache stays, so a second pass hits
-// there. A scan block read again leaves the list, to CLOCK's care.
+// the CPU caches instead of cycling through the whole budget, which is
+// faster, and it no longer flushes what other reads cached: the start of
+// a scan larger than the cache stays, so a second pass hits there. A scan
+// block read again leaves the list, to CLOCK's care.
 //
 // That alone starts only once the budget is full. A scan of an export
 // larger than the whole budget cannot stay cached whole, and keeping its
 // start is all a second pass could gain; so once its blocks hold
 // 1/scanShare of the budget it recycles them, instead of growing into
-// fresh memory. Fresh memory is what a first pass costs most where the
-// hypervisor backs guest memory lazily (here memset of a fresh 1 GiB
-// took 3.5-4.2 s): a cold 1 GiB read through the mount ran at
-// 0.63-0.74 GB/s filling a 256 MiB cache and 0.97-1.07 GB/s in 16 MiB,
-// with half the mount's CPU. Random reads still fill the budget, and a
-// scan of an export that fits in the budget is cached whole, unless the
-// caller keeps scans itself (Options.TransientScans).
+// fresh memory, which is what a first pass costs most where the
+// hypervisor backs guest memory lazily. Random reads still fill the
+// budget, and a scan of an export that fits in the budget is cached whole,
+// unless the caller keeps scans itself (Options.TransientScans).
 
 // reserve makes room for up to n more blocks of BlockSize bytes, evicting
 // as needed, and returns how many it reserved. forReadahead reservations
@@ -74,10 +70,8 @@ func (c *Cache) unreserve(n int) {
 // with TransientScans) keep at most 1/scanShare of it (see above): 8 MiB
 // of the mount's 256 MiB. A larger share keeps little a second pass of a
 // large export would notice, and every first pass pays for it in fresh
-// memory: with an eighth (32 MiB), the first 64 MiB of a fresh mount in
-// 64 KiB reads took a median 173 ms and 190 ms of the mount's CPU, half
-// of it zeroing new huge pages, against 105 ms and 110 ms with 8 MiB
-// (nbdfuse: about 100 ms).
+// memory: with an eighth, zeroing new huge pages made a fresh mount's
+// first reads markedly slower.
 const scanShare = 32
 
 // scanLookbackBytes bounds how much of the most recent scan data

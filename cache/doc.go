@@ -53,10 +53,10 @@
 // index) and makes one fetch per run of adjacent claimed blocks, at most
 // MaxRequest long (MaxMissRequest during a warm-up). The reader runs its
 // last fetch itself and starts the others in goroutines, so a plain miss
-// costs no hand-off between goroutines (which cost a third of cold
-// sequential throughput on two CPUs). Later readers of those blocks pin
-// them and wait for the fetch's done channel; no re-lookup is needed,
-// since the pin keeps the block.
+// costs no hand-off between goroutines, which is dear for cold sequential
+// reads on few CPUs. Later readers of those blocks pin them and wait for
+// the fetch's done channel; no re-lookup is needed, since the pin keeps
+// the block.
 //
 // Fetches run under the cache's own context, cancelled only by Close,
 // never under the context of the reader that started them. A reader whose

@@ -128,10 +128,9 @@ func (c *Cache) readSlow(ctx context.Context, o *readOut, off, end, pos int64) (
 		runs = c.claim(first, slots, missing)
 	}
 	// All runs but the last go to goroutines, to be read in parallel;
-	// the reader reads the last itself, after starting readahead. On 2
-	// CPUs a hand-off to a fetch goroutine and back took a third of cold
-	// sequential throughput (1 GiB in 1 MiB reads: 0.7-1.7 GB/s with the
-	// hand-off, 1.6-2.4 without). The cost: a reader cancelled while it
+	// the reader reads the last itself, after starting readahead: on few
+	// CPUs a hand-off to a fetch goroutine and back costs cold sequential
+	// reads much of their throughput. The cost: a reader cancelled while it
 	// fetches returns when the fetch ends (the source bounds it), not at
 	// once; readers that joined still leave at once.
 	var inline *fetch

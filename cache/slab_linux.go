@@ -8,10 +8,10 @@ import (
 // slabs hands out block buffers carved from large anonymous mappings
 // marked MADV_HUGEPAGE. A cache fills its whole budget with fresh memory
 // on a first pass, and touching fresh memory in 4 KiB pages is what that
-// costs most: 256 MiB took 80 ms here in 4 KiB pages and 11 ms in
-// transparent huge pages (on VMs that back guest memory lazily every
-// fault is dearer still). Buffers live outside the Go heap, so the slabs
-// are unmapped explicitly, once no buffer is in use (bufferPool).
+// costs most; transparent huge pages take a fraction of the faults (on VMs
+// that back guest memory lazily every fault is dearer still). Buffers live
+// outside the Go heap, so the slabs are unmapped explicitly, once no
+// buffer is in use (bufferPool).
 type slabs struct {
 	maps [][]byte // whole mappings, for munmap
 	cur  []byte   // what is left of the newest slab

@@ -39,7 +39,7 @@
 // caps at 128 KiB; when it runs as root, [Mount] raises the mount's window
 // to 4 MiB through sysfs, so sequential reads arrive as 1 MiB requests with
 // several in flight. Non-root mounts keep 128 KiB. See mount.go and
-// readahead.go for the options chosen and the measurements behind them.
+// readahead.go for the options chosen and why.
 //
 // # Errors and interrupts
 //

@@ -65,11 +65,10 @@ type Options struct {
 	// AsyncDirectIO negotiates the kernel's asynchronous direct I/O
 	// (FUSE_ASYNC_DIO, on by default in libfuse and hence in nbdfuse):
 	// libaio and io_uring then keep many O_DIRECT reads of one file in
-	// flight instead of one at a time (4 KiB random reads at depth 16:
-	// 9-14k IOPS without, about 38k with, on these machines). The price
-	// is that a process waiting for a synchronous O_DIRECT read can no
-	// longer interrupt it: only use it when every read is bounded by a
-	// timeout below (the NBD client's is).
+	// flight instead of one at a time. The price is that a process
+	// waiting for a synchronous O_DIRECT read can no longer interrupt it:
+	// only use it when every read is bounded by a timeout below (the NBD
+	// client's is).
 	AsyncDirectIO bool
 	// Reads, if set, is told as each read of the file starts and ends,
 	// so that the caller knows how many are in flight (to size the
@@ -111,22 +110,19 @@ type ContextReaderAt interface {
 // written from them with one writev and no copy into go-fuse's buffer.
 // release is called once the reply has been written; the slices must stay
 // unchanged until then. A reader may decline (nil slices, nil error): the
-// read then goes through ReadAt into go-fuse's buffer. Cold sequential
-// reads through the cache gained about a quarter from not copying.
+// read then goes through ReadAt into go-fuse's buffer. Not copying is
+// worth most to cold sequential reads through the cache.
 type SliceReader interface {
 	ReadSlices(ctx context.Context, off int64, n int) (slices [][]byte, release func(), err error)
 }
 
-// Mount settings. The figures were measured on the development machines
-// (kernel 6.18, 2 shared CPUs, so +-30%) with the "mount" helper of the
-// package tests (see TestMain), over a reader that returns at once.
+// Mount settings.
 const (
 	// maxRequest is MaxWrite, which go-fuse also passes as max_read: the
 	// largest READ the kernel sends. 1 MiB is the kernel's limit with the
 	// default fs.fuse.max_pages_limit (256 pages); go-fuse lowers it if the
-	// limit is lower. O_DIRECT dd bs=1M runs at 5-7 GB/s in 1 MiB
-	// requests; buffered reads get requests as large as the readahead
-	// window (see readAhead).
+	// limit is lower: fewer, larger requests cost less per byte. Buffered
+	// reads get requests as large as the readahead window (see readAhead).
 	maxRequest = 1 << 20
 	// maxReadAhead is what INIT asks for. The kernel offers its default
 	// readahead window (128 KiB) and go-fuse only ever lowers it, so INIT
@@ -134,9 +130,9 @@ const (
 	// may (see readAhead).
 	maxReadAhead = readAhead
 	// maxBackground bounds the kernel's asynchronous requests (readahead)
-	// in flight. The kernel's default of 12 made no measurable difference
-	// against 64 here (2 CPUs, CPU-bound), but 12 MiB in flight is thin for
-	// several streams with 4 MiB readahead over a slow link.
+	// in flight. The kernel's default of 12 measured the same on a
+	// CPU-bound machine, but 12 MiB in flight is thin for several streams
+	// with 4 MiB readahead over a slow link.
 	maxBackground = 64
 	// congestionThreshold: past this many background requests the kernel
 	// stops issuing the asynchronous part of readahead. 3/4 of
@@ -229,11 +225,10 @@ func fsOptions(opt Options) *fs.Options {
 			// and for 1 MiB replies (more than the default
 			// pipe-max-size) fails and logs every time.
 			DisableSplice: true,
-			// As root, mount(2) directly instead of forking fusermount3
-			// (go-fuse falls back to it if the call fails), with the
-			// flags fusermount3 uses: from launching 'mount -f' to a
-			// readable file against nbdkit took 37-39 ms instead of 46
-			// (medians of 40), where nbdfuse took 27.
+			// As root, mount(2) directly, as libfuse does, instead of
+			// forking fusermount3 (go-fuse falls back to it if the call
+			// fails), with the flags fusermount3 uses: the file is
+			// readable sooner.
 			DirectMount:      os.Geteuid() == 0,
 			DirectMountFlags: syscall.MS_RDONLY | syscall.MS_NOSUID | syscall.MS_NODEV,
 			ExtraCapabilities: func() uint64 {

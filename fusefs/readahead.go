@@ -13,14 +13,10 @@ import (
 // only accepts a smaller answer. The window of a mount's backing device can
 // be raised through sysfs, but only by root.
 //
-// Cold sequential pass, dd bs=1M over 1 GiB, medians of interleaved runs on
-// a busy 2-CPU machine: with a reader that returns at once, 128 KiB gives
-// 2.8 GB/s and 4 MiB 4.6 GB/s; with one that copies from memory, 128 KiB
-// about 2 GB/s and 1 MiB about 3.5 GB/s. With 300 µs added to every read,
-// like a network round trip, 128 KiB gives 0.2 GB/s, 1 MiB 1.4 GB/s, 2 MiB
-// and 4 MiB about 2.8 GB/s; with 1 ms, 2 MiB gives 1.9 GB/s, 4 MiB 2.2 and
-// 8 MiB 2.9. Kernel readahead only grows for sequential streams, so the
-// larger window costs random readers nothing.
+// A larger window keeps more of a sequential reader's requests in flight,
+// which matters most when every read waits for a network round trip.
+// Kernel readahead only grows for sequential streams, so the larger window
+// costs random readers nothing.
 const readAhead = 4 << 20
 
 // raiseReadAhead sets the readahead window of the FUSE mount at dir to

@@ -96,7 +96,7 @@ func Open(ctx context.Context, u *URI, opt ClientOptions) (*Client, error) {
 	// The other connections join the canonical name, so with snapshot
 	// servers they all see the same instant. They connect while the
 	// caller goes on (WaitConns waits for them): a mount sets up FUSE
-	// meanwhile, and its file was readable 2-3 ms sooner.
+	// meanwhile, so its file is readable sooner.
 	c.joined = make(chan struct{})
 	c.joining.Store(int32(n - 1))
 	if n == 1 {

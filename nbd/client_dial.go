@@ -137,9 +137,8 @@ func Dial(ctx context.Context, u *URI, opt DialOptions) (*Conn, error) {
 		// bufio reads straight into the caller's slice only when the
 		// slice is at least its buffer: with a small buffer, READ
 		// payloads go from the socket into the cache's blocks with no
-		// copy in between (a 64 KiB buffer copied every payload under
-		// 64 KiB: 16% of the mount's CPU on random 4 KiB reads), while
-		// reply headers are still read in batches.
+		// copy in between (a large buffer would copy every small payload
+		// once more), while reply headers are still read in batches.
 		br = bufio.NewReaderSize(n.conn, replyReadBuffer)
 	}
 	return newConn(n.conn, br, info), nil

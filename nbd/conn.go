@@ -23,21 +23,19 @@ import (
 // the right to read (readTok) if nobody has it and reads replies, its own
 // and others', until its own has come; the others wait for their reply or
 // for the right. So a lone request's caller reads its own reply from the
-// socket, and no other goroutine has to wake to hand it over: 4 KiB
-// random reads through the mount (one at a time, so on one Go processor)
-// took 9-20% less time and 10-25% less of its CPU than with a reader
-// goroutine, in 6 alternated rounds on the benchmark VM. While nobody
-// waits, a watcher reads once a second (idleWatch), so a server that hangs
-// up is noticed, and the pool reconnects, without a request.
+// socket, and no other goroutine has to wake to hand it over, which is
+// what a lone reader (a file system walk, a forensic tool) pays most for.
+// While nobody waits, a watcher reads once a second (idleWatch), so a
+// server that hangs up is noticed, and the pool reconnects, without a
+// request.
 //
 // No timer, context or goroutine is made per request: the Go runtime
 // wakes a thread for many of them (a timer earlier than the network
 // poller's sleep, a goroutine watching a context that is not the
-// standard library's, as go-fuse's is), and on the benchmark VM they
-// cost about a tenth of the mount's CPU per 4 KiB random read. Instead a
-// guard looks at the calls in flight every guardInterval while there are
-// any: it kicks a reading caller whose context has ended, and fails the
-// connection once a call is past its deadline (checkCalls).
+// standard library's, as go-fuse's is), a cost every random read would
+// pay. Instead a guard looks at the calls in flight every guardInterval
+// while there are any: it kicks a reading caller whose context has ended,
+// and fails the connection once a call is past its deadline (checkCalls).
 //
 // Conn has no method that changes data: it can send READ, BLOCK_STATUS and
 // DISC and nothing else, whatever the server advertises.

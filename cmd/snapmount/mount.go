@@ -30,40 +30,12 @@ unmount it. Cache counters: 'snapmount stats MOUNTPOINT'.
 
 Works as an ordinary user through fusermount3.`,
 		setup: func(fs *flag.FlagSet) func(context.Context, stdio, []string) error {
-			// 64 KiB blocks: the daemon's CPU per GiB read sequentially is
-			// the same as with 128 KiB (290-300 ms), and random 4 KiB
-			// reads, which fetch a whole block, cost less (40,000 reads:
-			// 1.6 s against 1.8-2.5 s).
-			//
-			// The cache reads ahead only where the kernel's window stays
-			// at 128 KiB (no root to raise it). There many 1 MiB requests
-			// in flight beat few of 4 MiB: a cold 1 GiB read as an
-			// ordinary user ran at a median 874 MB/s (603-1038, 11 runs)
-			// with a 32 MiB window of 1 MiB requests, 728 (644-875) with
-			// 8 MiB of 4 MiB, and nbdfuse at 845 (747-1013), alternated.
-			// Root's reads, at most 1 MiB, are not affected.
-			//
-			// Until the mount has fetched 256 MiB, a read's own misses go
-			// in pieces of at most 256 KiB, in parallel (missRequestSize,
-			// missWarmup). As root the kernel reads ahead in 1 MiB reads,
-			// which all miss; a server that allocates each request's
-			// buffer (nbdkit does, per thread) faults in fresh memory for
-			// large requests on new connections, which a short read, such
-			// as the partition tables and file system headers at the start
-			// of a disk, never earns back. Reading the first 64 MiB of a
-			// fresh mount in 64 KiB reads from a freshly started nbdkit
-			// took 190-286 ms with 1 MiB pieces and 121-185 ms with
-			// 256 KiB (nbdkit faulted 11,500 pages and used 378 ms of
-			// CPU, against 1,200 and 87 ms); nbdfuse 92-122. On a long
-			// read large pieces cost less CPU per byte: with 256 KiB
-			// pieces throughout, the second pass of 1 GiB through a live
-			// view fell from 1541 to 1131 MB/s in a full benchmark run.
-			// With the warm-up, 8 alternated rounds: first 64 MiB
-			// 126-305 ms against 216-370 (1 MiB from the start), cold
-			// 1 GiB 663-875 MB/s against 717-991, second pass 1000-1494
-			// against 770-1499; a 64 MiB warm-up measured the same.
-			// Readahead pieces of 256 KiB would cost: as an ordinary user
-			// the cold 1 GiB read ran at 654-692 MB/s against 756-899.
+			// 64 KiB blocks cost no more CPU per byte read sequentially
+			// than 128 KiB, and less per random 4 KiB read, which fetches
+			// a whole block. The 32 MiB readahead window in 1 MiB requests
+			// is for mounts without root, where the kernel's window stays
+			// at 128 KiB: many requests in flight beat few large ones.
+			// test/bench/README.md has the measurements.
 			o := &mountOptions{cacheSize: 256 << 20, blockSize: 64 << 10, readahead: 32 << 20, requestSize: 1 << 20, conns: 4}
 			fs.StringVar(&o.name, "name", "", "name of the file in the mount (default: the export name)")
 			fs.IntVar(&o.conns, "conns", o.conns, "connections when the server allows multi-conn")

@@ -25,8 +25,10 @@ import (
 
 // A read's misses go to the server in pieces of at most missRequestSize
 // until the mount has fetched missWarmup bytes (cache.Options
-// MaxMissRequest, MissWarmup); see the comment on the mount command's
-// defaults for why and the figures.
+// MaxMissRequest, MissWarmup): a server that allocates each request's
+// buffer on a new connection, as nbdkit does, makes a short read at the
+// start of a disk pay for large requests it never earns back, while long
+// reads are cheaper per byte in large requests.
 const missRequestSize, missWarmup = 256 << 10, 256 << 20
 
 // fileName is the name of the file in the mount: the export's name
@@ -117,9 +119,8 @@ func runMount(ctx context.Context, rep *reporter, u *nbd.URI, dopt nbd.DialOptio
 		MissWarmup:     missWarmup,
 		MaxReadahead:   readahead,
 		Disabled:       o.noCache,
-		// Random 4 KiB reads then fetch 4 KiB, not a 64 KiB block, and
-		// leave the cache to what is read twice: buffered random reads
-		// had a p99 of 1.2-1.4 ms against 5.9-6.2 (fresh cache memory).
+		// Random 4 KiB reads then fetch 4 KiB, not a 64 KiB block into
+		// fresh cache memory, and leave the cache to what is read twice.
 		AdmitOnSecondMiss: true,
 		// A frozen snapshot's file keeps the kernel page cache across
 		// opens (KEEP_CACHE): a second pass reads from there, so a
@@ -172,8 +173,7 @@ func runMount(ctx context.Context, rep *reporter, u *nbd.URI, dopt nbd.DialOptio
 	}
 	// When the kernel reads ahead far enough itself (the mount could
 	// raise its window: root), the cache's own readahead only makes
-	// kernel requests wait for larger prefetches: a cold 1 GiB read ran
-	// at 1.3-2.3 GB/s with both and 2.1-2.5 with the kernel's alone.
+	// kernel requests wait for larger prefetches, and is slower.
 	// Without root the kernel's window stays 128 KiB and ours helps.
 	kra, err := fusefs.KernelReadahead(dir)
 	if err == nil && kra >= 1<<20 && readahead > 0 {

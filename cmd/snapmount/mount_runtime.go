@@ -10,14 +10,10 @@ import (
 )
 
 // mountGCPercent is the mount process's GOGC unless its environment sets
-// one. Its Go heap is go-fuse's request and reply buffers and the
-// client's (cached blocks live outside it, in slabs): 4-5 MiB by the time
-// the file is readable, just over the 4 MiB at which GOGC=100 collects
-// first, so every mount ran a collection while it started. At 200 the
-// first one waits for 8 MiB: alternated by hand (15 rounds), foreground
-// mounts were readable in a median 31 ms against 36 from snapmount serve
-// (nbdfuse 25) and 45 against 53 from nbdkit (nbdfuse 38), and the peak
-// RSS of a cold 1 GiB read stayed at 41-44 MiB.
+// one. Its Go heap (go-fuse's and the client's buffers; cached blocks live
+// outside it, in slabs) is just over 4 MiB by the time the file is
+// readable, where GOGC=100 would collect first: at 200 no collection
+// delays the start, and the peak RSS of a long read does not grow.
 const mountGCPercent = 200
 
 // tuneMountRuntime sets the mount process's garbage collection to
@@ -27,14 +23,10 @@ const mountGCPercent = 200
 //
 // Why one more processor: go-fuse keeps a reader blocked in read(2) on
 // /dev/fuse whenever it can, and a goroutine in a system call holds its
-// processor until the runtime's monitor takes it back, 20 µs to 10 ms
-// later: with as many processors as CPUs, overlapping reads wait for that.
-// With one more (alternated by hand on the 2-CPU benchmark VM), 4 KiB
-// random reads from 4 jobs ran 10-15% faster (20.7-22.0k IOPS against
-// 18.5-19.5k from nbdkit, nbdfuse 17.5-18.9k; 18.9k against 16.5k medians
-// from snapmount serve), and one read at a time and cold sequential reads
-// the same. (While reads come one at a time, a root mount runs on one
-// processor: procGovernor.)
+// processor until the runtime's monitor takes it back: with as many
+// processors as CPUs, overlapping reads wait for that, and with one more
+// they do not, while single reads cost the same. (While reads come one at
+// a time, a root mount runs on one processor: procGovernor.)
 func tuneMountRuntime(getenv func(string) string) (procs int) {
 	if getenv("GOGC") == "" {
 		debug.SetGCPercent(mountGCPercent)
@@ -53,7 +45,7 @@ func tuneMountRuntime(getenv func(string) string) (procs int) {
 // reader whose reply another goroutine read, a new go-fuse reader) wakes
 // an idle processor's thread, which finds nothing to do and sleeps again,
 // and go-fuse's readers block in read(2) holding processors, which the
-// runtime's monitor takes back every 20 µs; a single reader, one read at a
+// runtime's monitor keeps taking back; a single reader, one read at a
 // time, pays for all that and gains nothing from a second processor. But
 // one processor for good slows cold sequential reads, so overlapping
 // reads get them all back at once. It governs only mounts whose kernel

@@ -58,9 +58,8 @@ type snapshot struct {
 
 	// copyMu lets one copy into the store run at a time. Concurrent
 	// writes to one file serialise on its inode lock in the kernel
-	// anyway, where waiters spin: with 64 request workers copying at
-	// once, a third of the server's time went to rwsem_spin_on_owner and
-	// a first-touch overwrite of 1 GiB took 2.9 s. Go parks the waiters.
+	// anyway, where waiters spin on the lock (rwsem_spin_on_owner) and
+	// burn the server's CPU; Go parks them instead.
 	copyMu sync.Mutex
 	behind *nbd.WriteBehind // of the store; its waits happen outside copyMu
 
@@ -110,9 +109,8 @@ func (e *export) newSnapshot() (*snapshot, error) {
 	}
 	// The store is written once and read seldom (readers of a snapshot
 	// cache what they read): write-behind keeps it from taking a fresh
-	// page of the page cache for every byte preserved. A writer's first
-	// touch of 1 GiB under a snapshot ran at 0.54-0.65x the writer alone
-	// with it, 0.37-0.44x without (alternated, three rounds each).
+	// page of the page cache for every byte preserved, which slowed a
+	// writer's first touch under a snapshot most.
 	s.behind = nbd.NewWriteBehind(int(f.Fd()))
 
 	e.snapMu.Lock() // no change of the image is in flight: the instant is now
