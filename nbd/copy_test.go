@@ -279,8 +279,11 @@ func TestCopyLeavesHolesAndZerosSparse(t *testing.T) {
 	if err := syscall.Fstat(int(f.Fd()), &st); err != nil {
 		t.Fatal(err)
 	}
-	if used, data := st.Blocks*512, src.Size()-3*c-sparseBlock; used > data {
-		t.Errorf("the file occupies %d bytes, more than its %d bytes of data", used, data)
+	// The file system may add a block of its own (an ext4 extent index);
+	// a hole written as data would add at least one sparse block.
+	const slack = 16 << 10
+	if used, data := st.Blocks*512, src.Size()-3*c-sparseBlock; used > data+slack {
+		t.Errorf("the file occupies %d bytes, more than its %d bytes of data and %d of the file system's", used, data, slack)
 	}
 }
 
