@@ -84,13 +84,13 @@ func ParseURI(s string) (*URI, error) {
 	if err := CheckString("export name", []byte(r.Export)); err != nil {
 		return nil, bad("%v", err)
 	}
-	q, err := url.ParseQuery(u.RawQuery)
+	q, err := parseQuery(u.RawQuery)
 	if err != nil {
-		return nil, bad("query: %v", err)
+		return nil, bad("%v", err)
 	}
 	socket := ""
-	for k, vs := range q {
-		v := vs[len(vs)-1]
+	for _, kv := range q {
+		k, v := kv[0], kv[1]
 		switch k {
 		case "socket":
 			socket = v
@@ -163,17 +163,68 @@ func parseURIBool(v string) (bool, error) {
 	return false, fmt.Errorf("want true or false")
 }
 
-// String rebuilds the URI. Paths in the query keep their slashes, as
-// libnbd prints them.
+// parseQuery splits a URI's query into name and value pairs in their
+// order, as libnbd and qemu read it: pairs are separated by '&', and names
+// and values are percent-decoded and nothing else ('+' is a plus sign, not
+// a space as in HTML forms). A name without '=' has the value "".
+func parseQuery(raw string) ([][2]string, error) {
+	var out [][2]string
+	for _, part := range strings.Split(raw, "&") {
+		if part == "" {
+			continue
+		}
+		k, v, _ := strings.Cut(part, "=")
+		name, err := url.PathUnescape(k)
+		if err != nil {
+			return nil, fmt.Errorf("query parameter %q: bad percent-encoding", k)
+		}
+		value, err := url.PathUnescape(v)
+		if err != nil {
+			return nil, fmt.Errorf("query parameter %s: bad percent-encoding in %q", name, v)
+		}
+		out = append(out, [2]string{name, value})
+	}
+	return out, nil
+}
+
+// escapeQueryValue percent-encodes a query value so that every reader of
+// NBD URIs (libnbd, qemu, this package) gets it back: unreserved
+// characters and the harmless '/', ':', '@' and ',' stay as they are;
+// everything else, '+', spaces, separators and non-ASCII bytes included,
+// becomes %XX.
+func escapeQueryValue(v string) string {
+	const hex = "0123456789ABCDEF"
+	var b strings.Builder
+	for i := 0; i < len(v); i++ {
+		c := v[i]
+		switch {
+		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9',
+			strings.IndexByte("-._~/:@,", c) >= 0:
+			b.WriteByte(c)
+		default:
+			b.WriteByte('%')
+			b.WriteByte(hex[c>>4])
+			b.WriteByte(hex[c&15])
+		}
+	}
+	return b.String()
+}
+
+// String rebuilds the URI with percent-encoding only, so that nbdinfo,
+// nbdcopy and qemu-img read it as this package does. Paths in the query
+// keep their slashes, as libnbd prints them.
 func (u *URI) String() string {
 	v := url.URL{Scheme: u.Scheme, Path: "/" + u.Export}
 	var q []string
 	add := func(k, val string) {
-		val = strings.NewReplacer("%2F", "/", "%40", "@").Replace(url.QueryEscape(val))
-		q = append(q, k+"="+val)
+		q = append(q, k+"="+escapeQueryValue(val))
 	}
 	if u.Network == "unix" {
-		add("socket", u.Address)
+		if abstract, ok := strings.CutPrefix(u.Address, "@"); ok {
+			add("socket", "\x00"+abstract)
+		} else {
+			add("socket", u.Address)
+		}
 	} else {
 		v.Host = u.Address
 	}
@@ -185,6 +236,9 @@ func (u *URI) String() string {
 	}
 	if !u.TLSVerify {
 		add("tls-verify-peer", "false")
+	}
+	if u.TLSHost != "" && u.TLSHost != hostOnly(u.Address) {
+		add("tls-hostname", u.TLSHost)
 	}
 	if u.NoPromise {
 		add("x-ro-promise", "0")
@@ -208,4 +262,12 @@ func (u *URI) Display() string {
 		return fmt.Sprintf("%s:%s/%s", u.Scheme, filepath.Clean(u.Address), u.Export)
 	}
 	return fmt.Sprintf("%s://%s/%s", u.Scheme, u.Address, u.Export)
+}
+
+// hostOnly is the host part of a host:port address.
+func hostOnly(addr string) string {
+	if h, _, err := net.SplitHostPort(addr); err == nil {
+		return h
+	}
+	return addr
 }

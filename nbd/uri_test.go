@@ -21,6 +21,10 @@ func TestParseURI(t *testing.T) {
 		{"nbd+unix:///?socket=rel.sock", "unix", "rel.sock", "", false},
 		{"nbds+unix:///disk@s3?socket=/s&tls-certificates=/pki", "unix", "/s", "disk@s3", true},
 		{"nbd+unix:///x?socket=%00abstract", "unix", "@abstract", "x", false},
+		// Percent-encoding only: '+' is a plus sign, as libnbd and qemu read it.
+		{"nbd+unix:///a+b?socket=/run/a+b.sock", "unix", "/run/a+b.sock", "a+b", false},
+		{"nbd+unix:///a%20b?socket=/run/a%2Bb%20c%C3%A9.sock", "unix", "/run/a+b c\u00e9.sock", "a b", false},
+		{"nbd+unix:///?socket=/run/x.sock&&x-ro-promise=1", "unix", "/run/x.sock", "", false},
 	} {
 		u, err := ParseURI(c.in)
 		if err != nil {
@@ -49,6 +53,7 @@ func TestParseURIErrors(t *testing.T) {
 		{"nbd://u:pw@h/x", "passwords"},
 		{"nbd:h/x", "'//'"},
 		{"nbd://h/x?tls-verify-peer=maybe", "tls-verify-peer"},
+		{"nbd+unix:///x?socket=/run/%zz.sock", "bad percent-encoding"},
 	} {
 		_, err := ParseURI(c.in)
 		if err == nil || !strings.Contains(err.Error(), c.want) {
@@ -73,7 +78,39 @@ func TestURIOptions(t *testing.T) {
 	if err != nil || back.Address != u.Address || back.Export != u.Export || back.NoPromise != u.NoPromise || back.TLSVerify != u.TLSVerify {
 		t.Fatalf("String() round trip: %q -> %+v, %v", u.String(), back, err)
 	}
+	if back.TLSHost != "srv" {
+		t.Fatalf("String() dropped tls-hostname: %q", u.String())
+	}
 	if got := u.WithExport("y@s2").Export; got != "y@s2" || u.Export != "x" {
 		t.Fatalf("WithExport: %q / %q", got, u.Export)
+	}
+}
+
+// String percent-encodes what a reader could take for something else, and
+// only that; ParseURI reads back what String wrote.
+func TestURIStringEscapes(t *testing.T) {
+	for _, c := range []struct {
+		u    URI
+		want string
+	}{
+		{URI{Scheme: "nbd+unix", Network: "unix", Address: "/run/a+b c\u00e9;&=#?%.sock", Export: "a b+c", TLSVerify: true},
+			"nbd+unix:///a%20b+c?socket=/run/a%2Bb%20c%C3%A9%3B%26%3D%23%3F%25.sock"},
+		{URI{Scheme: "nbd+unix", Network: "unix", Address: "@abstract", TLSVerify: true},
+			"nbd+unix:///?socket=%00abstract"},
+		{URI{Scheme: "nbds", Network: "tcp", Address: "[::1]:10809", Export: "disk@s3", TLSCertDir: "/etc/pki/a b", TLSHost: "::1"},
+			"nbds://[::1]:10809/disk@s3?tls-certificates=/etc/pki/a%20b&tls-verify-peer=false"},
+	} {
+		got := c.u.String()
+		if got != c.want {
+			t.Errorf("String() = %q, want %q", got, c.want)
+		}
+		back, err := ParseURI(got)
+		if err != nil {
+			t.Errorf("ParseURI(%q): %v", got, err)
+			continue
+		}
+		if back.Address != c.u.Address || back.Export != c.u.Export || back.TLSCertDir != c.u.TLSCertDir || back.TLSVerify != c.u.TLSVerify {
+			t.Errorf("round trip of %q: %+v, want %+v", got, *back, c.u)
+		}
 	}
 }
