@@ -42,7 +42,8 @@ Only writes that go through this server are seen by snapshots: if another
 process changes the image file, snapshots of it are not point-in-time.
 
 Listens on TCP (--listen, default 127.0.0.1:10809; --listen "" or --no-tcp
-turns TCP off) and/or a Unix socket (--socket). Prints one line when ready.
+turns TCP off) and/or a Unix socket (--socket). Prints one line when ready,
+and tells a service manager (systemd Type=notify, $NOTIFY_SOCKET) too.
 SIGINT/SIGTERM stop it cleanly: requests in flight finish, images are
 flushed, snapshot stores are deleted.
 
@@ -350,12 +351,19 @@ func runServe(ctx context.Context, std stdio, f *serveFlags, args []string, list
 		go func() { errc <- srv.Serve(l) }()
 	}
 	fmt.Fprintf(std.out, "snapmount serve: listening on %s (exports: %s)\n", strings.Join(where, ", "), strings.Join(srv.Exports(), ", "))
+	notifySocket := os.Getenv("NOTIFY_SOCKET")
+	if err := sdNotify(notifySocket, "READY=1\nSTATUS=listening on "+strings.Join(where, ", ")); err != nil {
+		cfg.Logger.Warn(err.Error())
+	}
 
 	var serveErr error
 	select {
 	case <-ctx.Done():
 		cfg.Logger.Info("shutting down: finishing requests in flight")
 	case serveErr = <-errc:
+	}
+	if err := sdNotify(notifySocket, "STOPPING=1"); err != nil {
+		cfg.Logger.Warn(err.Error())
 	}
 	sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
