@@ -19,6 +19,9 @@ const (
 	// sparse image walks the map, and 1 GiB per round trip keeps a
 	// terabyte to a thousand of them.
 	seekWindow = 1 << 30
+	// learnWindow is what each query of LearnAllocation's walk asks for;
+	// a source answers for as much of it as it can (NBD: 2 GiB at most).
+	learnWindow = 4 << 30
 	// maxExtents bounds the extent map (about 1.5 MiB). A fragmented
 	// image that exceeds it starts over with the latest answer: the map
 	// is a cache of what the source says, re-asked lazily.
@@ -32,9 +35,15 @@ const (
 // allocMap caches a source's allocation map: the extents it reported, in
 // order, merged where adjacent and alike. Gaps between them are unknown.
 type allocMap struct {
-	src     Allocator
-	size    int64
-	queries atomic.Int64
+	src       Allocator
+	size      int64
+	queries   atomic.Int64
+	holeBytes atomic.Int64 // bytes in known holes
+
+	// learn walks the whole map once (LearnAllocation); learned is
+	// closed when it is done.
+	learn   sync.Once
+	learned chan struct{}
 
 	// mu guards the fields below.
 	mu       sync.Mutex
@@ -49,7 +58,7 @@ type allocMap struct {
 }
 
 func newAllocMap(src Allocator, size int64) *allocMap {
-	return &allocMap{src: src, size: size, inflight: make(map[int64]chan struct{})}
+	return &allocMap{src: src, size: size, inflight: make(map[int64]chan struct{}), learned: make(chan struct{})}
 }
 
 // errAllocUnknown means the source could not say what is at an offset.
@@ -130,8 +139,35 @@ func (m *allocMap) query(ctx context.Context, q, end int64) error {
 	if len(m.ext) > maxExtents {
 		m.ext = append([]Extent(nil), ext...)
 	}
+	var holes int64
+	for _, e := range m.ext {
+		if e.Hole {
+			holes += e.Length
+		}
+	}
+	m.holeBytes.Store(holes)
 	m.mu.Unlock()
 	return nil
+}
+
+// walk learns the map from start to end, a learnWindow per query, until
+// the source cannot say or ctx is done.
+func (m *allocMap) walk(ctx context.Context) {
+	defer close(m.learned)
+	for pos := int64(0); pos < m.size; {
+		if err := m.ensure(ctx, pos, pos+1, learnWindow); err != nil {
+			return
+		}
+		m.mu.Lock()
+		from := pos
+		for i := extentIndex(m.ext, pos); i < len(m.ext) && m.ext[i].Offset <= pos; i++ {
+			pos = m.ext[i].End()
+		}
+		m.mu.Unlock()
+		if pos == from {
+			return // the bounded map dropped it meanwhile: too fragmented to learn whole
+		}
+	}
 }
 
 // isZero reports whether the map knows all of [start, end) reads as
@@ -200,7 +236,7 @@ func usableExtents(ext []Extent, q, size int64) []Extent {
 		if e.Length <= 0 {
 			break
 		}
-		if n := len(out); n > 0 && out[n-1].Zero == e.Zero {
+		if n := len(out); n > 0 && out[n-1].Zero == e.Zero && out[n-1].Hole == e.Hole {
 			out[n-1].Length += e.Length
 		} else {
 			out = append(out, e)
@@ -222,7 +258,7 @@ func mergeExtents(old, ext []Extent) []Extent {
 		if e.Length <= 0 {
 			return
 		}
-		if n := len(out); n > 0 && out[n-1].End() == e.Offset && out[n-1].Zero == e.Zero {
+		if n := len(out); n > 0 && out[n-1].End() == e.Offset && out[n-1].Zero == e.Zero && out[n-1].Hole == e.Hole {
 			out[n-1].Length += e.Length
 			return
 		}
@@ -301,6 +337,45 @@ func (c *Cache) SeekHole(ctx context.Context, off int64) (int64, error) {
 		pos = e.End()
 	}
 	return c.geo.size, nil
+}
+
+// LearnAllocation starts learning the source's whole allocation map in
+// the background (a query per few GiB), for AllocatedBytes. It returns at
+// once; calling it again does nothing.
+func (c *Cache) LearnAllocation() {
+	if c.alloc == nil {
+		return
+	}
+	c.alloc.learn.Do(func() {
+		c.lifeMu.Lock()
+		defer c.lifeMu.Unlock()
+		if c.closing {
+			close(c.alloc.learned)
+			return
+		}
+		c.wg.Add(1)
+		go func() {
+			defer c.wg.Done()
+			c.alloc.walk(c.ctx)
+		}()
+	})
+}
+
+// AllocatedBytes returns how many bytes of the source take storage on it
+// (a file's st_blocks): its size less the holes the source reported.
+// Ranges the source did not report on count as allocated. It waits for
+// LearnAllocation's walk (starting it if needed) until ctx is done, then
+// answers with what is known.
+func (c *Cache) AllocatedBytes(ctx context.Context) int64 {
+	if c.alloc == nil {
+		return c.geo.size
+	}
+	c.LearnAllocation()
+	select {
+	case <-c.alloc.learned:
+	case <-ctx.Done():
+	}
+	return c.geo.size - c.alloc.holeBytes.Load()
 }
 
 func (c *Cache) seekCheck(off int64) error {

@@ -8,6 +8,7 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	"snapmount/test/testenv"
 )
@@ -291,4 +292,76 @@ func TestReadaheadSkipsHoles(t *testing.T) {
 	checkStats(t, c.Stats(), map[string]int64{
 		"Misses": 2, "ReadaheadBlocks": 2, "ReadaheadUsed": 2, "ZeroHits": 12, "SourceReads": 3,
 	})
+}
+
+// AllocatedBytes is the size less the holes the source reports (ranges
+// that only read as zeros still take storage), learned from start to end
+// in several queries when answers are short; what the source did not
+// report on counts as allocated.
+func TestAllocatedBytes(t *testing.T) {
+	const mib = 1 << 20
+	const size = 96 * mib
+	src := &memSource{size: size, maxExt: 2, zeros: []Extent{
+		{Offset: 1 * mib, Length: 9 * mib, Zero: true, Hole: true},
+		{Offset: 20 * mib, Length: 1 * mib, Zero: true},
+		{Offset: 30 * mib, Length: 66 * mib, Zero: true, Hole: true},
+	}}
+	src.allocGate = make(chan struct{})
+	c := newTestCache(t, asAlloc(src), size, Options{BlockSize: 4096})
+
+	// Nothing known yet: all of it counts.
+	done, cancel := context.WithCancel(context.Background())
+	cancel()
+	if got := c.AllocatedBytes(done); got != size {
+		t.Fatalf("AllocatedBytes before the source answered: %d, want %d", got, size)
+	}
+	close(src.allocGate)
+	if got, want := c.AllocatedBytes(context.Background()), int64(size-9*mib-66*mib); got != want {
+		t.Fatalf("AllocatedBytes = %d, want %d", got, want)
+	}
+	if n := c.Stats().AllocQueries; n < 3 {
+		t.Errorf("%d allocation queries: the two-extent answers cannot have covered the map", n)
+	}
+	// Learned once: later calls ask nothing.
+	before := src.AllocCalls()
+	c.LearnAllocation()
+	c.AllocatedBytes(context.Background())
+	if after := src.AllocCalls(); after != before {
+		t.Errorf("%d more allocation queries after the map was learned", after-before)
+	}
+}
+
+func TestAllocatedBytesUnknown(t *testing.T) {
+	const size = 1 << 20
+	src := &memSource{size: size, allocErr: errors.ErrUnsupported}
+	c := newTestCache(t, asAlloc(src), size, Options{BlockSize: 4096})
+	if got := c.AllocatedBytes(context.Background()); got != size {
+		t.Errorf("a source that cannot say: AllocatedBytes = %d, want all %d", got, size)
+	}
+	// Without an Allocator at all, the same.
+	plain := newTestCache(t, asPlain(newMemSource(make([]byte, size))), size, Options{BlockSize: 4096})
+	if got := plain.AllocatedBytes(context.Background()); got != size {
+		t.Errorf("no Allocator: AllocatedBytes = %d, want %d", got, size)
+	}
+}
+
+// Close ends a walk the source holds up.
+func TestLearnAllocationClose(t *testing.T) {
+	src := &memSource{size: 1 << 30, allocEnter: make(chan struct{}, 1), allocGate: make(chan struct{})}
+	c := New(asAlloc(src), src.size, Options{BlockSize: 4096})
+	c.LearnAllocation()
+	<-src.allocEnter
+	closed := make(chan struct{})
+	go func() {
+		c.Close()
+		close(closed)
+	}()
+	select {
+	case <-closed:
+	case <-time.After(30 * time.Second):
+		t.Fatal("Close did not return within 30 s while a walk's query was held")
+	}
+	if got := c.AllocatedBytes(context.Background()); got != src.size {
+		t.Errorf("after Close: AllocatedBytes = %d, want %d", got, src.size)
+	}
 }

@@ -99,7 +99,9 @@
 // as zeros are then served as zeros without a transfer, and readahead
 // skips them. The map is bounded (64 Ki extents) and starts over when
 // full. A fetched block that turns out all zeros is kept as a zero block,
-// with no buffer. SeekData and SeekHole walk the same map.
+// with no buffer. SeekData and SeekHole walk the same map, and
+// AllocatedBytes counts its holes, after LearnAllocation has walked it
+// from start to end.
 //
 // BUG(cache): More than 8 interleaved sequential streams displace each
 // other from the stream table and lose their readahead.

@@ -127,7 +127,7 @@ func (m *memSource) allocation(ctx context.Context, off, length int64) ([]Extent
 			out = append(out, Extent{Offset: pos, Length: z.Offset - pos})
 			pos = z.Offset
 		}
-		e := Extent{Offset: pos, Length: min(z.End(), end) - pos, Zero: true}
+		e := Extent{Offset: pos, Length: min(z.End(), end) - pos, Zero: true, Hole: z.Hole}
 		out = append(out, e)
 		pos = e.End()
 	}

@@ -20,8 +20,8 @@ type VectorReader interface {
 	ReadVecContext(ctx context.Context, bufs [][]byte, off int64) error
 }
 
-// Allocator reports which ranges read as zeros (from NBD BLOCK_STATUS
-// base:allocation). It returns extents in order, starting at off and
+// Allocator reports which ranges read as zeros and which take no storage
+// on the source (from NBD BLOCK_STATUS base:allocation). It returns extents in order, starting at off and
 // covering at least one byte; it may cover less or more than length.
 //
 // An error wrapping errors.ErrUnsupported (or syscall.ENOTSUP) tells the
@@ -35,6 +35,7 @@ type Allocator interface {
 type Extent struct {
 	Offset, Length int64
 	Zero           bool // the range reads as zeros
+	Hole           bool // the range takes no storage on the source
 }
 
 // End returns the offset just past the extent.

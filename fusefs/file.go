@@ -25,6 +25,7 @@ type fileNode struct {
 	ctxr   ContextReaderAt // r, if it implements ContextReaderAt
 	sr     SliceReader     // r, if it implements SliceReader
 	seeker Seeker          // r, if it implements Seeker
+	alloc  AllocationReporter
 }
 
 func newFileNode(v *view, r io.ReaderAt) *fileNode {
@@ -32,12 +33,17 @@ func newFileNode(v *view, r io.ReaderAt) *fileNode {
 	f.ctxr, _ = r.(ContextReaderAt)
 	f.sr, _ = r.(SliceReader)
 	f.seeker, _ = r.(Seeker)
+	f.alloc, _ = r.(AllocationReporter)
 	return f
 }
 
 func (f *fileNode) Getattr(ctx context.Context, _ fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
 	f.v.fillAttr(&out.Attr, fuse.S_IFREG|0444, f.v.size)
 	out.Nlink = 1
+	if f.alloc != nil {
+		used := min(max(f.alloc.AllocatedBytes(ctx), 0), f.v.size)
+		out.Blocks = (uint64(used) + 511) / 512
+	}
 	return 0
 }
 

@@ -95,6 +95,15 @@ type ReadObserver interface {
 	ReadEnded()
 }
 
+// AllocationReporter, if the reader implements it, gives the file's
+// st_blocks (what du and ls -s show, and what cp --sparse=auto takes for a
+// sign of holes): AllocatedBytes returns how many of its bytes take
+// storage, e.g. from the NBD allocation map. It may wait to learn that,
+// until ctx is done. Without it the whole file counts as allocated.
+type AllocationReporter interface {
+	AllocatedBytes(ctx context.Context) int64
+}
+
 // ContextReaderAt, if the reader implements it, is used instead of ReadAt
 // with the context of the FUSE request, which go-fuse cancels when the kernel
 // interrupts the request (the reading process got a signal). On cancellation

@@ -81,6 +81,45 @@ func TestGetattrDefaults(t *testing.T) {
 	}
 }
 
+// allocReader reports a fixed allocation, however wrong, and the context
+// it was asked with.
+type allocReader struct {
+	patternReader
+	used int64
+	ctxs chan context.Context
+}
+
+func (a allocReader) AllocatedBytes(ctx context.Context) int64 {
+	if a.ctxs != nil {
+		a.ctxs <- ctx
+	}
+	return a.used
+}
+
+// st_blocks comes from the reader's AllocationReporter, in 512-byte units
+// rounded up, kept between 0 and the size.
+func TestGetattrBlocksFromAllocation(t *testing.T) {
+	const size = 10 << 20
+	for _, c := range []struct {
+		used int64
+		want uint64
+	}{{0, 0}, {4096, 8}, {4097, 9}, {size, size / 512}, {-1, 0}, {size + 4096, size / 512}} {
+		ctxs := make(chan context.Context, 1)
+		_, file := newTestNodes(t, allocReader{used: c.used, ctxs: ctxs}, Options{Name: "disk", Size: size})
+		ctx := callerCtx(1, 2)
+		var out fuse.AttrOut
+		if errno := file.Getattr(ctx, nil, &out); errno != 0 {
+			t.Fatalf("Getattr: %v", errno)
+		}
+		if out.Blocks != c.want || out.Size != size {
+			t.Errorf("AllocatedBytes %d: blocks %d size %d, want %d and %d", c.used, out.Blocks, out.Size, c.want, size)
+		}
+		if got := <-ctxs; got != context.Context(ctx) {
+			t.Errorf("AllocatedBytes was not asked with the request's context")
+		}
+	}
+}
+
 func TestTree(t *testing.T) {
 	root, file := newTestNodes(t, patternReader{}, Options{Name: "disk.img", Size: 1})
 	children := root.Children()

@@ -128,6 +128,9 @@ func runMount(ctx context.Context, rep *reporter, u *nbd.URI, dopt nbd.DialOptio
 		TransientScans: frozen,
 	})
 	defer c.Close()
+	// The file's st_blocks comes from the whole allocation map: learn it
+	// while FUSE mounts, so that the first stat need not wait.
+	c.LearnAllocation()
 
 	name := o.name
 	if name == "" {

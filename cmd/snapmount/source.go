@@ -26,7 +26,8 @@ func (s nbdSource) ReadVecContext(ctx context.Context, bufs [][]byte, off int64)
 
 // allocSource adds the allocation map, for servers that negotiated
 // base:allocation: the cache then serves holes as zeros without a
-// transfer, and lseek SEEK_DATA/SEEK_HOLE work.
+// transfer, lseek SEEK_DATA/SEEK_HOLE work, and st_blocks counts what
+// the server stores.
 type allocSource struct{ nbdSource }
 
 func (s allocSource) Allocation(ctx context.Context, off, length int64) ([]cache.Extent, error) {
@@ -36,7 +37,7 @@ func (s allocSource) Allocation(ctx context.Context, off, length int64) ([]cache
 	}
 	out := make([]cache.Extent, len(ext))
 	for i, e := range ext {
-		out[i] = cache.Extent{Offset: e.Offset, Length: e.Length, Zero: e.Zero()}
+		out[i] = cache.Extent{Offset: e.Offset, Length: e.Length, Zero: e.Zero(), Hole: e.Hole()}
 	}
 	return out, nil
 }
