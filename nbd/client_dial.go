@@ -9,7 +9,9 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/user"
 	"path/filepath"
+	"strconv"
 	"syscall"
 	"time"
 )
@@ -219,6 +221,8 @@ func explainDialError(err error, u *URI) error {
 			return fmt.Errorf("nbd: nothing listens on socket %s: is the server running?", u.Address)
 		}
 		return fmt.Errorf("nbd: connection to %s refused: is the server running on that port?", u.Address)
+	case errors.Is(err, syscall.EACCES) && u.Network == "unix":
+		return fmt.Errorf("nbd: no permission to connect to %s%s: ask the server's owner for access, e.g. snapmount serve --socket-group GROUP", u.Address, socketOwner(u.Address))
 	case errors.Is(err, syscall.EACCES):
 		return fmt.Errorf("nbd: no permission to connect to %s", u.Address)
 	case isTimeout(err):
@@ -229,6 +233,24 @@ func explainDialError(err error, u *URI) error {
 		return fmt.Errorf("nbd: cannot resolve host %q: %v", dnsErr.Name, dnsErr.Err)
 	}
 	return fmt.Errorf("nbd: connecting to %s: %w", u.Address, err)
+}
+
+// socketOwner describes who may connect to a socket file, e.g.
+// " (srwxr-x--- root:kvm)", or "" if it cannot be seen.
+func socketOwner(path string) string {
+	var st syscall.Stat_t
+	if path == "" || path[0] == '@' || syscall.Stat(path, &st) != nil {
+		return ""
+	}
+	owner, group := strconv.Itoa(int(st.Uid)), strconv.Itoa(int(st.Gid))
+	if u, err := user.LookupId(owner); err == nil {
+		owner = u.Username
+	}
+	if g, err := user.LookupGroupId(group); err == nil {
+		group = g.Name
+	}
+	mode := os.FileMode(st.Mode & 0o777)
+	return fmt.Sprintf(" (s%s %s:%s)", mode.String()[1:], owner, group)
 }
 
 func isTimeout(err error) bool {

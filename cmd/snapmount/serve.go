@@ -9,10 +9,13 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"os/user"
+	"strconv"
 	"strings"
 	"time"
 
 	flag "github.com/spf13/pflag"
+	"golang.org/x/sys/unix"
 
 	"snapmount/nbd"
 	"snapmount/nbd/server"
@@ -47,8 +50,13 @@ and tells a service manager (systemd Type=notify, $NOTIFY_SOCKET) too.
 SIGINT/SIGTERM stop it cleanly: requests in flight finish, images are
 flushed, snapshot stores are deleted.
 
+The socket file is the access control of --socket: a client needs write
+permission on it. --socket-group GROUP (mode 0660) lets GROUP's members,
+e.g. the users who mount snapshots, connect to a server run as root.
+
 Examples:
   snapmount serve --socket /tmp/nbd.sock vm.img
+  snapmount serve --no-tcp --socket /run/vm1.sock --socket-group kvm vm1.img
   snapmount serve --max-writers 1 --busy refuse disk=/dev/vg/vm1
   nbdcopy nbd://127.0.0.1/vm.img@snapshot backup.img`,
 		setup: setupServe,
@@ -57,6 +65,7 @@ Examples:
 
 type serveFlags struct {
 	listen, socket           string
+	socketMode, socketGroup  string
 	noTCP                    bool
 	tlsMode, tlsCert, tlsKey string
 	tlsCA                    string
@@ -81,6 +90,8 @@ func setupServe(fs *flag.FlagSet) func(ctx context.Context, io stdio, args []str
 	fs.StringVar(&f.listen, "listen", "127.0.0.1:10809", "listen on TCP at `HOST:PORT` (\"\" for no TCP)")
 	fs.BoolVar(&f.noTCP, "no-tcp", false, "do not listen on TCP (same as --listen \"\")")
 	fs.StringVar(&f.socket, "socket", "", "also listen on the Unix socket at `PATH`")
+	fs.StringVar(&f.socketMode, "socket-mode", "", "permissions of the --socket file, octal `MODE` (default: 0660 with --socket-group, else as the umask gives)")
+	fs.StringVar(&f.socketGroup, "socket-group", "", "give the --socket file to `GROUP`, whose members may then connect")
 	fs.StringVar(&f.tlsMode, "tls", "off", "`MODE`: off, on (offered) or require")
 	fs.StringVar(&f.tlsCert, "tls-cert", "", "server certificate `FILE` (PEM)")
 	fs.StringVar(&f.tlsKey, "tls-key", "", "server private key `FILE` (PEM)")
@@ -310,6 +321,10 @@ func runServe(ctx context.Context, std stdio, f *serveFlags, args []string, list
 	if tcpAddr == "" && f.socket == "" {
 		return usagef("nothing to listen on: give --socket PATH or a --listen address")
 	}
+	sockPerm, err := parseSocketPerm(f.socket, f.socketMode, f.socketGroup)
+	if err != nil {
+		return err
+	}
 	level := slog.LevelInfo
 	if f.verbose {
 		level = slog.LevelDebug
@@ -330,7 +345,7 @@ func runServe(ctx context.Context, std stdio, f *serveFlags, args []string, list
 		return withCode(exitConnect, err)
 	}
 	if f.socket != "" {
-		l, err := listenUnix(f.socket)
+		l, err := listenUnix(f.socket, sockPerm)
 		if err != nil {
 			return fail(err)
 		}
@@ -377,9 +392,46 @@ func runServe(ctx context.Context, std stdio, f *serveFlags, args []string, list
 	return shutErr
 }
 
+// socketPerm is who may connect to the Unix socket: its mode and group
+// (gid -1: the process's).
+type socketPerm struct {
+	mode    os.FileMode
+	setMode bool
+	gid     int
+	group   string
+}
+
+// parseSocketPerm reads --socket-mode and --socket-group.
+func parseSocketPerm(socket, mode, group string) (socketPerm, error) {
+	p := socketPerm{gid: -1, group: group}
+	if socket == "" && (mode != "" || group != "") {
+		return p, usagef("--socket-mode and --socket-group need --socket PATH")
+	}
+	if group != "" {
+		g, err := user.LookupGroup(group)
+		if err != nil {
+			g, err = user.LookupGroupId(group)
+		}
+		if err != nil {
+			return p, usagef("--socket-group %q: no such group", group)
+		}
+		p.gid, _ = strconv.Atoi(g.Gid)
+		p.mode, p.setMode = 0o660, true
+	}
+	if mode != "" {
+		m, err := strconv.ParseUint(mode, 8, 32)
+		if err != nil || m > 0o777 {
+			return p, usagef("--socket-mode %q: want an octal mode such as 0660", mode)
+		}
+		p.mode, p.setMode = os.FileMode(m), true
+	}
+	return p, nil
+}
+
 // listenUnix listens on a Unix socket, replacing a stale socket file left
-// by a crashed server but never one a live server still answers on.
-func listenUnix(path string) (net.Listener, error) {
+// by a crashed server but never one a live server still answers on, and
+// gives it perm.
+func listenUnix(path string, perm socketPerm) (net.Listener, error) {
 	if st, err := os.Lstat(path); err == nil {
 		if st.Mode()&os.ModeSocket == 0 {
 			return nil, fmt.Errorf("--socket %s exists and is not a socket", path)
@@ -390,11 +442,32 @@ func listenUnix(path string) (net.Listener, error) {
 		}
 		os.Remove(path)
 	}
+	// The socket is born owner-only, so that nobody connects before it
+	// has its mode and group (the process is not serving yet: nothing
+	// else creates files meanwhile).
+	umask := unix.Umask(0o177)
 	l, err := net.Listen("unix", path)
+	unix.Umask(umask)
 	if err != nil {
 		return nil, fmt.Errorf("listening on %s: %w", path, err)
 	}
 	l.(*net.UnixListener).SetUnlinkOnClose(false) // removed by runServe, after shutdown
+	mode := 0o777 &^ os.FileMode(umask)
+	if perm.setMode {
+		mode = perm.mode
+	}
+	if perm.gid >= 0 {
+		if err := os.Chown(path, -1, perm.gid); err != nil {
+			l.Close()
+			os.Remove(path)
+			return nil, fmt.Errorf("--socket-group %s: %w (only root or a member of the group may give it a file)", perm.group, err)
+		}
+	}
+	if err := os.Chmod(path, mode); err != nil {
+		l.Close()
+		os.Remove(path)
+		return nil, fmt.Errorf("--socket-mode: %w", err)
+	}
 	return l, nil
 }
 
