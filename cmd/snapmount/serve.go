@@ -44,6 +44,10 @@ snapshot lives while a connection uses it, plus --snapshot-linger.
 Only writes that go through this server are seen by snapshots: if another
 process changes the image file, snapshots of it are not point-in-time.
 
+Images are served as raw disks. One whose header says it is a container
+(qcow2, QED, VMDK, VDI, VHDX, VHD, LUKS, ...) is refused, with what to
+use instead, unless --format raw.
+
 Listens on TCP (--listen, default 127.0.0.1:10809; --listen "" or --no-tcp
 turns TCP off) and/or a Unix socket (--socket). Prints one line when ready,
 and tells a service manager (systemd Type=notify, $NOTIFY_SOCKET) too.
@@ -70,6 +74,7 @@ type serveFlags struct {
 	tlsMode, tlsCert, tlsKey string
 	tlsCA                    string
 	readOnly                 bool
+	format                   string
 	maxWriters               int
 	busy                     string
 	snapDir                  string
@@ -97,6 +102,7 @@ func setupServe(fs *flag.FlagSet) func(ctx context.Context, io stdio, args []str
 	fs.StringVar(&f.tlsKey, "tls-key", "", "server private key `FILE` (PEM)")
 	fs.StringVar(&f.tlsCA, "tls-ca", "", "require client certificates signed by the CA in `FILE` (PEM)")
 	fs.BoolVar(&f.readOnly, "readonly", false, "serve every image read-only (no writers)")
+	fs.StringVar(&f.format, "format", "", "`raw`: serve every IMAGE as raw bytes even if its header says qcow2, VMDK, VHD, LUKS, ... (such images are refused otherwise)")
 	fs.IntVar(&f.maxWriters, "max-writers", 0, "`N` writer connections per export at most, 0 for unlimited")
 	fs.StringVar(&f.busy, "busy", "readonly", "what a writer over --max-writers gets (`POLICY`): readonly (a live read-only view) or refuse")
 	fs.StringVar(&f.snapDir, "snapshot-dir", "", "`DIR` for snapshot stores (default: a private directory under $TMPDIR)")
@@ -324,6 +330,19 @@ func runServe(ctx context.Context, std stdio, f *serveFlags, args []string, list
 	sockPerm, err := parseSocketPerm(f.socket, f.socketMode, f.socketGroup)
 	if err != nil {
 		return err
+	}
+	switch f.format {
+	case "":
+		paths := make([]string, len(cfg.Exports))
+		for i, e := range cfg.Exports {
+			paths[i] = e.Path
+		}
+		if err := refuseContainers(paths); err != nil {
+			return err
+		}
+	case "raw":
+	default:
+		return usagef("--format %q: only raw images are served; serve %s images with qemu-storage-daemon or qemu-nbd -f %s", f.format, f.format, f.format)
 	}
 	level := slog.LevelInfo
 	if f.verbose {
