@@ -83,6 +83,7 @@ func runCopy(ctx context.Context, std stdio, o *copyOptions) error {
 		return withCode(exitConnect, err)
 	}
 	size := client.Size()
+	warnContainer(client, size, func(msg string) { fmt.Fprintf(std.err, "snapmount copy: warning: %s\n", msg) })
 
 	// Destination: a regular file is truncated to the export's size so
 	// skipped ranges are holes; anything else (stdout, a pipe, a device)

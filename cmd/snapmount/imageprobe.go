@@ -71,6 +71,14 @@ func serveInstead(path string, f *imageformat.Format) string {
 	return "serve it with qemu-storage-daemon or qemu-nbd -f " + f.Driver + " and snapmount mount their export" + asIs
 }
 
+// warnContainer warns once if the export's first bytes are a container's
+// header. A read that fails here is left for the reads that follow.
+func warnContainer(r io.ReaderAt, size int64, warn func(string)) {
+	if f, err := imageformat.Probe(r, size); err == nil && f != nil {
+		warn(containerWarning(f))
+	}
+}
+
 // containerWarning is what mount and copy say of an export that holds a
 // container: its bytes are not the disk.
 func containerWarning(f *imageformat.Format) string {

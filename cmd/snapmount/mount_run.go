@@ -131,6 +131,7 @@ func runMount(ctx context.Context, rep *reporter, u *nbd.URI, dopt nbd.DialOptio
 	// The file's st_blocks comes from the whole allocation map: learn it
 	// while FUSE mounts, so that the first stat need not wait.
 	c.LearnAllocation()
+	warnContainer(c, client.Size(), rep.warn)
 
 	name := o.name
 	if name == "" {
