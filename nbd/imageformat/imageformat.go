@@ -70,7 +70,7 @@ func Probe(r io.ReaderAt, size int64) (*Format, error) {
 func Detect(head, tail []byte, whole bool) *Format {
 	switch {
 	case hasAt(head, 0, "QFI\xfb"):
-		if v, ok := be32(head, 4); ok && v == 1 {
+		if binary.BigEndian.Uint32(field(head, 4, 4)) == 1 {
 			return &Format{Name: "qcow (version 1)", Driver: "qcow"}
 		}
 		return &Format{Name: "qcow2", Driver: "qcow2"}
@@ -85,7 +85,7 @@ func Detect(head, tail []byte, whole bool) *Format {
 	case hasAt(head, 0, "conectix"):
 		return &Format{Name: "VHD (" + vhdType(head) + ")", Driver: "vpc"}
 	case hasAt(head, 0, "LUKS\xba\xbe"):
-		if v, ok := be16(head, 6); ok && (v == 1 || v == 2) {
+		if v := binary.BigEndian.Uint16(field(head, 6, 2)); v == 1 || v == 2 {
 			return &Format{Name: "LUKS" + strconv.Itoa(int(v)), Driver: "luks"}
 		}
 		return &Format{Name: "LUKS", Driver: "luks"}
@@ -93,7 +93,7 @@ func Detect(head, tail []byte, whole bool) *Format {
 		return &Format{Name: "Parallels", Driver: "parallels"}
 	}
 	// VDI: a text banner, then the signature at 0x40.
-	if v, ok := le32(head, 0x40); ok && v == 0xbeda107f {
+	if binary.LittleEndian.Uint32(field(head, 0x40, 4)) == 0xbeda107f {
 		return &Format{Name: "VDI", Driver: "vdi"}
 	}
 	if f := vmdkDescriptor(head, whole); f != nil {
@@ -108,7 +108,7 @@ func Detect(head, tail []byte, whole bool) *Format {
 
 // vhdType names a VHD footer's disk type (a big-endian field at 60).
 func vhdType(footer []byte) string {
-	v, _ := be32(footer, 60)
+	v := binary.BigEndian.Uint32(field(footer, 60, 4))
 	switch v {
 	case 2:
 		return "fixed"
@@ -124,9 +124,9 @@ func vhdType(footer []byte) string {
 // the descriptor embedded in it (its sector and length, little-endian, at
 // 28 and 36), when the descriptor lies within head.
 func hostedSparseType(head []byte) string {
-	sector, ok1 := le64(head, 28)
-	count, ok2 := le64(head, 36)
-	if ok1 && ok2 && sector > 0 && sector < uint64(len(head))/512 {
+	sector := binary.LittleEndian.Uint64(field(head, 28, 8))
+	count := binary.LittleEndian.Uint64(field(head, 36, 8))
+	if sector > 0 && sector < uint64(len(head))/512 {
 		start := sector * 512
 		end := min(uint64(len(head)), start+min(count, uint64(len(head)))*512)
 		if _, ct, ok := parseDescriptor(head[start:end]); ok && ct != "" {
@@ -249,30 +249,11 @@ func hasAt(b []byte, off int, magic string) bool {
 	return len(b) >= off+len(magic) && string(b[off:off+len(magic)]) == magic
 }
 
-func be16(b []byte, off int) (uint16, bool) {
-	if len(b) < off+2 {
-		return 0, false
+// field returns the n bytes of b at off, or n zero bytes if b is shorter
+// (no field Detect checks means anything when zero).
+func field(b []byte, off, n int) []byte {
+	if len(b) < off+n {
+		return make([]byte, n)
 	}
-	return binary.BigEndian.Uint16(b[off:]), true
-}
-
-func be32(b []byte, off int) (uint32, bool) {
-	if len(b) < off+4 {
-		return 0, false
-	}
-	return binary.BigEndian.Uint32(b[off:]), true
-}
-
-func le32(b []byte, off int) (uint32, bool) {
-	if len(b) < off+4 {
-		return 0, false
-	}
-	return binary.LittleEndian.Uint32(b[off:]), true
-}
-
-func le64(b []byte, off int) (uint64, bool) {
-	if len(b) < off+8 {
-		return 0, false
-	}
-	return binary.LittleEndian.Uint64(b[off:]), true
+	return b[off : off+n]
 }
