@@ -11,6 +11,18 @@ import (
 	"snapmount/nbd/imageformat"
 )
 
+// checkImageFormat applies serve's --format: "" probes the images
+// (refuseContainers), "raw" serves them as they are.
+func checkImageFormat(format string, paths []string) error {
+	switch format {
+	case "":
+		return refuseContainers(paths)
+	case "raw":
+		return nil
+	}
+	return usagef("--format %q: only raw images are served; serve %s images with qemu-storage-daemon or qemu-nbd -f %s", format, format, format)
+}
+
 // refuseContainers returns serve's one-line refusal, exit code 2, for the
 // first image that holds a container (qcow2, VMDK, ...) rather than a raw
 // disk: served as it is, a VM would see the container's bytes and, if it

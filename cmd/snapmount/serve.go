@@ -9,8 +9,6 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"os/user"
-	"strconv"
 	"strings"
 	"time"
 
@@ -331,18 +329,12 @@ func runServe(ctx context.Context, std stdio, f *serveFlags, args []string, list
 	if err != nil {
 		return err
 	}
-	switch f.format {
-	case "":
-		paths := make([]string, len(cfg.Exports))
-		for i, e := range cfg.Exports {
-			paths[i] = e.Path
-		}
-		if err := refuseContainers(paths); err != nil {
-			return err
-		}
-	case "raw":
-	default:
-		return usagef("--format %q: only raw images are served; serve %s images with qemu-storage-daemon or qemu-nbd -f %s", f.format, f.format, f.format)
+	paths := make([]string, len(cfg.Exports))
+	for i, e := range cfg.Exports {
+		paths[i] = e.Path
+	}
+	if err := checkImageFormat(f.format, paths); err != nil {
+		return err
 	}
 	level := slog.LevelInfo
 	if f.verbose {
@@ -409,42 +401,6 @@ func runServe(ctx context.Context, std stdio, f *serveFlags, args []string, list
 		return serveErr
 	}
 	return shutErr
-}
-
-// socketPerm is who may connect to the Unix socket: its mode and group
-// (gid -1: the process's).
-type socketPerm struct {
-	mode    os.FileMode
-	setMode bool
-	gid     int
-	group   string
-}
-
-// parseSocketPerm reads --socket-mode and --socket-group.
-func parseSocketPerm(socket, mode, group string) (socketPerm, error) {
-	p := socketPerm{gid: -1, group: group}
-	if socket == "" && (mode != "" || group != "") {
-		return p, usagef("--socket-mode and --socket-group need --socket PATH")
-	}
-	if group != "" {
-		g, err := user.LookupGroup(group)
-		if err != nil {
-			g, err = user.LookupGroupId(group)
-		}
-		if err != nil {
-			return p, usagef("--socket-group %q: no such group", group)
-		}
-		p.gid, _ = strconv.Atoi(g.Gid)
-		p.mode, p.setMode = 0o660, true
-	}
-	if mode != "" {
-		m, err := strconv.ParseUint(mode, 8, 32)
-		if err != nil || m > 0o777 {
-			return p, usagef("--socket-mode %q: want an octal mode such as 0660", mode)
-		}
-		p.mode, p.setMode = os.FileMode(m), true
-	}
-	return p, nil
 }
 
 // listenUnix listens on a Unix socket, replacing a stale socket file left
