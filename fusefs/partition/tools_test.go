@@ -1,0 +1,221 @@
+package partition
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+
+	"snapmount/test/testenv"
+)
+
+// Tables written by sfdisk and fdisk on image files, read by Read and
+// compared with what sfdisk (or fdisk) and sleuthkit's mmls read in them.
+
+func run(t *testing.T, stdin string, name string, args ...string) string {
+	t.Helper()
+	cmd := exec.Command(name, args...)
+	cmd.Stdin = strings.NewReader(stdin)
+	out, err := cmd.Output()
+	if err != nil {
+		stderr := ""
+		if ee, ok := err.(*exec.ExitError); ok {
+			stderr = string(ee.Stderr)
+		}
+		t.Fatalf("%s %s: %v\n%s%s", name, strings.Join(args, " "), err, out, stderr)
+	}
+	return string(out)
+}
+
+// imageFile makes an empty (sparse) image file of size bytes.
+func imageFile(t *testing.T, size int64) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "disk.img")
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func readFile(t *testing.T, path string) *Table {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tab, err := Read(f, fi.Size())
+	if err != nil {
+		t.Fatalf("Read: %v", err)
+	}
+	checkInvariants(t, tab, fi.Size())
+	if tab.Note != "" {
+		t.Errorf("a table a tool wrote gave the note %q", tab.Note)
+	}
+	return tab
+}
+
+// sfdiskTable is the part of `sfdisk --json` compared.
+type sfdiskTable struct {
+	PartitionTable struct {
+		Label      string
+		ID         string
+		SectorSize int64
+		Partitions []struct {
+			Node        string
+			Start, Size int64
+			Type        string
+			UUID        string
+			Name        string
+		}
+	}
+}
+
+// compareSfdisk fails unless tab lists exactly what sfdisk --json lists.
+func compareSfdisk(t *testing.T, path string, tab *Table) {
+	t.Helper()
+	var st sfdiskTable
+	if err := json.Unmarshal([]byte(run(t, "", "sfdisk", "--json", path)), &st); err != nil {
+		t.Fatal(err)
+	}
+	pt := st.PartitionTable
+	if string(tab.Scheme) != pt.Label || !strings.EqualFold(tab.ID, pt.ID) || int64(tab.SectorSize) != pt.SectorSize {
+		t.Errorf("table %s %s %d, sfdisk says %s %s %d", tab.Scheme, tab.ID, tab.SectorSize, pt.Label, pt.ID, pt.SectorSize)
+	}
+	if len(tab.Partitions) != len(pt.Partitions) {
+		t.Fatalf("%d partitions, sfdisk lists %d: %+v", len(tab.Partitions), len(pt.Partitions), pt.Partitions)
+	}
+	for i, sp := range pt.Partitions {
+		p := tab.Partitions[i]
+		number, err := strconv.Atoi(strings.TrimPrefix(sp.Node, path))
+		if err != nil {
+			t.Fatalf("sfdisk's node %q: %v", sp.Node, err)
+		}
+		got := fmt.Sprintf("p%d %d+%d %s %s %q", p.Number, p.Start, p.Size, p.Type, p.UUID, p.Name)
+		want := fmt.Sprintf("p%d %d+%d %s %s %q", number, sp.Start*pt.SectorSize, sp.Size*pt.SectorSize, sp.Type, sp.UUID, sp.Name)
+		if got != want {
+			t.Errorf("got %s, sfdisk says %s", got, want)
+		}
+	}
+}
+
+// mmlsRow is one partition row of mmls: "004:  000  0000002048  0000010239
+// 0000008192  root" (GPT) or "002:  000:000  ..." (DOS, table:entry).
+var mmlsRow = regexp.MustCompile(`(?m)^\d+:\s+(\d+)(?::(\d+))?\s+(\d+)\s+\d+\s+(\d+)`)
+
+// compareMmls fails unless the data partitions of tab are those mmls lists.
+// mmls numbers GPT entries from 0, and DOS entries by table (0 the MBR, k
+// the k-th EBR) and entry; extended partitions are its "Meta" rows.
+func compareMmls(t *testing.T, path string, tab *Table) {
+	t.Helper()
+	out := run(t, "", "mmls", path)
+	units := regexp.MustCompile(`Units are in (\d+)-byte sectors`).FindStringSubmatch(out)
+	if units == nil {
+		t.Fatalf("mmls printed no unit:\n%s", out)
+	}
+	unit, _ := strconv.ParseInt(units[1], 10, 64)
+	var want []string
+	for _, m := range mmlsRow.FindAllStringSubmatch(out, -1) {
+		slot, _ := strconv.Atoi(m[1])
+		start, _ := strconv.ParseInt(m[3], 10, 64)
+		length, _ := strconv.ParseInt(m[4], 10, 64)
+		number := slot + 1 // GPT
+		if m[2] != "" {
+			entry, _ := strconv.Atoi(m[2])
+			number = entry + 1
+			if slot > 0 {
+				number = 4 + slot
+			}
+		}
+		want = append(want, fmt.Sprintf("p%d %d+%d", number, start*unit, length*unit))
+	}
+	var got []string
+	for _, p := range tab.Partitions {
+		if !p.Extended {
+			got = append(got, fmt.Sprintf("p%d %d+%d", p.Number, p.Start, p.Size))
+		}
+	}
+	if strings.Join(got, ", ") != strings.Join(want, ", ") {
+		t.Errorf("got %v, mmls lists %v:\n%s", got, want, out)
+	}
+}
+
+// sfdiskImage writes the table script describes with sfdisk on a 20 MiB
+// image file and reads it back with Read.
+func sfdiskImage(t *testing.T, script string) (string, *Table) {
+	t.Helper()
+	testenv.RequireCmd(t, "sfdisk", "mmls")
+	path := imageFile(t, 20*MiB)
+	run(t, script, "sfdisk", "-q", path)
+	return path, readFile(t, path)
+}
+
+func TestSfdiskGPT(t *testing.T) {
+	t.Parallel()
+	path, tab := sfdiskImage(t, `label: gpt
+size=4M, type=L, name=root
+size=3M, type=S
+size=5M, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name="EFI system"
+type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name="data two"
+`)
+	if tab.Scheme != GPT || len(tab.Partitions) != 4 || tab.Partitions[2].Description() != "EFI System" {
+		t.Fatalf("table %+v", tab)
+	}
+	compareSfdisk(t, path, tab)
+	compareMmls(t, path, tab)
+}
+
+func TestSfdiskDOSLogicals(t *testing.T) {
+	t.Parallel()
+	// p1 (bootable), then p2 extended over the rest, holding p5 and p6.
+	path, tab := sfdiskImage(t, "label: dos\n,4M,83,*\n,,5\n,3M,83\n,,7\n")
+	if tab.Scheme != DOS || len(tab.Partitions) != 4 || !tab.Partitions[1].Extended || tab.Partitions[3].Number != 6 || !tab.Partitions[0].Bootable {
+		t.Fatalf("table %+v", tab)
+	}
+	compareSfdisk(t, path, tab)
+	compareMmls(t, path, tab)
+}
+
+// TestFdisk4KGPT reads a GPT of 4096-byte sectors, written by fdisk -b 4096
+// (this sfdisk has no sector size option), from an image file that does not
+// say its sector size.
+func TestFdisk4KGPT(t *testing.T) {
+	t.Parallel()
+	testenv.RequireCmd(t, "fdisk", "mmls")
+	path := imageFile(t, 40*MiB)
+	// New GPT; p1 of 4 MiB, p2 over the rest; write.
+	run(t, "g\nn\n1\n\n+4M\nn\n2\n\n\nw\n", "fdisk", "-b", "4096", path)
+	tab := readFile(t, path)
+	if tab.Scheme != GPT || tab.SectorSize != 4096 || len(tab.Partitions) != 2 {
+		t.Fatalf("table %+v", tab)
+	}
+	out := run(t, "", "fdisk", "-b", "4096", "-l", "-o", "Device,Start,Sectors,Type-UUID,UUID", path)
+	var want []string
+	for _, m := range regexp.MustCompile(`(?m)^`+regexp.QuoteMeta(path)+`(\d+)\s+(\d+)\s+(\d+)\s+(\S+)\s+(\S+)`).FindAllStringSubmatch(out, -1) {
+		start, _ := strconv.ParseInt(m[2], 10, 64)
+		sectors, _ := strconv.ParseInt(m[3], 10, 64)
+		want = append(want, fmt.Sprintf("p%s %d+%d %s %s", m[1], start*4096, sectors*4096, m[4], m[5]))
+	}
+	var got []string
+	for _, p := range tab.Partitions {
+		got = append(got, fmt.Sprintf("p%d %d+%d %s %s", p.Number, p.Start, p.Size, p.Type, p.UUID))
+	}
+	if len(want) != 2 || strings.Join(got, ", ") != strings.Join(want, ", ") {
+		t.Errorf("got %v, fdisk -b 4096 lists %v:\n%s", got, want, out)
+	}
+	compareMmls(t, path, tab)
+}
