@@ -1,31 +1,46 @@
-// Package fusefs shows one read-only file, read through an io.ReaderAt, in a
-// FUSE mount. It is the top layer of "snapmount mount": FUSE read -> file
-// node -> block cache -> NBD client.
+// Package fusefs shows a file, read through an io.ReaderAt, in a FUSE
+// mount, with windows of it as more files (a disk and its partitions). It
+// is the top layer of "snapmount mount": FUSE read -> file node -> (write
+// overlay ->) block cache -> NBD client.
 //
 // # Structure
 //
-// The mount root is a directory (mode 0555) holding exactly one regular file
-// (mode 0444) named [Options.Name], of size [Options.Size]. Both are
-// persistent inodes built once by [NewRoot]; the tree never changes, so
-// entries, attributes and failed lookups are cached by the kernel for a day
-// and the steady state costs no metadata round trips. [Mount] mounts the tree read-only ("ro" in /proc/mounts, type
-// fuse.snapmount, fsname [Options.FsName]) and returns once the kernel's
-// INIT handshake has completed, i.e. once the file is readable.
+// The mount root is a directory (mode 0555) holding a regular file (mode
+// 0444) named [Options.Name], of size [Options.Size], and one more for each
+// of [Options.Windows], showing a range of it through the same reader (so
+// one fetch serves both views). All are persistent inodes built once by
+// [NewRoot]; the tree never changes, so entries, attributes and failed
+// lookups are cached by the kernel for a day and the steady state costs no
+// metadata round trips. [Mount] mounts the tree read-only unless there is a
+// Writer ("ro" in /proc/mounts, type fuse.snapmount, fsname
+// [Options.FsName]) and returns
+// once the kernel's INIT handshake has completed, i.e. once the files are
+// readable.
 //
-// # Read-only
+// # Read-only, unless there is a Writer
 //
-// Every path that could change anything answers EROFS: opening for writing
-// (O_WRONLY, O_RDWR, O_TRUNC, O_APPEND, O_CREAT), Setattr (truncate, chmod,
-// chown, utimes), Write, Allocate, Create, Mkdir, Mknod, Link, Symlink,
-// Unlink, Rmdir, Rename, Setxattr and Removexattr. On the mount the kernel
+// Without [Options.Writer], every path that could change anything answers
+// EROFS: opening for writing (O_WRONLY, O_RDWR, O_TRUNC, O_APPEND, O_CREAT),
+// Setattr (truncate, chmod, chown, utimes), Write, Allocate, Create, Mkdir,
+// Mknod, Link, Symlink, Unlink, Rmdir, Rename, Setxattr and Removexattr. On the mount the kernel
 // usually answers EROFS itself because of the "ro" flag, before asking us;
 // the node methods refuse anyway so the guarantee does not rest on a mount
 // flag alone. [Options.OnWriteAttempt] hears about every refusal that does
 // reach us. Fsync and Flush succeed: there is nothing to flush.
 //
+// With a Writer (snapmount's private overlay) the files are writable (mode
+// 0644, the mount not "ro"): Write passes data to the Writer at the file's
+// offset plus its window's, so a write through a window shows through the
+// whole file and the other way round. Sizes never change (past the end is
+// ENOSPC, truncating to another size EPERM), and the tree still refuses
+// every change with EROFS. Writable files are opened with FOPEN_DIRECT_IO:
+// the whole file and a window are different inodes with page caches of
+// their own, which a write through one would leave stale in the other.
+//
 // # Kernel caching
 //
-// File data goes through the kernel page cache. When [Options.Immutable] is
+// File data of read-only files goes through the kernel page cache (writable
+// ones bypass it, see above). When [Options.Immutable] is
 // set (the view is a frozen snapshot) Open returns FOPEN_KEEP_CACHE, so pages
 // survive across opens and a second pass is served by the kernel at memory
 // speed. Otherwise every open drops the file's cached pages, as nbdfuse does,

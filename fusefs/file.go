@@ -16,45 +16,52 @@ import (
 // then read in requests of 1 MiB.
 const preferredIOSize = maxRequest
 
-// fileNode is the one regular file. It needs no file handle: all state is
-// in the node and never changes, so concurrent calls need no lock.
+// fileNode is a regular file: the whole file or one of its windows, Size
+// bytes of the reader from Offset on. It needs no file handle: all state is
+// in the node and the view and never changes, so concurrent calls need no
+// lock.
 type fileNode struct {
 	fs.Inode
-	v      *view
-	r      io.ReaderAt
-	ctxr   ContextReaderAt // r, if it implements ContextReaderAt
-	sr     SliceReader     // r, if it implements SliceReader
-	seeker Seeker          // r, if it implements Seeker
-	alloc  AllocationReporter
-}
-
-func newFileNode(v *view, r io.ReaderAt) *fileNode {
-	f := &fileNode{v: v, r: r}
-	f.ctxr, _ = r.(ContextReaderAt)
-	f.sr, _ = r.(SliceReader)
-	f.seeker, _ = r.(Seeker)
-	f.alloc, _ = r.(AllocationReporter)
-	return f
+	v   *view
+	win Window
+	ino uint64
 }
 
 func (f *fileNode) Getattr(ctx context.Context, _ fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
-	f.v.fillAttr(&out.Attr, fuse.S_IFREG|0444, f.v.size)
+	mode := uint32(0444)
+	if f.v.writable {
+		mode = 0644
+	}
+	f.v.fillAttr(&out.Attr, fuse.S_IFREG|mode, f.win.Size)
 	out.Nlink = 1
-	if f.alloc != nil {
-		used := min(max(f.alloc.AllocatedBytes(ctx), 0), f.v.size)
+	// The allocation is known for the whole file only: a window counts as
+	// allocated throughout.
+	if f.v.alloc != nil && f.ino == fileIno {
+		used := min(max(f.v.alloc.AllocatedBytes(ctx), 0), f.v.size)
 		out.Blocks = (uint64(used) + 511) / 512
 	}
 	return 0
 }
 
-// writeOpenFlags are the open flags that ask for a change to the file.
+// writeOpenFlags are the open flags that ask for a change to the file's
+// size or existence, refused even where writes are allowed.
 const writeOpenFlags = syscall.O_TRUNC | syscall.O_APPEND | syscall.O_CREAT
 
-// Open refuses every open that could write and otherwise returns no handle.
-// FOPEN_KEEP_CACHE (immutable views only) keeps the page cache across opens;
-// FOPEN_NOFLUSH spares close(2) a FLUSH round trip, as there is nothing to
-// flush.
+// Open refuses every open that could write unless the files are writable,
+// and O_TRUNC, O_APPEND and O_CREAT always; it returns no handle.
+// FOPEN_KEEP_CACHE (immutable, read-only views only) keeps the page cache
+// across opens; FOPEN_NOFLUSH spares close(2) a FLUSH round trip, as there
+// is nothing to flush. Writable files bypass the page cache
+// (FOPEN_DIRECT_IO): the whole file and its windows are different inodes,
+// each with pages of its own, and a write through one must show at once
+// through the others.
 func (f *fileNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
+	if f.v.writable {
+		if flags&writeOpenFlags != 0 {
+			return nil, 0, syscall.EPERM
+		}
+		return nil, fuse.FOPEN_NOFLUSH | fuse.FOPEN_DIRECT_IO, 0
+	}
 	if flags&syscall.O_ACCMODE != syscall.O_RDONLY || flags&writeOpenFlags != 0 {
 		return nil, 0, f.v.refuse(ctx, "open-write")
 	}
@@ -75,18 +82,18 @@ func (f *fileNode) Read(ctx context.Context, _ fs.FileHandle, dest []byte, off i
 	if off < 0 {
 		return nil, syscall.EINVAL
 	}
-	if off >= f.v.size {
+	if off >= f.win.Size {
 		return fuse.ReadResultData(nil), 0
 	}
 	if r := f.v.reads; r != nil {
 		r.ReadStarted()
 		defer r.ReadEnded()
 	}
-	if rest := f.v.size - off; int64(len(dest)) > rest {
+	if rest := f.win.Size - off; int64(len(dest)) > rest {
 		dest = dest[:rest]
 	}
-	if f.sr != nil {
-		slices, release, err := f.sr.ReadSlices(ctx, off, len(dest))
+	if f.v.sr != nil {
+		slices, release, err := f.v.sr.ReadSlices(ctx, f.win.Offset+off, len(dest))
 		if err != nil {
 			return nil, f.v.fail(ctx, err, "read of %d bytes at offset %d", len(dest), off)
 		}
@@ -145,11 +152,14 @@ func (r *lentResult) Done() {
 	}
 }
 
+// readAt reads at offset off of the file, which is f.win.Offset+off of the
+// reader.
 func (f *fileNode) readAt(ctx context.Context, p []byte, off int64) (int, error) {
-	if f.ctxr != nil {
-		return f.ctxr.ReadAtContext(ctx, p, off)
+	off += f.win.Offset
+	if f.v.ctxr != nil {
+		return f.v.ctxr.ReadAtContext(ctx, p, off)
 	}
-	return f.r.ReadAt(p, off)
+	return f.v.r.ReadAt(p, off)
 }
 
 // fail maps err to an errno and logs it with what failed, unless it is an
@@ -172,14 +182,14 @@ func (v *view) fail(ctx context.Context, err error, format string, args ...any) 
 // towards "data": a hole reported where there is data would make sparse-aware
 // copies skip it.
 func (f *fileNode) Lseek(ctx context.Context, _ fs.FileHandle, off uint64, whence uint32) (uint64, syscall.Errno) {
-	size := uint64(f.v.size)
+	size := uint64(f.win.Size)
 	if whence != unix.SEEK_DATA && whence != unix.SEEK_HOLE {
 		return 0, syscall.EINVAL
 	}
 	if off >= size {
 		return 0, syscall.ENXIO
 	}
-	if f.seeker == nil {
+	if f.v.seeker == nil {
 		if whence == unix.SEEK_DATA {
 			return off, 0
 		}
@@ -187,7 +197,8 @@ func (f *fileNode) Lseek(ctx context.Context, _ fs.FileHandle, off uint64, whenc
 	}
 
 	if whence == unix.SEEK_DATA {
-		res, err := f.seeker.SeekData(ctx, int64(off))
+		res, err := f.v.seeker.SeekData(ctx, f.win.Offset+int64(off))
+		res -= f.win.Offset
 		switch {
 		case errors.Is(err, syscall.ENXIO):
 			return 0, syscall.ENXIO
@@ -201,7 +212,8 @@ func (f *fileNode) Lseek(ctx context.Context, _ fs.FileHandle, off uint64, whenc
 		return uint64(res), 0
 	}
 
-	res, err := f.seeker.SeekHole(ctx, int64(off))
+	res, err := f.v.seeker.SeekHole(ctx, f.win.Offset+int64(off))
+	res -= f.win.Offset
 	switch {
 	case errors.Is(err, syscall.ENXIO):
 		return 0, syscall.ENXIO
@@ -254,7 +266,8 @@ func (f *fileNode) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errn
 	return 0
 }
 
-// Fsync and Flush succeed: a read-only file has nothing to write back.
+// Fsync and Flush succeed: a read-only file has nothing to write back, and
+// a writable one's writes reached the Writer before they were answered.
 func (f *fileNode) Fsync(ctx context.Context, _ fs.FileHandle, flags uint32) syscall.Errno {
 	return 0
 }

@@ -16,7 +16,7 @@ import (
 	"github.com/hanwen/go-fuse/v2/fuse"
 )
 
-// Options describes the one file and the mount.
+// Options describes the file, its windows and the mount.
 type Options struct {
 	// Name is the file's name in the mount root (the export name, or
 	// --name). It must be a single path element: not empty, not "." or
@@ -24,6 +24,19 @@ type Options struct {
 	Name string
 	// Size is the file size in bytes.
 	Size int64
+	// Windows are more files in the mount root, each showing a range of
+	// the file (a partition: NAME-p1 ...), read through the same reader.
+	// Their names follow the rules of Name and are all different; each
+	// range lies inside the file.
+	Windows []Window
+	// Writer, if set, makes the file and its windows writable (mode 0644,
+	// the mount no longer "ro"): a write to any of them goes to Writer at
+	// its offset in the file, so each sees the others' writes. Sizes never
+	// change: a write past a file's end fails with ENOSPC, a truncate to
+	// another size or a chmod with EPERM. Writable files bypass the kernel
+	// page cache. Without a Writer every write is refused with EROFS.
+	// Writer may implement [ContextWriterAt].
+	Writer io.WriterAt
 	// Immutable says the view is a frozen snapshot: Open returns
 	// FOPEN_KEEP_CACHE, so the kernel page cache survives across opens.
 	// Otherwise every open drops the cached pages.
@@ -104,6 +117,18 @@ type AllocationReporter interface {
 	AllocatedBytes(ctx context.Context) int64
 }
 
+// Window is a file showing Size bytes of the file from Offset on.
+type Window struct {
+	Name         string
+	Offset, Size int64
+}
+
+// ContextWriterAt, if Options.Writer implements it, is used instead of
+// WriteAt with the context of the FUSE request.
+type ContextWriterAt interface {
+	WriteAtContext(ctx context.Context, p []byte, off int64) (int, error)
+}
+
 // ContextReaderAt, if the reader implements it, is used instead of ReadAt
 // with the context of the FUSE request, which go-fuse cancels when the kernel
 // interrupts the request (the reading process got a signal). On cancellation
@@ -153,14 +178,14 @@ const (
 	metadataTimeout = 24 * time.Hour
 )
 
-// Mount mounts the tree of [NewRoot](r, opt) read-only at dir and returns
-// once the kernel's INIT handshake has completed, i.e. once the file is
-// readable. Unmount with server.Unmount (or fusermount3 -u dir); server.Wait
+// Mount mounts the tree of [NewRoot](r, opt) at dir, read-only unless
+// opt.Writer is set, and returns once the kernel's INIT handshake has
+// completed, i.e. once the files are readable. Unmount with server.Unmount (or fusermount3 -u dir); server.Wait
 // returns when the mount is gone. Root mounts with mount(2) itself, as
 // libfuse does; otherwise (or if that fails) mounting goes through the
 // setuid fusermount3, which must be installed; /dev/fuse must be accessible.
 //
-// Mount options: ro, default_permissions (the kernel checks modes itself,
+// Mount options: ro (without a Writer), default_permissions (the kernel checks modes itself,
 // so no ACCESS round trips), subtype snapmount, fsname opt.FsName,
 // max_read=1 MiB, asynchronous reads, up to 64 background requests; xattrs
 // stay enabled for the stats attribute, but security.capability and POSIX
@@ -216,9 +241,15 @@ func fsOptions(opt Options) *fs.Options {
 	if fsName == "" {
 		fsName = "snapmount"
 	}
+	options := []string{"ro", "default_permissions"}
+	flags := uintptr(syscall.MS_RDONLY | syscall.MS_NOSUID | syscall.MS_NODEV)
+	if opt.Writer != nil {
+		options = options[1:]
+		flags &^= syscall.MS_RDONLY
+	}
 	return &fs.Options{
 		MountOptions: fuse.MountOptions{
-			Options:              []string{"ro", "default_permissions"},
+			Options:              options,
 			AllowOther:           opt.AllowOther,
 			FsName:               fsName,
 			Name:                 "snapmount",
@@ -239,7 +270,7 @@ func fsOptions(opt Options) *fs.Options {
 			// fails), with the flags fusermount3 uses: the file is
 			// readable sooner.
 			DirectMount:      os.Geteuid() == 0,
-			DirectMountFlags: syscall.MS_RDONLY | syscall.MS_NOSUID | syscall.MS_NODEV,
+			DirectMountFlags: flags,
 			ExtraCapabilities: func() uint64 {
 				if opt.AsyncDirectIO {
 					return fuse.CAP_ASYNC_DIO
@@ -268,17 +299,38 @@ const pollHackName = ".go-fuse-epoll-hack"
 
 // check reports what is wrong with o, if anything.
 func (o *Options) check() error {
-	switch {
-	case o.Name == "" || o.Name == "." || o.Name == "..":
-		return fmt.Errorf("fusefs: invalid file name %q", o.Name)
-	case strings.ContainsAny(o.Name, "/\x00"):
-		return fmt.Errorf("fusefs: invalid file name %q: must be a single path element", o.Name)
-	case len(o.Name) > 255:
-		return fmt.Errorf("fusefs: file name is %d bytes long, at most 255 are allowed", len(o.Name))
-	case o.Name == pollHackName:
-		return fmt.Errorf("fusefs: file name %q is reserved by go-fuse", o.Name)
-	case o.Size < 0:
+	if err := checkName(o.Name); err != nil {
+		return err
+	}
+	if o.Size < 0 {
 		return fmt.Errorf("fusefs: negative file size %d", o.Size)
+	}
+	names := map[string]bool{o.Name: true}
+	for _, w := range o.Windows {
+		if err := checkName(w.Name); err != nil {
+			return err
+		}
+		if names[w.Name] {
+			return fmt.Errorf("fusefs: two files named %q", w.Name)
+		}
+		names[w.Name] = true
+		if w.Offset < 0 || w.Size < 0 || w.Offset > o.Size || w.Size > o.Size-w.Offset {
+			return fmt.Errorf("fusefs: window %q (%d bytes at offset %d) is not inside the file of %d bytes", w.Name, w.Size, w.Offset, o.Size)
+		}
+	}
+	return nil
+}
+
+func checkName(name string) error {
+	switch {
+	case name == "" || name == "." || name == "..":
+		return fmt.Errorf("fusefs: invalid file name %q", name)
+	case strings.ContainsAny(name, "/\x00"):
+		return fmt.Errorf("fusefs: invalid file name %q: must be a single path element", name)
+	case len(name) > 255:
+		return fmt.Errorf("fusefs: file name is %d bytes long, at most 255 are allowed", len(name))
+	case name == pollHackName:
+		return fmt.Errorf("fusefs: file name %q is reserved by go-fuse", name)
 	}
 	return nil
 }

@@ -8,8 +8,8 @@ import (
 	"github.com/hanwen/go-fuse/v2/fuse"
 )
 
-// Every operation that could change the tree or the file is refused with
-// EROFS here, explicitly: several of go-fuse's defaults are not EROFS
+// Every operation that could change the tree or the file's attributes is
+// refused with EROFS here, explicitly: several of go-fuse's defaults are not EROFS
 // (Unlink and Rmdir even succeed and drop the child from the tree), and the
 // "ro" mount flag should not be the only guard.
 
@@ -26,19 +26,8 @@ func (v *view) refuse(ctx context.Context, op string) syscall.Errno {
 	return syscall.EROFS
 }
 
-// The file.
-
-func (f *fileNode) Setattr(ctx context.Context, _ fs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
-	return f.v.refuse(ctx, "setattr")
-}
-
-func (f *fileNode) Write(ctx context.Context, _ fs.FileHandle, data []byte, off int64) (uint32, syscall.Errno) {
-	return 0, f.v.refuse(ctx, "write")
-}
-
-func (f *fileNode) Allocate(ctx context.Context, _ fs.FileHandle, off, size uint64, mode uint32) syscall.Errno {
-	return f.v.refuse(ctx, "fallocate")
-}
+// The file (Setattr, Write and Allocate, which a Writer allows, are in
+// write.go).
 
 func (f *fileNode) Setxattr(ctx context.Context, attr string, data []byte, flags uint32) syscall.Errno {
 	return f.v.refuse(ctx, "setxattr")

@@ -10,18 +10,20 @@ import (
 	"github.com/hanwen/go-fuse/v2/fuse"
 )
 
-// Inode numbers: fixed, so st_ino is stable across mounts.
+// Inode numbers: fixed, so st_ino is stable across mounts. Window i
+// (Options.Windows) has fileIno+1+i.
 const (
 	rootIno = 1
 	fileIno = 2
 )
 
-// view holds the resolved options the root and the file share. It does not
+// view holds the resolved options the root and the files share. It does not
 // change after NewRoot, so it needs no lock.
 type view struct {
-	name      string
-	size      int64
+	size      int64 // the whole file's
 	immutable bool
+	writable  bool // Options.Writer is set
+	files     int  // the whole file and its windows
 	mtime     time.Time
 	uid, gid  uint32
 
@@ -29,19 +31,31 @@ type view struct {
 	onWriteAttempt func(op string, pid, uid uint32)
 	errs           *errorLog
 	reads          ReadObserver // nil: nobody counts reads
+
+	// The reader and writer every file goes through, with their optional
+	// methods.
+	r      io.ReaderAt
+	ctxr   ContextReaderAt
+	sr     SliceReader
+	seeker Seeker
+	alloc  AllocationReporter
+	w      io.WriterAt
+	ctxw   ContextWriterAt
 }
 
-// rootNode is the mount root: a read-only directory holding the file.
+// rootNode is the mount root: a read-only directory holding the files.
 type rootNode struct {
 	fs.Inode
-	v    *view
-	file *fileNode
+	v     *view
+	file  *fileNode   // the whole file
+	files []*fileNode // the whole file, then the windows
 }
 
-// NewRoot returns the root directory node holding the single read-only file,
-// which reads through r (see [ContextReaderAt] and [Seeker] for the optional
-// methods it uses). It panics if r is nil or opt.Name or opt.Size is
-// invalid; [Mount] checks them first and returns an error instead.
+// NewRoot returns the root directory node holding the file and its windows,
+// which read through r (see [ContextReaderAt] and [Seeker] for the optional
+// methods it uses) and write through opt.Writer if set. It panics if r is
+// nil or opt is invalid; [Mount] checks them first and returns an error
+// instead.
 func NewRoot(r io.ReaderAt, opt Options) fs.InodeEmbedder {
 	if err := opt.check(); err != nil {
 		panic(err)
@@ -50,9 +64,9 @@ func NewRoot(r io.ReaderAt, opt Options) fs.InodeEmbedder {
 		panic("fusefs: nil reader")
 	}
 	v := &view{
-		name:           opt.Name,
 		size:           opt.Size,
 		immutable:      opt.Immutable,
+		writable:       opt.Writer != nil,
 		mtime:          opt.Mtime,
 		stats:          opt.Stats,
 		onWriteAttempt: opt.OnWriteAttempt,
@@ -63,15 +77,33 @@ func NewRoot(r io.ReaderAt, opt Options) fs.InodeEmbedder {
 		v.mtime = time.Now()
 	}
 	v.uid, v.gid = opt.owner()
-	return &rootNode{v: v, file: newFileNode(v, r)}
+	v.r = r
+	v.ctxr, _ = r.(ContextReaderAt)
+	v.sr, _ = r.(SliceReader)
+	v.seeker, _ = r.(Seeker)
+	v.alloc, _ = r.(AllocationReporter)
+	if opt.Writer != nil {
+		v.w = opt.Writer
+		v.ctxw, _ = opt.Writer.(ContextWriterAt)
+	}
+	root := &rootNode{v: v}
+	whole := Window{Name: opt.Name, Offset: 0, Size: opt.Size}
+	for i, w := range append([]Window{whole}, opt.Windows...) {
+		root.files = append(root.files, &fileNode{v: v, win: w, ino: fileIno + uint64(i)})
+	}
+	root.file = root.files[0]
+	v.files = len(root.files)
+	return root
 }
 
-// OnAdd builds the whole tree once: the file is a persistent inode, so
-// go-fuse keeps it even when the kernel forgets it, and lookups of its name
-// are answered from the tree (anything else is ENOENT).
+// OnAdd builds the whole tree once: the files are persistent inodes, so
+// go-fuse keeps them even when the kernel forgets them, and lookups of their
+// names are answered from the tree (anything else is ENOENT).
 func (n *rootNode) OnAdd(ctx context.Context) {
-	child := n.NewPersistentInode(ctx, n.file, fs.StableAttr{Mode: fuse.S_IFREG, Ino: fileIno})
-	n.AddChild(n.v.name, child, false)
+	for _, f := range n.files {
+		child := n.NewPersistentInode(ctx, f, fs.StableAttr{Mode: fuse.S_IFREG, Ino: f.ino})
+		n.AddChild(f.win.Name, child, false)
+	}
 }
 
 func (n *rootNode) Getattr(ctx context.Context, _ fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
@@ -80,14 +112,17 @@ func (n *rootNode) Getattr(ctx context.Context, _ fs.FileHandle, out *fuse.AttrO
 	return 0
 }
 
-// Readdir lists ".", ".." and the file; go-fuse's default would omit the
+// Readdir lists ".", ".." and the files; go-fuse's default would omit the
 // first two, which POSIX readdir callers expect.
 func (n *rootNode) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
-	return fs.NewListDirStream([]fuse.DirEntry{
+	entries := []fuse.DirEntry{
 		{Name: ".", Mode: fuse.S_IFDIR, Ino: rootIno},
 		{Name: "..", Mode: fuse.S_IFDIR, Ino: rootIno},
-		{Name: n.v.name, Mode: fuse.S_IFREG, Ino: fileIno},
-	}), 0
+	}
+	for _, f := range n.files {
+		entries = append(entries, fuse.DirEntry{Name: f.win.Name, Mode: fuse.S_IFREG, Ino: f.ino})
+	}
+	return fs.NewListDirStream(entries), 0
 }
 
 func (n *rootNode) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errno {
@@ -107,8 +142,8 @@ func (v *view) fillAttr(out *fuse.Attr, mode uint32, size int64) {
 	out.SetTimes(&t, &t, &t)
 }
 
-// statfsBlock is the block size statfs reports; the file's bytes count as
-// used, nothing is free.
+// statfsBlock is the block size statfs reports; the whole file's bytes
+// count as used (the windows show the same bytes), nothing is free.
 const statfsBlock = 4096
 
 func (v *view) statfs(out *fuse.StatfsOut) {
@@ -116,7 +151,7 @@ func (v *view) statfs(out *fuse.StatfsOut) {
 		Bsize:   statfsBlock,
 		Frsize:  statfsBlock,
 		Blocks:  (uint64(v.size) + statfsBlock - 1) / statfsBlock,
-		Files:   2, // the root and the file
+		Files:   uint64(1 + v.files), // the root and the files
 		NameLen: 255,
 	}
 }
