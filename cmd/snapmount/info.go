@@ -21,14 +21,21 @@ func init() {
 		long: `Connects, negotiates as the mount would (TLS, structured replies, the
 read-only promise, base:allocation) and prints the export's size, flags,
 block sizes and contexts, whether the server accepted the read-only
-promise, and the canonical export name. Only --map enters the
-transmission phase; the rest uses NBD_OPT_INFO, so asking about a
-snapmount server's export creates no snapshot.`,
+promise, and the canonical export name. Only --map and --partitions enter
+the transmission phase; the rest uses NBD_OPT_INFO, so asking about a
+snapmount server's export creates no snapshot.
+
+--partitions reads the export's MBR or GPT partition table and prints
+each partition's number (as 'mount --partitions' names its files, and
+fdisk -l numbers them), start and size in bytes, type (the MBR type, or
+the GPT type GUID) and GPT name; a damaged or hostile table is used as
+far as it can be trusted, and one line says what was skipped.`,
 		setup: func(fs *flag.FlagSet) func(context.Context, stdio, []string) error {
 			var cf clientFlags
-			var list, showMap, asJSON bool
+			var list, showMap, parts, asJSON bool
 			fs.BoolVar(&list, "list", false, "list every export the server offers")
 			fs.BoolVar(&showMap, "map", false, "print the allocation map (base:allocation extents)")
+			fs.BoolVar(&parts, "partitions", false, "print the export's partition table")
 			fs.BoolVar(&asJSON, "json", false, "print JSON instead of text")
 			cf.bind(fs)
 			return func(ctx context.Context, std stdio, args []string) error {
@@ -39,10 +46,12 @@ snapmount server's export creates no snapshot.`,
 				if err != nil {
 					return err
 				}
-				if list && showMap {
-					return usagef("--list and --map cannot be combined")
+				if btoi(list)+btoi(showMap)+btoi(parts) > 1 {
+					return usagef("--list, --map and --partitions cannot be combined")
 				}
 				switch {
+				case parts:
+					return withCode(exitConnect, runPartitions(ctx, std.out, u, opt, cf.timeout, asJSON))
 				case showMap:
 					return withCode(exitConnect, runMap(ctx, std.out, u, opt, asJSON))
 				default:
@@ -320,4 +329,11 @@ func runMap(ctx context.Context, w io.Writer, u *nbd.URI, opt nbd.DialOptions, a
 		fmt.Fprintf(w, "%10d  %10d  %3d  %s\n", e.Offset, e.Length, e.Type, e.Description)
 	}
 	return nil
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }

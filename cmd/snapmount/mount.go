@@ -28,6 +28,20 @@ said once. The command returns once the file is readable, unless
 -f/--foreground. SIGINT or SIGTERM, or 'snapmount umount MOUNTPOINT',
 unmount it. Cache counters: 'snapmount stats MOUNTPOINT'.
 
+--partitions also shows each partition of the disk's MBR or GPT table as
+a file NAME-pN, numbered as fdisk -l numbers them (MBR 1-4, logical
+partitions from 5, GPT entry + 1), read through the same cache. A table
+that is damaged or hostile is used as far as it can be trusted; what was
+skipped is said in one line, and without a usable table the mount shows
+the whole disk alone.
+
+--overlay makes the files writable, e.g. for 'e2fsck -E journal_only' to
+replay a file system's journal: writes go to a private overlay file in
+--overlay-dir that has no name on disk, bounded by --overlay-max. THE
+OVERLAY IS DISCARDED AT UNMOUNT (or when the process ends, however it
+ends): nothing is ever written to the export, which is still opened with
+the read-only promise.
+
 Works as an ordinary user through fusermount3.`,
 		setup: func(fs *flag.FlagSet) func(context.Context, stdio, []string) error {
 			// 64 KiB blocks cost no more CPU per byte read sequentially
@@ -52,12 +66,16 @@ Works as an ordinary user through fusermount3.`,
 			fs.BoolVarP(&o.verbose, "verbose", "v", false, "log the counters at unmount")
 			fs.BoolVar(&o.allowWritable, "allow-writable", false, "mount even if the server may count this client as a writer (writable export, read-only promise not understood)")
 			fs.BoolVar(&o.debugFuse, "debug-fuse", false, "trace every FUSE request")
+			o.disk.bind(fs)
 			o.cf.bind(fs)
 			return func(ctx context.Context, std stdio, args []string) error {
 				if err := wantArgs(args, 2, "URI and MOUNTPOINT"); err != nil {
 					return err
 				}
 				if err := o.check(); err != nil {
+					return err
+				}
+				if err := o.disk.check(fs); err != nil {
 					return err
 				}
 				u, dopt, err := o.cf.parse(args[0])
@@ -82,6 +100,7 @@ Works as an ordinary user through fusermount3.`,
 
 type mountOptions struct {
 	cf                       clientFlags
+	disk                     diskOptions
 	name                     string
 	conns                    int
 	cacheSize, blockSize     int64

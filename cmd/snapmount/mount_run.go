@@ -57,6 +57,9 @@ type mountStats struct {
 	Procs     int             `json:"go_procs"` // Go processors while reads overlap
 	Client    nbd.ClientStats `json:"nbd"`
 	Cache     cache.Stats     `json:"cache"`
+	// Partitions and Overlay are there with --partitions and --overlay.
+	Partitions *partitionStats `json:"partitions,omitempty"`
+	Overlay    *overlayStats   `json:"overlay,omitempty"`
 }
 
 func runMount(ctx context.Context, rep *reporter, u *nbd.URI, dopt nbd.DialOptions, mountpoint string, o *mountOptions) error {
@@ -137,16 +140,28 @@ func runMount(ctx context.Context, rep *reporter, u *nbd.URI, dopt nbd.DialOptio
 	if name == "" {
 		name = fileName(u.Export)
 	}
+	dk, err := openDisk(c, client.Size(), name, o.disk)
+	if err != nil {
+		return err
+	}
+	defer dk.close()
+	if dk.table != nil && (len(dk.windows) == 0 || dk.table.Note != "") {
+		rep.warn("partitions: " + dk.tableLine())
+	}
 	mounted := time.Now()
 	statsOf := func() mountStats {
-		return mountStats{
+		st := mountStats{
 			PID: os.Getpid(), URI: u.String(), Export: info.CanonicalName, Frozen: frozen,
 			Size: client.Size(), MountedAt: mounted, Procs: procs.full, Client: client.Stats(), Cache: c.Stats(),
 		}
+		st.Partitions, st.Overlay = dk.stats()
+		return st
 	}
-	srv, err := fusefs.Mount(dir, c, fusefs.Options{
+	srv, err := fusefs.Mount(dir, dk.reader, fusefs.Options{
 		Name:       name,
 		Size:       client.Size(),
+		Windows:    dk.windows,
+		Writer:     dk.writer(),
 		Immutable:  frozen,
 		Mtime:      mounted,
 		AllowOther: o.allowOther,
@@ -195,6 +210,12 @@ func runMount(ctx context.Context, rep *reporter, u *nbd.URI, dopt nbd.DialOptio
 		defer os.Remove(o.pidfile)
 	}
 	logger.Printf("mounted %s (%s, %d bytes) on %s as %s", u.Display(), info.CanonicalName, client.Size(), dir, name)
+	if dk.table != nil {
+		logger.Printf("partitions: %s", dk.tableLine())
+	}
+	if dk.overlay != nil {
+		logger.Printf("overlay: writable, at most %s, in a file with no name in %s, discarded at unmount", humanSize(uint64(o.disk.overlayMax)), dk.dir)
+	}
 	rep.ready()
 
 	unmounted := make(chan struct{})
@@ -209,6 +230,10 @@ func runMount(ctx context.Context, rep *reporter, u *nbd.URI, dopt nbd.DialOptio
 		<-unmounted
 	}
 	logger.Printf("unmounted %s", dir)
+	if dk.overlay != nil {
+		st := dk.overlay.Stats()
+		logger.Printf("overlay: discarded %s in %d blocks (%d writes, %d refused)", humanSize(uint64(st.Bytes)), st.Blocks, st.Writes, st.Refused)
+	}
 	if o.verbose {
 		b, _ := json.MarshalIndent(statsOf(), "", "  ")
 		logger.Printf("counters: %s", b)

@@ -96,14 +96,15 @@ func init() {
 	})
 }
 
-// readStatsRaw reads the counters of the mount at dir from its file.
+// readStatsRaw reads the counters of the mount at dir from its first file
+// (the whole disk; every file has them).
 func readStatsRaw(dir string) ([]byte, error) {
 	entries, err := os.ReadDir(dir)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %v", dir, err)
 	}
-	if len(entries) != 1 {
-		return nil, fmt.Errorf("%s does not look like a snapmount mount (it has %d entries, not one file)", dir, len(entries))
+	if len(entries) == 0 || !entries[0].Type().IsRegular() {
+		return nil, fmt.Errorf("%s does not look like a snapmount mount (it holds no file)", dir)
 	}
 	path := filepath.Join(dir, entries[0].Name())
 	buf := make([]byte, 4096)
@@ -156,6 +157,7 @@ func printStats(std stdio, st *mountStats) {
 	fmt.Fprintf(w, "fetched:        %s in %d requests, %d errors\n", humanSize(uint64(c.BytesFetched)), c.SourceReads, c.Errors)
 	fmt.Fprintf(w, "readahead:      %d blocks, %d used, %d wasted\n", c.ReadaheadBlocks, c.ReadaheadUsed, c.ReadaheadWasted)
 	fmt.Fprintf(w, "evictions:      %d\n", c.Evictions)
+	printDiskStats(w, st.Partitions, st.Overlay)
 }
 
 // waitExit waits for a process to exit, without polling: a pidfd becomes
