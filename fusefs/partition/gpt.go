@@ -22,8 +22,9 @@ var sectorSizes = [...]int{512, 4096}
 
 // gptHeader is a decoded GPT header that passed its own checks.
 type gptHeader struct {
-	ss          int64 // sector size
-	firstUsable int64 // LBAs
+	which       string // "primary" or "backup"
+	ss          int64  // sector size
+	firstUsable int64  // LBAs
 	lastUsable  int64
 	diskGUID    string
 	entryLBA    int64
@@ -128,6 +129,7 @@ func (d *disk) gptHeader(ss int64, backup bool) (h gptHeader, reason string, err
 		return bad("its entry array (LBA %d, %d sectors) is not inside the disk", entryLBA, arraySectors)
 	}
 	return gptHeader{
+		which:       which,
 		ss:          ss,
 		firstUsable: int64(first),
 		lastUsable:  int64(min(last, uint64(sectors-1))),
@@ -146,7 +148,7 @@ func (d *disk) gptEntries(h gptHeader) (entries []byte, reason string, err error
 		return nil, "", err
 	}
 	if got := crc32.ChecksumIEEE(entries); got != h.entryCRC {
-		return nil, fmt.Sprintf("GPT entry array at LBA %d (%d-byte sectors): CRC %08x, but its bytes give %08x", h.entryLBA, h.ss, h.entryCRC, got), nil
+		return nil, fmt.Sprintf("%s GPT entry array at LBA %d (%d-byte sectors): CRC %08x, but its bytes give %08x", h.which, h.entryLBA, h.ss, h.entryCRC, got), nil
 	}
 	return entries, "", nil
 }
