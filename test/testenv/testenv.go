@@ -63,6 +63,12 @@ func debianPackage(cmd string) string {
 		return "passwd"
 	case "certtool":
 		return "gnutls-bin"
+	case "sfdisk":
+		return "fdisk"
+	case "mkfs.ext4", "debugfs", "dumpe2fs", "e2fsck":
+		return "e2fsprogs"
+	case "mmls", "fls", "ifind", "icat":
+		return "sleuthkit"
 	}
 	return cmd
 }
