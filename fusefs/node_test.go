@@ -130,6 +130,15 @@ func TestTree(t *testing.T) {
 		t.Errorf("file ino %d, want %d", ino, fileIno)
 	}
 
+	if got := readdirNames(t, root, false); got != ". .. disk.img" {
+		t.Errorf("Readdir: %s, want . .. disk.img", got)
+	}
+}
+
+// readdirNames lists the root with Readdir: the names, and with inos the
+// inode numbers too ("name:ino"), separated by spaces.
+func readdirNames(t *testing.T, root *rootNode, inos bool) string {
+	t.Helper()
 	ds, errno := root.Readdir(context.Background())
 	if errno != 0 {
 		t.Fatal(errno)
@@ -140,11 +149,13 @@ func TestTree(t *testing.T) {
 		if errno != 0 {
 			t.Fatal(errno)
 		}
-		names = append(names, e.Name)
+		if inos {
+			names = append(names, fmt.Sprintf("%s:%d", e.Name, e.Ino))
+		} else {
+			names = append(names, e.Name)
+		}
 	}
-	if got := strings.Join(names, " "); got != ". .. disk.img" {
-		t.Errorf("Readdir: %s, want . .. disk.img", got)
-	}
+	return strings.Join(names, " ")
 }
 
 func TestInvalidOptions(t *testing.T) {

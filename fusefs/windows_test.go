@@ -8,7 +8,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -68,16 +67,7 @@ func (sparseDisk) AllocatedBytes(ctx context.Context) int64 { return 4096 }
 
 func TestWindowsTree(t *testing.T) {
 	root, _ := newTestNodes(t, sparseDisk{}, windowed(nil))
-	ds, errno := root.Readdir(context.Background())
-	if errno != 0 {
-		t.Fatal(errno)
-	}
-	var names []string
-	for ds.HasNext() {
-		e, _ := ds.Next()
-		names = append(names, fmt.Sprintf("%s:%d", e.Name, e.Ino))
-	}
-	if got := strings.Join(names, " "); got != ".:1 ..:1 disk:2 disk-p1:3 disk-p2:4" {
+	if got := readdirNames(t, root, true); got != ".:1 ..:1 disk:2 disk-p1:3 disk-p2:4" {
 		t.Errorf("Readdir: %s", got)
 	}
 	for name, size := range map[string]uint64{"disk": 1 << 20, "disk-p1": 64 << 10, "disk-p2": 100000} {
