@@ -196,9 +196,9 @@ type mountStatsJSON struct {
 	Partitions *struct {
 		Scheme string `json:"scheme"`
 		Files  []struct {
-			Name   string `json:"Name"`
-			Offset int64  `json:"Offset"`
-			Size   int64  `json:"Size"`
+			Name   string `json:"name"`
+			Offset int64  `json:"offset"`
+			Size   int64  `json:"size"`
 		} `json:"files"`
 		Note string `json:"note"`
 	} `json:"partitions"`

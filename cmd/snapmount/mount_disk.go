@@ -142,8 +142,15 @@ func (dk *disk) tableLine() string {
 type partitionStats struct {
 	Scheme     partition.Scheme `json:"scheme"`
 	SectorSize int              `json:"sector_size,omitempty"`
-	Files      []fusefs.Window  `json:"files"`
+	Files      []partitionFile  `json:"files"`
 	Note       string           `json:"note,omitempty"`
+}
+
+// partitionFile is a partition's file in the stats.
+type partitionFile struct {
+	Name   string `json:"name"`
+	Offset int64  `json:"offset"`
+	Size   int64  `json:"size"`
 }
 
 // overlayStats is the stats' part on the overlay.
@@ -155,7 +162,10 @@ type overlayStats struct {
 func (dk *disk) stats() (*partitionStats, *overlayStats) {
 	var ps *partitionStats
 	if t := dk.table; t != nil {
-		ps = &partitionStats{Scheme: t.Scheme, SectorSize: t.SectorSize, Files: dk.windows, Note: t.Note}
+		ps = &partitionStats{Scheme: t.Scheme, SectorSize: t.SectorSize, Files: []partitionFile{}, Note: t.Note}
+		for _, w := range dk.windows {
+			ps.Files = append(ps.Files, partitionFile{w.Name, w.Offset, w.Size})
+		}
 	}
 	var ov *overlayStats
 	if dk.overlay != nil {
