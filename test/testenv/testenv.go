@@ -130,39 +130,85 @@ func UnprivilegedUser(t testing.TB) (uid, gid uint32) {
 	return uint32(id), uint32(g)
 }
 
-// OpenDevFuse makes /dev/fuse usable by every user for the test, as
-// desktop distributions ship it (0666), and puts the old mode back when
-// the test ends. Tests that do this hold a lock file meanwhile: go test
-// runs packages in parallel, and two of them saving and restoring the mode
-// at once could leave it changed.
+// OpenDevFuse makes /dev/fuse usable by every user while the test runs,
+// as desktop distributions ship it (0666), and puts the old mode back
+// once no test needs it any more. Tests of several packages (processes)
+// do this at once, so they share the work through files next to each
+// other in the temporary directory: each test holds a shared lock on the
+// users file while it needs the mode; the first to find the mode narrow
+// saves it in the mode file and widens it, and the last to leave puts it
+// back. An exclusive lock on the guard file orders these steps, so tests
+// that run as the unprivileged user still run in parallel.
 func OpenDevFuse(t testing.TB) {
 	t.Helper()
-	lock, err := os.OpenFile(filepath.Join(os.TempDir(), "snapmount-dev-fuse.lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	widenMode(t, "/dev/fuse", filepath.Join(os.TempDir(), "snapmount-dev-fuse"))
+}
+
+// widenMode makes path readable and writable by all until the last test
+// that asked is done, with the files prefix.lock, prefix.users and
+// prefix.mode (see OpenDevFuse).
+func widenMode(t testing.TB, path, prefix string) {
+	t.Helper()
+	guard := lockFile(t, prefix+".lock")
+	defer guard.Close()
+	users, err := os.OpenFile(prefix+".users", os.O_CREATE|os.O_RDWR, 0o600)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
-		lock.Close()
-		t.Fatal(err)
-	}
-	// Registered first, so it runs after the mode is back.
-	t.Cleanup(func() { lock.Close() })
-	st, err := os.Stat("/dev/fuse")
+	saved := prefix + ".mode"
+	st, err := os.Stat(path)
 	if err != nil {
-		SkipOrFail(t, "/dev/fuse is missing, FUSE mounts are impossible here: %v", err)
+		users.Close()
+		SkipOrFail(t, "%s is missing, FUSE mounts are impossible here: %v", path, err)
 	}
-	old := st.Mode().Perm()
-	if old&0o666 == 0o666 {
-		return
+	if old := st.Mode().Perm(); old&0o666 != 0o666 {
+		if err := os.WriteFile(saved, []byte(strconv.FormatUint(uint64(old), 8)), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(path, old|0o666); err != nil {
+			t.Fatalf("chmod %s: %v", path, err)
+		}
 	}
-	if err := os.Chmod("/dev/fuse", old|0o666); err != nil {
-		t.Fatalf("chmod /dev/fuse: %v", err)
+	if err := syscall.Flock(int(users.Fd()), syscall.LOCK_SH); err != nil {
+		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		if err := os.Chmod("/dev/fuse", old); err != nil {
-			t.Errorf("restoring the mode of /dev/fuse: %v", err)
+		guard := lockFile(t, prefix+".lock")
+		defer guard.Close()
+		defer users.Close()
+		syscall.Flock(int(users.Fd()), syscall.LOCK_UN)
+		if syscall.Flock(int(users.Fd()), syscall.LOCK_EX|syscall.LOCK_NB) != nil {
+			return // another test still needs the mode
 		}
+		b, err := os.ReadFile(saved)
+		if err != nil {
+			return // the mode was wide before us
+		}
+		mode, err := strconv.ParseUint(string(b), 8, 32)
+		if err != nil {
+			t.Errorf("%s holds %q, not a mode", saved, b)
+			return
+		}
+		if err := os.Chmod(path, os.FileMode(mode)); err != nil {
+			t.Errorf("restoring the mode of %s: %v", path, err)
+		}
+		os.Remove(saved)
 	})
+}
+
+// lockFile opens path and takes an exclusive lock on it, which closing
+// the file releases.
+func lockFile(t testing.TB, path string) *os.File {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
+		f.Close()
+		t.Fatal(err)
+	}
+	return f
 }
 
 // SocketPair returns two connected Unix stream sockets, closed when the
