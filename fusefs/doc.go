@@ -7,26 +7,26 @@
 //
 // The mount root is a directory (mode 0555) holding a regular file (mode
 // 0444) named [Options.Name], of size [Options.Size], and one more for each
-// of [Options.Windows], showing a range of it through the same reader (so
-// one fetch serves both views). All are persistent inodes built once by
+// of [Options.Windows], showing a range of it through the same reader (so one
+// fetch serves both views). All are persistent inodes built once by
 // [NewRoot]; the tree never changes, so entries, attributes and failed
 // lookups are cached by the kernel for a day and the steady state costs no
 // metadata round trips. [Mount] mounts the tree read-only unless there is a
-// Writer ("ro" in /proc/mounts, type fuse.snapmount, fsname
-// [Options.FsName]) and returns
-// once the kernel's INIT handshake has completed, i.e. once the files are
-// readable.
+// Writer ("ro" in /proc/mounts, type fuse.snapmount, fsname [Options.FsName])
+// and returns once the kernel's INIT handshake has completed, i.e. once the
+// files are readable.
 //
 // # Read-only, unless there is a Writer
 //
 // Without [Options.Writer], every path that could change anything answers
 // EROFS: opening for writing (O_WRONLY, O_RDWR, O_TRUNC, O_APPEND, O_CREAT),
 // Setattr (truncate, chmod, chown, utimes), Write, Allocate, Create, Mkdir,
-// Mknod, Link, Symlink, Unlink, Rmdir, Rename, Setxattr and Removexattr. On the mount the kernel
-// usually answers EROFS itself because of the "ro" flag, before asking us;
-// the node methods refuse anyway so the guarantee does not rest on a mount
-// flag alone. [Options.OnWriteAttempt] hears about every refusal that does
-// reach us. Fsync and Flush succeed: there is nothing to flush.
+// Mknod, Link, Symlink, Unlink, Rmdir, Rename, Setxattr and Removexattr. On
+// the mount the kernel usually answers EROFS itself because of the "ro" flag,
+// before asking us; the node methods refuse anyway so the guarantee does not
+// rest on a mount flag alone. [Options.OnWriteAttempt] hears about every
+// refusal that does reach us. Fsync and Flush succeed: there is nothing to
+// flush.
 //
 // With a Writer (snapmount's private overlay) the files are writable (mode
 // 0644, the mount not "ro"): Write passes data to the Writer at the file's
@@ -40,13 +40,13 @@
 // # Kernel caching
 //
 // File data of read-only files goes through the kernel page cache (writable
-// ones bypass it, see above). When [Options.Immutable] is
-// set (the view is a frozen snapshot) Open returns FOPEN_KEEP_CACHE, so pages
-// survive across opens and a second pass is served by the kernel at memory
-// speed. Otherwise every open drops the file's cached pages, as nbdfuse does,
-// so a new open sees what the server serves now; pages cached under an
-// already open descriptor stay. Open also returns FOPEN_NOFLUSH: close(2)
-// has nothing to flush, so it costs no round trip.
+// ones bypass it, see above). When [Options.Immutable] is set (the view is a
+// frozen snapshot) Open returns FOPEN_KEEP_CACHE, so pages survive across
+// opens and a second pass is served by the kernel at memory speed. Otherwise
+// every open drops the file's cached pages, as nbdfuse does, so a new open
+// sees what the server serves now; pages cached under an already open
+// descriptor stay. Open also returns FOPEN_NOFLUSH: close(2) has nothing to
+// flush, so it costs no round trip.
 //
 // Requests are up to 1 MiB (MaxWrite, hence max_read): an O_DIRECT read
 // arrives as one request per MiB rather than eight of 128 KiB. Buffered

@@ -17,7 +17,7 @@ func init() {
 	register(&command{
 		name:  "info",
 		args:  "URI",
-		short: "print what a server says about an export (like nbdinfo), its export list or allocation map",
+		short: "print what a server says about an export (like nbdinfo), its export list, allocation map or partitions",
 		long: `Connects, negotiates as the mount would (TLS, structured replies, the
 read-only promise, base:allocation) and prints the export's size, flags,
 block sizes and contexts, whether the server accepted the read-only

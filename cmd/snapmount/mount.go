@@ -16,7 +16,7 @@ func init() {
 	register(&command{
 		name:  "mount",
 		args:  "URI MOUNTPOINT",
-		short: "mount an export read-only as one file, ideally a frozen snapshot",
+		short: "mount an export read-only as one file (and its partitions), ideally a frozen snapshot",
 		long: `Connects and negotiates before mounting (the other connections of the
 pool join while the mount is set up; errors fail fast and nothing is
 left mounted), sends the read-only promise, and shows the export as one
