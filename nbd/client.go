@@ -17,8 +17,11 @@ type ClientOptions struct {
 	// Conns is how many connections to open when the export allows
 	// multi-conn [4]. Without CAN_MULTI_CONN the client uses one.
 	Conns int
-	// Timeout bounds every read, including waiting for a lost connection
-	// to come back [30s]. Past it the read fails with EIO.
+	// Timeout bounds how long the pool waits for the server, once per
+	// outage rather than per request [30s]: a request without a reply
+	// for Timeout, or a pool without a working connection for Timeout,
+	// makes the server count as unreachable, and from then on every
+	// request fails at once with EIO until a connection works again.
 	Timeout time.Duration
 	// Logf receives warnings (connection lost, reconnected). Nil: silent.
 	Logf func(format string, args ...any)
@@ -28,7 +31,16 @@ type ClientOptions struct {
 // It is an io.ReaderAt, safe for concurrent use. Requests go to the least
 // loaded live connection; a lost connection is re-established in the
 // background (to the canonical name, with size and flags re-checked) and
-// reads retry until ClientOptions.Timeout.
+// requests wait for one, retrying on it.
+//
+// The wait is bounded once per outage, as qemu's NBD client bounds it
+// with reconnect-delay: when the pool has had no connection for
+// ClientOptions.Timeout (the server is gone), or a request has had no
+// reply for Timeout while no other reply came either (the server hangs),
+// the server counts as unreachable. Its connections are dropped, and
+// every request fails at once with EIO (an *UnreachableError) however
+// the caller splits its reads, until a connection is re-established:
+// then requests are served again by themselves.
 //
 // Client has no method that writes: the protocol's write-type commands
 // cannot be sent through it.
@@ -44,7 +56,12 @@ type Client struct {
 	conns   []*Conn    // one per slot; nil while a slot reconnects
 	closed  bool
 	broken  error         // the export changed or vanished: permanent
-	changed chan struct{} // closed and replaced whenever a slot comes back
+	changed chan struct{} // closed and replaced when a slot comes back or the state changes
+	lostAt  time.Time     // when the last connection was lost; zero while one works
+	lostErr error         // why, or why the latest attempt to reconnect failed
+	down    *UnreachableError
+	downT   *time.Timer // declares the server unreachable Timeout after lostAt
+	lastErr serverError // the latest error the server reported for a request
 
 	dialCtx  context.Context // cancelled by Close, ends redials
 	stopDial context.CancelFunc
@@ -52,11 +69,13 @@ type Client struct {
 	joining  atomic.Int32   // joins Open started that have not ended
 	joined   chan struct{}  // closed when joining reaches 0
 
+	replies    atomic.Int64 // requests the server answered, on any connection
 	reconnects atomic.Int64
 	requests   atomic.Int64
 	bytesRead  atomic.Int64
 	retries    atomic.Int64
 	timeouts   atomic.Int64
+	failedFast atomic.Int64
 }
 
 // Open connects to the export u names and opens the connection pool. It
@@ -70,19 +89,16 @@ func Open(ctx context.Context, u *URI, opt ClientOptions) (*Client, error) {
 	if opt.Timeout <= 0 {
 		opt.Timeout = 30 * time.Second
 	}
-	first, err := Dial(ctx, u, opt.Dial)
+	c := &Client{opt: opt, changed: make(chan struct{})}
+	first, err := dial(ctx, u, opt.Dial, &c.replies)
 	if err != nil {
 		return nil, err
 	}
 	info := first.Info()
-	c := &Client{
-		uri:      u.WithExport(info.CanonicalName),
-		opt:      opt,
-		info:     info,
-		size:     int64(info.Size),
-		minBlock: int64(info.BlockSize.Min),
-		changed:  make(chan struct{}),
-	}
+	c.uri = u.WithExport(info.CanonicalName)
+	c.info = info
+	c.size = int64(info.Size)
+	c.minBlock = int64(info.BlockSize.Min)
 	c.maxPiece = min(int64(info.BlockSize.Max), 8<<20)
 	c.maxPiece -= c.maxPiece % c.minBlock
 	c.dialCtx, c.stopDial = context.WithCancel(context.Background())
@@ -129,7 +145,7 @@ func (c *Client) join(i int) {
 // or vanished since the first connection), or does nothing once the pool
 // is closed; it returns the error of an attempt worth repeating.
 func (c *Client) connectSlot(i int) (installed bool, retry error) {
-	ctx, cancel := context.WithTimeout(c.dialCtx, redialTimeout)
+	ctx, cancel := context.WithTimeout(c.dialCtx, min(redialTimeout, c.opt.Timeout))
 	conn, err := c.dialVerified(ctx)
 	cancel()
 	switch {
@@ -141,6 +157,11 @@ func (c *Client) connectSlot(i int) (installed bool, retry error) {
 		c.breakPool(err)
 		return false, nil
 	}
+	c.mu.Lock()
+	if !c.lostAt.IsZero() {
+		c.lostErr = err // what an outage will report
+	}
+	c.mu.Unlock()
 	return false, err
 }
 
@@ -159,8 +180,9 @@ func (c *Client) WaitConns(ctx context.Context) error {
 	return c.broken
 }
 
-// install puts conn in slot i, wakes requests waiting for a connection,
-// and watches it; it reports false (closing conn) if the pool is closed.
+// install puts conn in slot i, ends an outage, wakes requests waiting
+// for a connection, and watches it; it reports false (closing conn) if
+// the pool is closed.
 func (c *Client) install(i int, conn *Conn) bool {
 	c.mu.Lock()
 	if c.closed {
@@ -169,11 +191,119 @@ func (c *Client) install(i int, conn *Conn) bool {
 		return false
 	}
 	c.conns[i] = conn
-	close(c.changed)
-	c.changed = make(chan struct{})
+	down := c.down
+	c.down, c.lostAt, c.lostErr = nil, time.Time{}, nil
+	if c.downT != nil {
+		c.downT.Stop()
+		c.downT = nil
+	}
+	c.wakeLocked()
 	c.mu.Unlock()
+	if down != nil {
+		c.logf("%s answers again, %v after it stopped; requests are served again", c.uri.Display(), time.Since(down.Since).Round(time.Millisecond))
+	}
 	c.watch(i, conn)
 	return true
+}
+
+// wakeLocked wakes every request waiting in pick to look again.
+func (c *Client) wakeLocked() {
+	close(c.changed)
+	c.changed = make(chan struct{})
+}
+
+// liveLocked counts the connections in the pool.
+func (c *Client) liveLocked() int {
+	n := 0
+	for _, cn := range c.conns {
+		if cn != nil {
+			n++
+		}
+	}
+	return n
+}
+
+// UnreachableError is what requests fail with at once while the server
+// counts as unreachable (see Client). It unwraps to EIO.
+type UnreachableError struct {
+	Server string    // the server, for display
+	Since  time.Time // when it stopped answering
+	Cause  string    // "no reply for 30s", "no connection for 30s: ..."
+}
+
+func (e *UnreachableError) Error() string {
+	return fmt.Sprintf("nbd: %s unreachable since %s (%s); requests that need it fail at once until it answers again",
+		e.Server, e.Since.Format("15:04:05"), e.Cause)
+}
+
+func (e *UnreachableError) Unwrap() error { return syscall.EIO }
+
+// errUnreachable ends the connections of a server that counts as
+// unreachable; requests on them retry and find the outage.
+var errUnreachable = errors.New("the server counts as unreachable")
+
+// declareUnreachable starts an outage that began at since: requests fail
+// at once from now on, and connections still in the pool (to a server
+// that does not answer) are dropped and re-established in the background.
+func (c *Client) declareUnreachable(since time.Time, cause string) {
+	c.mu.Lock()
+	if c.closed || c.broken != nil || c.down != nil {
+		c.mu.Unlock()
+		return
+	}
+	c.down = &UnreachableError{Server: c.uri.Display(), Since: since, Cause: cause}
+	var drop []*Conn
+	for _, cn := range c.conns {
+		if cn != nil {
+			drop = append(drop, cn)
+		}
+	}
+	c.wakeLocked()
+	err := c.down
+	c.mu.Unlock()
+	c.logf("%v", err)
+	for _, cn := range drop {
+		cn.fail(errUnreachable)
+	}
+}
+
+// lostTooLong is the timer of an empty pool: Timeout after the last
+// connection was lost, the server counts as unreachable unless one came
+// back meanwhile.
+func (c *Client) lostTooLong() {
+	c.mu.Lock()
+	lost, why := c.lostAt, c.lostErr
+	gone := !lost.IsZero() && c.liveLocked() == 0 && !time.Now().Before(lost.Add(c.opt.Timeout))
+	c.mu.Unlock()
+	if gone {
+		c.declareUnreachable(lost, noConnection(c.opt.Timeout, why))
+	}
+}
+
+func noConnection(timeout time.Duration, why error) string {
+	if why == nil {
+		return fmt.Sprintf("no connection for %v", timeout)
+	}
+	return fmt.Sprintf("no connection for %v: %v", timeout, why)
+}
+
+// noReply handles a request that had no reply for Timeout from start.
+// If nothing else was answered since (replies still at seen), the server
+// does not answer at all: the outage begins.
+func (c *Client) noReply(start time.Time, seen int64) {
+	if c.replies.Load() != seen {
+		return // the server answers others: only this request failed
+	}
+	c.mu.Lock()
+	cause := fmt.Sprintf("no reply for %v", c.opt.Timeout)
+	if !c.lostAt.IsZero() && c.liveLocked() == 0 {
+		if c.lostAt.Before(start) {
+			start = c.lostAt
+		}
+		cause = noConnection(c.opt.Timeout, c.lostErr)
+	}
+	c.mu.Unlock()
+	c.declareUnreachable(start, cause)
 }
 
 // breakPool records a permanent error: every request fails with it from
@@ -182,8 +312,7 @@ func (c *Client) breakPool(err error) {
 	c.mu.Lock()
 	if c.broken == nil {
 		c.broken = err
-		close(c.changed)
-		c.changed = make(chan struct{})
+		c.wakeLocked()
 	}
 	c.mu.Unlock()
 	c.logf("%v", err)
@@ -204,35 +333,101 @@ func (c *Client) logf(format string, args ...any) {
 	}
 }
 
-// ClientStats are the pool's counters.
+// ClientStats are the pool's counters and its state.
 type ClientStats struct {
-	Conns      int    `json:"conns"`      // connections alive now
-	Slots      int    `json:"conn_slots"` // connections wanted
-	Reconnects int64  `json:"reconnects"` // connections re-established
-	Requests   int64  `json:"requests"`   // READ and BLOCK_STATUS requests sent
-	BytesRead  int64  `json:"bytes_read"` // payload bytes read
-	Retries    int64  `json:"retries"`    // requests retried after a lost connection
-	Timeouts   int64  `json:"timeouts"`   // reads failed after Timeout
-	Export     string `json:"export"`     // the canonical export name
+	// State is "connected" (at least one connection works),
+	// "reconnecting" (none does; requests wait, for Timeout at most),
+	// "unreachable" (requests fail at once until a connection works
+	// again), "gone" (the export, e.g. a snapshot, no longer exists),
+	// "changed" (it is not the export the pool opened) or "closed".
+	State  string    `json:"state"`
+	Since  time.Time `json:"state_since,omitzero"` // when the state began (not for connected)
+	Reason string    `json:"state_reason,omitempty"`
+
+	Conns      int    `json:"conns"`       // connections alive now
+	Slots      int    `json:"conn_slots"`  // connections wanted
+	Reconnects int64  `json:"reconnects"`  // connections re-established
+	Requests   int64  `json:"requests"`    // READ and BLOCK_STATUS requests sent
+	BytesRead  int64  `json:"bytes_read"`  // payload bytes read
+	Retries    int64  `json:"retries"`     // requests retried after a lost connection
+	Timeouts   int64  `json:"timeouts"`    // requests failed after Timeout without a reply
+	FailedFast int64  `json:"failed_fast"` // requests failed at once: server unreachable
+	Export     string `json:"export"`      // the canonical export name
+	// OldestWait is how long the oldest request now in flight has
+	// waited for its reply.
+	OldestWait time.Duration `json:"oldest_wait_ns"`
+	// LastServerError is the latest error the server reported for a
+	// request (the server's errno and message), if any.
+	LastServerError *ServerErrorReport `json:"last_server_error,omitempty"`
 }
 
-// Stats returns the pool's counters.
-func (c *Client) Stats() ClientStats {
+// ServerErrorReport is an error the server reported for a request.
+type ServerErrorReport struct {
+	At      time.Time `json:"at"`
+	Errno   string    `json:"errno"`
+	Message string    `json:"message,omitempty"`
+	Count   int64     `json:"count"` // errors the server reported in all
+}
+
+// serverError keeps the latest error the server reported.
+type serverError struct {
+	at    time.Time
+	err   *RequestError
+	count int64
+}
+
+func (c *Client) noteServerError(re *RequestError) {
 	c.mu.Lock()
-	alive := 0
-	for _, cn := range c.conns {
-		if cn != nil {
-			alive++
-		}
-	}
-	slots := len(c.conns)
+	c.lastErr = serverError{at: time.Now(), err: re, count: c.lastErr.count + 1}
 	c.mu.Unlock()
-	return ClientStats{
-		Conns: alive, Slots: slots,
+}
+
+// Stats returns the pool's counters and state.
+func (c *Client) Stats() ClientStats {
+	now := time.Now()
+	st := ClientStats{
 		Reconnects: c.reconnects.Load(), Requests: c.requests.Load(),
 		BytesRead: c.bytesRead.Load(), Retries: c.retries.Load(),
-		Timeouts: c.timeouts.Load(), Export: c.info.CanonicalName,
+		Timeouts: c.timeouts.Load(), FailedFast: c.failedFast.Load(),
+		Export: c.info.CanonicalName,
 	}
+	c.mu.Lock()
+	var conns []*Conn
+	for _, cn := range c.conns {
+		if cn != nil {
+			conns = append(conns, cn)
+		}
+	}
+	st.Conns, st.Slots = len(conns), len(c.conns)
+	switch {
+	case c.closed:
+		st.State = "closed"
+	case c.broken != nil:
+		var g *goneError
+		st.State, st.Reason = "changed", c.broken.Error()
+		if errors.As(c.broken, &g) {
+			st.State = "gone"
+		}
+	case c.down != nil:
+		st.State, st.Since, st.Reason = "unreachable", c.down.Since, c.down.Cause
+	case len(conns) == 0:
+		st.State, st.Since = "reconnecting", c.lostAt
+		if c.lostErr != nil {
+			st.Reason = c.lostErr.Error()
+		}
+	default:
+		st.State = "connected"
+	}
+	if e := c.lastErr; e.err != nil {
+		st.LastServerError = &ServerErrorReport{At: e.at, Errno: e.err.Errno.String(), Message: e.err.Msg, Count: e.count}
+	}
+	c.mu.Unlock()
+	for _, cn := range conns {
+		if dl, ok := cn.oldestDeadline(); ok {
+			st.OldestWait = max(st.OldestWait, now.Sub(dl.Add(-c.opt.Timeout)))
+		}
+	}
+	return st
 }
 
 // Close ends every connection. Reads in flight fail with ErrClosed.
@@ -244,6 +439,9 @@ func (c *Client) Close() error {
 	}
 	c.closed = true
 	conns := append([]*Conn(nil), c.conns...)
+	if c.downT != nil {
+		c.downT.Stop()
+	}
 	close(c.changed)
 	c.mu.Unlock()
 	c.stopDial()
@@ -259,7 +457,7 @@ func (c *Client) Close() error {
 // dialVerified opens one more connection to the canonical export and
 // checks it is the same export the pool started with.
 func (c *Client) dialVerified(ctx context.Context) (*Conn, error) {
-	conn, err := Dial(ctx, c.uri, c.opt.Dial)
+	conn, err := dial(ctx, c.uri, c.opt.Dial, &c.replies)
 	if err != nil {
 		var oe *OptionError
 		if errors.As(err, &oe) && oe.Reply == RepErrUnknown {
@@ -327,13 +525,24 @@ func (c *Client) watch(i int, conn *Conn) {
 			return
 		}
 		c.conns[i] = nil
+		if c.liveLocked() == 0 && c.lostAt.IsZero() {
+			// The pool is empty: requests wait for a connection, for
+			// Timeout at most from now.
+			c.lostAt, c.lostErr = time.Now(), conn.Err()
+			if c.down == nil {
+				c.downT = time.AfterFunc(c.opt.Timeout, c.lostTooLong)
+			}
+		}
 		c.mu.Unlock()
-		c.logf("connection to %s lost: %v; reconnecting", c.uri.Display(), conn.Err())
+		if !errors.Is(conn.Err(), errUnreachable) {
+			c.logf("connection to %s lost: %v; reconnecting", c.uri.Display(), conn.Err())
+		}
 		c.startRedial(i)
 	}()
 }
 
-// redialTimeout bounds one background connection attempt.
+// redialTimeout bounds one background connection attempt (and so does
+// ClientOptions.Timeout, if shorter).
 const redialTimeout = 10 * time.Second
 
 // startRedial reconnects slot i in the background with backoff.
@@ -365,7 +574,8 @@ func (c *Client) startRedial(i int) {
 
 // pick returns the live connection with the least work in flight, waiting
 // for one to come back if all are down, until ctx ends or the deadline
-// passes (then errNoReply).
+// passes (then errNoReply). While the server counts as unreachable it
+// fails at once.
 func (c *Client) pick(ctx context.Context, deadline time.Time) (*Conn, error) {
 	var timeout <-chan time.Time // made only when there is nothing to pick
 	for {
@@ -377,6 +587,12 @@ func (c *Client) pick(ctx context.Context, deadline time.Time) (*Conn, error) {
 		if c.broken != nil {
 			err := c.broken
 			c.mu.Unlock()
+			return nil, err
+		}
+		if c.down != nil {
+			err := c.down
+			c.mu.Unlock()
+			c.failedFast.Add(1)
 			return nil, err
 		}
 		var best *Conn
@@ -406,11 +622,14 @@ func (c *Client) pick(ctx context.Context, deadline time.Time) (*Conn, error) {
 }
 
 // do runs one request with retries on other or re-established connections
-// until it succeeds, the server reports an error, ctx ends, or Timeout
-// passes. The timeout is a deadline that each connection's guard
-// enforces, not a context with a timer per request (see Conn for why).
+// until it succeeds, the server reports an error, ctx ends, Timeout
+// passes, or the server counts as unreachable. The timeout is a deadline
+// that each connection's guard enforces, not a context with a timer per
+// request (see Conn for why).
 func (c *Client) do(ctx context.Context, op func(ctx context.Context, deadline time.Time, conn *Conn) error) error {
-	deadline := time.Now().Add(c.opt.Timeout)
+	start := time.Now()
+	deadline := start.Add(c.opt.Timeout)
+	seen := c.replies.Load()
 	for {
 		conn, err := c.pick(ctx, deadline)
 		if err == nil {
@@ -426,6 +645,7 @@ func (c *Client) do(ctx context.Context, op func(ctx context.Context, deadline t
 			// Our own deadline, not the caller's: the server did not
 			// answer in time (the guard has replaced a stuck connection).
 			c.timeouts.Add(1)
+			c.noReply(start, seen)
 			return fmt.Errorf("nbd: no reply from %s within %v: %w", c.uri.Display(), c.opt.Timeout, syscall.EIO)
 		case errors.As(err, &ce):
 			c.retries.Add(1)
@@ -438,6 +658,8 @@ func (c *Client) do(ctx context.Context, op func(ctx context.Context, deadline t
 			continue
 		case ctx.Err() != nil:
 			return ctx.Err()
+		case errors.As(err, &re):
+			c.noteServerError(re)
 		}
 		return err
 	}

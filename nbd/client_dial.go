@@ -12,6 +12,7 @@ import (
 	"os/user"
 	"path/filepath"
 	"strconv"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -116,6 +117,12 @@ func negotiate(nc net.Conn, u *URI, opt DialOptions) (*Negotiator, error) {
 // read-only promise, base:allocation, and GO with block sizes and the
 // canonical name (EXPORT_NAME on servers without GO).
 func Dial(ctx context.Context, u *URI, opt DialOptions) (*Conn, error) {
+	return dial(ctx, u, opt, nil)
+}
+
+// dial is Dial for a pool: the connection counts the replies it reads in
+// replies (nil: nowhere), which the pool shares among its connections.
+func dial(ctx context.Context, u *URI, opt DialOptions, replies *atomic.Int64) (*Conn, error) {
 	n, err := Negotiate(ctx, u, opt)
 	if err != nil {
 		return nil, err
@@ -143,7 +150,7 @@ func Dial(ctx context.Context, u *URI, opt DialOptions) (*Conn, error) {
 		// once more), while reply headers are still read in batches.
 		br = bufio.NewReaderSize(n.conn, replyReadBuffer)
 	}
-	return newConn(n.conn, br, info), nil
+	return newConn(n.conn, br, info, replies), nil
 }
 
 func selectExport(n *Negotiator, export string, opt DialOptions) (*ExportInfo, error) {

@@ -48,7 +48,7 @@ func FuzzClientReplies(f *testing.F) {
 			Structured: structured,
 			Contexts:   map[uint32]string{7: ContextBaseAllocation},
 		}
-		c := newConn(cc, bufio.NewReader(cc), info)
+		c := newConn(cc, bufio.NewReader(cc), info, nil)
 		defer c.Close()
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()

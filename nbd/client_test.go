@@ -128,7 +128,7 @@ func testConn(t testing.TB, structured bool) (*Conn, *fakeServer) {
 		Structured: structured,
 		Contexts:   map[uint32]string{7: ContextBaseAllocation},
 	}
-	c := newConn(cc, bufio.NewReader(cc), info)
+	c := newConn(cc, bufio.NewReader(cc), info, nil)
 	t.Cleanup(func() { c.Close() })
 	return c, newFakeServer(t, sc)
 }

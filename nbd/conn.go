@@ -71,6 +71,20 @@ type Conn struct {
 
 	dead     chan struct{} // closed when the connection has failed or closed
 	inflight atomic.Int64  // bytes requested and not yet answered
+	replies  *atomic.Int64 // the pool's count of calls answered; nil outside a pool
+}
+
+// oldestDeadline returns the earliest deadline of the calls in flight.
+func (c *Conn) oldestDeadline() (time.Time, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var first time.Time
+	for _, cl := range c.pending {
+		if !cl.deadline.IsZero() && (first.IsZero() || cl.deadline.Before(first)) {
+			first = cl.deadline
+		}
+	}
+	return first, !first.IsZero()
 }
 
 // idleWatch is how often the watcher reads when no caller does.
@@ -99,8 +113,9 @@ type call struct {
 }
 
 // newConn starts the transmission phase on a negotiated connection.
-func newConn(nc net.Conn, br *bufio.Reader, info *ExportInfo) *Conn {
+func newConn(nc net.Conn, br *bufio.Reader, info *ExportInfo, replies *atomic.Int64) *Conn {
 	c := &Conn{
+		replies: replies,
 		nc:      nc,
 		br:      br,
 		info:    info,
@@ -685,6 +700,9 @@ func (c *Conn) finish(cl *call) {
 	delete(c.pending, cl.req.Cookie)
 	c.mu.Unlock()
 	c.inflight.Add(-int64(cl.req.Length))
+	if c.replies != nil {
+		c.replies.Add(1)
+	}
 	close(cl.done)
 }
 

@@ -3,7 +3,9 @@ package nbd
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -181,58 +183,253 @@ func TestJoinWakesWaitingRequests(t *testing.T) {
 	}
 }
 
-// A read the server never answers fails with EIO once Timeout has
-// passed; the guard fails the stuck connection, the pool replaces it,
-// and the next read is served. Once nothing is in flight, the guard stops
-// (an idle mount runs no timer).
-func TestClientTimeoutReplacesAStuckConnection(t *testing.T) {
+// timedRead reads 4 KiB at off and returns how long it took and its
+// error.
+func timedRead(cl *Client, off int64) (time.Duration, error) {
+	start := time.Now()
+	_, err := cl.ReadAt(make([]byte, 4096), off)
+	return time.Since(start), err
+}
+
+// waitState waits until the pool's state is want.
+func waitState(t *testing.T, cl *Client, want string) {
+	t.Helper()
+	waitPool(t, cl, fmt.Sprintf("the pool to be %s", want), func(st ClientStats) bool { return st.State == want })
+}
+
+// waitPool waits until cond holds for the pool's stats; what says what
+// for.
+func waitPool(t *testing.T, cl *Client, what string, cond func(ClientStats) bool) {
+	t.Helper()
+	for deadline := time.Now().Add(testenv.WaitLimit); ; {
+		st := cl.Stats()
+		if cond(st) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("waited %v for %s: %+v", testenv.WaitLimit, what, st)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// waitConns waits until n connections are in the pool.
+func waitConns(t *testing.T, cl *Client, n int) {
+	t.Helper()
+	waitPool(t, cl, fmt.Sprintf("%d connections in the pool", n), func(st ClientStats) bool { return st.Conns == n })
+}
+
+// A server that stops answering (as under SIGSTOP) makes the first read
+// fail with EIO once Timeout has passed, and a read waiting beside it on
+// the other connection fails then too, ended by the outage rather than
+// by its own deadline. From then on every read fails at once, until the
+// server answers again: the pool reconnects by itself and reads are
+// served. Once nothing is in flight, the guard stops (an idle mount runs
+// no timer).
+func TestClientHungServerIsOneOutage(t *testing.T) {
+	var hung atomic.Bool
 	over := make(chan struct{})
 	u := listenPool(t, func(n int, s *fakeServer) {
-		if n > 1 {
-			serveReads(s, "disk@s1")
+		if hung.Load() {
+			<-over // a stopped server's backlog: no greeting
 			return
 		}
 		handshake(s, "disk@s1")
-		s.readRequest() // and never answer it
-		<-over
+		for {
+			r := s.readRequest()
+			if r.Type != CmdRead {
+				return
+			}
+			if !hung.Load() {
+				b := AppendSimpleReply(nil, 0, r.Cookie)
+				s.write(append(b, make([]byte, r.Length)...))
+			}
+		}
 	})
 	t.Cleanup(func() { close(over) })
-	const timeout = 300 * time.Millisecond
-	cl, err := Open(context.Background(), u, ClientOptions{Conns: 1, Timeout: timeout})
+	const timeout = 500 * time.Millisecond
+	cl, err := Open(context.Background(), u, ClientOptions{Conns: 2, Timeout: timeout})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cl.Close() })
-	start := time.Now()
-	read := make(chan error, 1)
+	if err := cl.WaitConns(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := timedRead(cl, 0); err != nil {
+		t.Fatal(err)
+	}
+	hung.Store(true)
+	first, beside := make(chan error, 1), make(chan error, 1)
+	var took time.Duration
 	go func() {
-		_, err := cl.ReadAt(make([]byte, 4096), 0)
-		read <- err
+		var err error
+		took, err = timedRead(cl, 4096)
+		first <- err
+	}()
+	// The read beside it goes out once the first has waited half its
+	// time: its own deadline is well after the first's.
+	waitPool(t, cl, "the first read to wait half its time", func(st ClientStats) bool { return st.OldestWait >= timeout/2 })
+	go func() {
+		_, err := timedRead(cl, 8192)
+		beside <- err
 	}()
 	select {
-	case err = <-read:
-	case <-time.After(timeout + 10*time.Second):
+	case err = <-first:
+	case <-time.After(timeout + testenv.WaitLimit):
 		t.Fatal("a read the server never answers still waits, long past the timeout")
 	}
-	if took := time.Since(start); err == nil || !errors.Is(err, syscall.EIO) || !strings.Contains(err.Error(), "no reply") {
+	if !errors.Is(err, syscall.EIO) || !strings.Contains(err.Error(), "no reply") {
 		t.Fatalf("read the server never answers: %v after %v, want EIO, no reply", err, took)
 	} else if took < timeout {
 		t.Errorf("the read failed after %v, before its timeout of %v", took, timeout)
 	}
-	if st := cl.Stats(); st.Timeouts != 1 {
-		t.Errorf("%d timeouts counted, want 1", st.Timeouts)
+	var ue *UnreachableError
+	if err := testenv.Receive(t, beside, "the read beside it"); !errors.As(err, &ue) || !errors.Is(err, syscall.EIO) {
+		t.Errorf("the read beside it: %v, want it failed by the outage (EIO, unreachable)", err)
 	}
+	if took, err := timedRead(cl, 0); !errors.As(err, &ue) || took > timeout/2 {
+		t.Errorf("a read during the outage: %v after %v, want EIO at once", err, took)
+	}
+	st := cl.Stats()
+	if st.State != "unreachable" || !strings.Contains(st.Reason, "no reply") || st.Timeouts != 1 || st.FailedFast < 1 {
+		t.Errorf("stats during the outage: %+v", st)
+	}
+
+	hung.Store(false) // the server answers again (new connections)
+	waitState(t, cl, "connected")
 	buf := make([]byte, 4096)
-	if _, err := cl.ReadAt(buf, 4096); err != nil || buf[1] != 1 {
-		t.Fatalf("read after the stuck connection was replaced: %v, % x...", err, buf[:2])
+	if _, err := cl.ReadAt(buf, 4096); err != nil {
+		t.Fatalf("read once the server answers again: %v", err)
 	}
+	waitConns(t, cl, 2)
 	cl.mu.Lock()
-	conn := cl.conns[0]
+	conns := append([]*Conn(nil), cl.conns...)
 	cl.mu.Unlock()
-	for deadline := time.Now().Add(10 * time.Second); conn.guarding.Load(); {
-		if time.Now().After(deadline) {
-			t.Fatal("the guard still runs on an idle connection")
+	for _, conn := range conns {
+		for deadline := time.Now().Add(testenv.WaitLimit); conn.guarding.Load(); {
+			if time.Now().After(deadline) {
+				t.Fatal("the guard still runs on an idle connection")
+			}
+			time.Sleep(guardInterval)
 		}
-		time.Sleep(guardInterval)
+	}
+}
+
+// A server that goes away (as under SIGKILL) leaves the pool without a
+// connection: requests wait for one until Timeout after the last one was
+// lost, whenever they started, then the server counts as unreachable and
+// requests fail at once, saying why. When it is back, reads are served
+// again.
+func TestClientGoneServerIsOneOutage(t *testing.T) {
+	var gone atomic.Bool
+	hangUp := make(chan struct{})
+	u := listenPool(t, func(n int, s *fakeServer) {
+		if gone.Load() {
+			return // refused: closed at once
+		}
+		handshake(s, "disk@s1")
+		if n <= 2 {
+			go func() {
+				<-hangUp
+				s.c.Close()
+			}()
+		}
+		for {
+			r := s.readRequest()
+			if r.Type != CmdRead {
+				return
+			}
+			b := AppendSimpleReply(nil, 0, r.Cookie)
+			s.write(append(b, make([]byte, r.Length)...))
+		}
+	})
+	const timeout = time.Second
+	cl, err := Open(context.Background(), u, ClientOptions{Conns: 2, Timeout: timeout})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cl.Close() })
+	if err := cl.WaitConns(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	gone.Store(true)
+	close(hangUp)
+	// The idle connections notice; a read starts once the pool has been
+	// empty for half the timeout, so its own deadline comes well after
+	// the outage's.
+	waitPool(t, cl, "the pool to have been empty for half the timeout", func(st ClientStats) bool {
+		return st.State == "reconnecting" && time.Since(st.Since) >= timeout/2
+	})
+	took, err := timedRead(cl, 0)
+	var ue *UnreachableError
+	if !errors.As(err, &ue) || !errors.Is(err, syscall.EIO) {
+		t.Fatalf("read with the server gone: %v after %v, want EIO from the outage (unreachable)", err, took)
+	}
+	if took, err := timedRead(cl, 0); !errors.As(err, &ue) || took > timeout/2 {
+		t.Errorf("a read during the outage: %v after %v, want EIO at once", err, took)
+	}
+	if st := cl.Stats(); st.State != "unreachable" || !strings.Contains(st.Reason, "no connection") {
+		t.Errorf("stats during the outage: %s (%s)", st.State, st.Reason)
+	}
+	gone.Store(false)
+	waitState(t, cl, "connected")
+	if _, err := timedRead(cl, 0); err != nil {
+		t.Fatalf("read once the server is back: %v", err)
+	}
+	waitConns(t, cl, 2) // no handshake under way at Close
+}
+
+// A request the server does not answer while it answers others is a slow
+// request, not an outage: it fails with EIO after Timeout and the next
+// read is served.
+func TestClientSlowRequestIsNoOutage(t *testing.T) {
+	u := listenPool(t, func(n int, s *fakeServer) {
+		handshake(s, "disk@s1")
+		for {
+			r := s.readRequest()
+			if r.Type != CmdRead {
+				return
+			}
+			if r.Offset != 0 { // offset 0 is never answered
+				b := AppendSimpleReply(nil, 0, r.Cookie)
+				s.write(append(b, make([]byte, r.Length)...))
+			}
+		}
+	})
+	const timeout = 500 * time.Millisecond
+	cl, err := Open(context.Background(), u, ClientOptions{Conns: 2, Timeout: timeout})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cl.Close() })
+	if err := cl.WaitConns(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	slow := make(chan error, 1)
+	go func() {
+		_, err := timedRead(cl, 0)
+		slow <- err
+	}()
+	// Other reads are answered meanwhile, on the other connection.
+	for {
+		select {
+		case err := <-slow:
+			if !errors.Is(err, syscall.EIO) || !strings.Contains(err.Error(), "no reply") {
+				t.Fatalf("the unanswered read: %v, want EIO, no reply", err)
+			}
+			if st := cl.Stats(); st.State != "connected" || st.FailedFast != 0 {
+				t.Errorf("a slow request counted as an outage: %+v", st)
+			}
+			if _, err := timedRead(cl, 4096); err != nil {
+				t.Errorf("read after the slow request: %v", err)
+			}
+			waitConns(t, cl, 2) // no handshake under way at Close
+			return
+		default:
+		}
+		if _, err := timedRead(cl, 8192); err != nil {
+			t.Fatalf("read beside the slow one: %v", err)
+		}
 	}
 }
