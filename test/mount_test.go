@@ -365,55 +365,6 @@ func TestMountServerErrors(t *testing.T) {
 	}
 }
 
-// A killed server makes reads fail with EIO within --timeout; the mount
-// stays usable for cached data and unmounts cleanly. A server restarted
-// on the same socket is reconnected without the reader noticing.
-func TestMountServerLostAndBack(t *testing.T) {
-	testenv.RequireFUSE(t)
-	dir := testenv.ShortTempDir(t)
-	image := filepath.Join(dir, "disk.img")
-	writeRandomImage(t, image, 8<<20, 12)
-	want, _ := os.ReadFile(image)
-	sock := filepath.Join(dir, "k.sock")
-	start := func() *proc {
-		p := startProc(t, "nbdkit", "-f", "-r", "-U", sock, "file", image)
-		p.waitReady("unix", sock)
-		return p
-	}
-	srv := start()
-	mnt := mountDir(t, dir, "mnt")
-	mountSM(t, unixURI("", sock), mnt, "--readahead", "0", "--timeout", "2s")
-	f, err := os.Open(filepath.Join(mnt, "nbd"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	buf := make([]byte, 128<<10)
-	if _, err := f.ReadAt(buf, 0); err != nil {
-		t.Fatal(err)
-	}
-	srv.kill()
-	os.Remove(sock)
-	began := time.Now()
-	_, err = f.ReadAt(buf, 4<<20)
-	if !errors.Is(err, syscall.EIO) {
-		t.Fatalf("read with the server dead: %v, want EIO", err)
-	}
-	t.Logf("read failed after %v with the server dead", time.Since(began).Round(time.Millisecond))
-	if _, err := f.ReadAt(buf, 0); err != nil || !bytes.Equal(buf, want[:len(buf)]) {
-		t.Fatalf("cached data unreadable with the server dead: %v", err)
-	}
-
-	start() // same socket, same image
-	if _, err := f.ReadAt(buf, 6<<20); err != nil || !bytes.Equal(buf, want[6<<20:6<<20+len(buf)]) {
-		t.Fatalf("read after the server came back: %v", err)
-	}
-	st := snapmount(t, time.Minute, "stats", "--json", mnt)
-	if !strings.Contains(st.stdout, `"reconnects":`) || strings.Contains(st.stdout, `"reconnects":0`) {
-		t.Errorf("stats do not count the reconnect: %s", st.stdout)
-	}
-}
-
 // processRunning reports whether pid is alive. A zombie counts as ended:
 // the background mount process is reparented to PID 1, which in some
 // sandboxes never reaps.

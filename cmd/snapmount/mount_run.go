@@ -48,6 +48,7 @@ func fileName(export string) string {
 
 // mountStats is what 'snapmount stats' shows, read from the file's xattr.
 type mountStats struct {
+	mountState
 	PID       int             `json:"pid"`
 	URI       string          `json:"uri"`
 	Export    string          `json:"export"`
@@ -150,9 +151,11 @@ func runMount(ctx context.Context, rep *reporter, u *nbd.URI, dopt nbd.DialOptio
 	}
 	mounted := time.Now()
 	statsOf := func() mountStats {
+		cs := client.Stats()
 		st := mountStats{
-			PID: os.Getpid(), URI: u.String(), Export: info.CanonicalName, Frozen: frozen,
-			Size: client.Size(), MountedAt: mounted, Procs: procs.full, Client: client.Stats(), Cache: c.Stats(),
+			mountState: stateOf(frozen, o.cf.timeout, cs),
+			PID:        os.Getpid(), URI: u.String(), Export: info.CanonicalName, Frozen: frozen,
+			Size: client.Size(), MountedAt: mounted, Procs: procs.full, Client: cs, Cache: c.Stats(),
 		}
 		st.Partitions, st.Overlay = dk.stats()
 		return st
@@ -226,8 +229,7 @@ func runMount(ctx context.Context, rep *reporter, u *nbd.URI, dopt nbd.DialOptio
 	select {
 	case <-unmounted:
 	case <-ctx.Done():
-		unmount(srv, dir, logger)
-		<-unmounted
+		endMount(srv, client, dir, logger, unmounted)
 	}
 	logger.Printf("unmounted %s", dir)
 	if dk.overlay != nil {

@@ -1,0 +1,399 @@
+package test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"snapmount/fusefs"
+	"snapmount/test/testenv"
+)
+
+// The failure bound of issue 14, end to end: with --timeout 3s, whatever
+// the kernel makes of a read and however many readers there are, each
+// read of data the mount does not hold fails with EIO within the timeout
+// (plus boundSlack) of the server going away or stopping.
+const (
+	boundTimeout = 3 * time.Second
+	boundSlack   = 2 * time.Second
+)
+
+// account is who runs a command: nil is the test's own user (root).
+type account struct{ uid, gid uint32 }
+
+// command is exec.Command run as a.
+func (a *account) command(name string, args ...string) *exec.Cmd {
+	cmd := exec.Command(name, args...)
+	if a != nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: a.uid, Gid: a.gid}}
+		// GORACE as TestMain set it: no second's sleep at exit.
+		cmd.Env = []string{"PATH=/usr/bin:/bin", "HOME=/", "GORACE=" + os.Getenv("GORACE")}
+		cmd.Dir = "/"
+	}
+	return cmd
+}
+
+// run runs a command as a to completion (at most a minute).
+func (a *account) run(t testing.TB, name string, args ...string) result {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cmd := a.command(name, args...)
+	var so, se bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &so, &se
+	err := cmd.Start()
+	if err != nil {
+		t.Fatalf("starting %s: %v", name, err)
+	}
+	stop := context.AfterFunc(ctx, func() { cmd.Process.Kill() })
+	err = cmd.Wait()
+	stop()
+	r := result{stdout: so.String(), stderr: se.String()}
+	if ee, ok := err.(*exec.ExitError); ok {
+		r.code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatalf("%s: %v", name, err)
+	}
+	if ctx.Err() != nil {
+		t.Fatalf("%s %s did not finish within a minute", name, strings.Join(args, " "))
+	}
+	return r
+}
+
+// readOutcome is how a reader process ended.
+type readOutcome struct {
+	what  string
+	ended time.Time
+	code  int
+	out   string
+}
+
+// startRead reads 64 KiB of path at off with dd, as a, through the page
+// cache or with O_DIRECT; the outcome arrives on the channel.
+func (a *account) startRead(t testing.TB, what, path string, off int64, direct bool) <-chan readOutcome {
+	t.Helper()
+	args := []string{"if=" + path, "of=/dev/null", "bs=64k", fmt.Sprintf("skip=%d", off/(64<<10)), "count=1", "status=none"}
+	if direct {
+		args = append(args, "iflag=direct")
+	}
+	cmd := a.command("dd", args...)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	ch := make(chan readOutcome, 1)
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("starting dd: %v", err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill() })
+	go func() {
+		err := cmd.Wait()
+		o := readOutcome{what: what, ended: time.Now(), out: strings.TrimSpace(out.String())}
+		if ee, ok := err.(*exec.ExitError); ok {
+			o.code = ee.ExitCode()
+		}
+		ch <- o
+	}()
+	return ch
+}
+
+// boundScenario is one server, one fault, one user.
+type boundScenario struct {
+	server string // nbdkit or serve
+	fault  syscall.Signal
+	user   *account // nil: root, with the kernel readahead raised
+}
+
+// TestMountOutageBound kills (SIGKILL) or stops (SIGSTOP) nbdkit or
+// snapmount serve under a mount made by root (kernel readahead 4 MiB) or
+// by an ordinary user (128 KiB, the cache reading ahead), and then:
+//
+//   - a buffered read of a region never read, an O_DIRECT read and four
+//     more buffered readers, all at once, each get EIO within the
+//     timeout plus boundSlack of the fault, and the stats say why, while
+//     data in the mount's cache is still served;
+//   - with the server restarted on the same socket, a live view reads
+//     again without a remount, while a snapshot mount keeps failing with
+//     EIO and its stats say the snapshot is gone;
+//   - with the server faulted again and a reader blocked on it,
+//     'snapmount umount' ends the mount within seconds: the mount is gone,
+//     its process has exited and the reader failed.
+func TestMountOutageBound(t *testing.T) {
+	testenv.RequireFUSE(t)
+	testenv.RequireCmd(t, "nbdkit", "dd")
+	uid, gid := testenv.UnprivilegedUser(t) // root: the root scenarios need it too
+	testenv.OpenDevFuse(t)                  // for all the subtests, which run at once
+	user := &account{uid, gid}
+	// The user cannot enter the suite's private build directory.
+	binDir := testenv.ShortTempDir(t)
+	os.Chmod(binDir, 0o755)
+	bin := filepath.Join(binDir, "snapmount")
+	copyFile(t, snapmountBin, bin)
+	os.Chmod(bin, 0o755)
+	// The scenarios mostly wait for timeouts: all of them run at once
+	// (concurrent Runs, not t.Parallel, which -parallel would limit to
+	// the number of CPUs).
+	var wg sync.WaitGroup
+	for _, sc := range []boundScenario{
+		{"nbdkit", syscall.SIGKILL, nil}, {"nbdkit", syscall.SIGSTOP, nil},
+		{"serve", syscall.SIGKILL, nil}, {"serve", syscall.SIGSTOP, nil},
+		{"nbdkit", syscall.SIGKILL, user}, {"nbdkit", syscall.SIGSTOP, user},
+		{"serve", syscall.SIGKILL, user}, {"serve", syscall.SIGSTOP, user},
+	} {
+		who := "root"
+		if sc.user != nil {
+			who = "user"
+		}
+		wg.Go(func() {
+			t.Run(fmt.Sprintf("%s/%s/%s", sc.server, strings.ToUpper(unixSignalName(sc.fault)), who), func(t *testing.T) {
+				testOutageBound(t, bin, sc)
+			})
+		})
+	}
+	testenv.Wait(t, &wg, "the scenarios")
+}
+
+func unixSignalName(s syscall.Signal) string {
+	switch s {
+	case syscall.SIGKILL:
+		return "kill"
+	case syscall.SIGSTOP:
+		return "stop"
+	}
+	return s.String()
+}
+
+// boundServer is a server of the scenario on a fixed socket, restartable.
+type boundServer struct {
+	t           *testing.T
+	kind, sock  string
+	image       string
+	p           *proc
+	faultSignal syscall.Signal
+}
+
+func (s *boundServer) start() {
+	s.t.Helper()
+	os.Remove(s.sock)
+	if s.kind == "nbdkit" {
+		s.p = startProc(s.t, "nbdkit", "-f", "-r", "-U", s.sock, "file", s.image)
+		s.p.waitReady("unix", s.sock)
+	} else {
+		s.p = startProc(s.t, snapmountBin, "serve", "--no-tcp", "--socket", s.sock, "disk="+s.image)
+		s.p.waitOutput("listening on", time.Minute)
+	}
+	os.Chmod(s.sock, 0o666) // for the user's mounts
+	p := s.p
+	s.t.Cleanup(func() { p.cmd.Process.Signal(syscall.SIGCONT) }) // before stop's SIGTERM
+}
+
+// fault sends the scenario's signal to the server.
+func (s *boundServer) fault() {
+	if err := s.p.cmd.Process.Signal(s.faultSignal); err != nil {
+		s.t.Fatal(err)
+	}
+	if s.faultSignal == syscall.SIGKILL {
+		testenv.Receive(s.t, s.p.exited, "the killed server to exit")
+	}
+}
+
+// restart ends the faulted server and starts a new one on the socket.
+func (s *boundServer) restart() {
+	s.p.kill()
+	s.start()
+}
+
+func testOutageBound(t *testing.T, bin string, sc boundScenario) {
+	dir := testenv.ShortTempDir(t)
+	os.Chmod(dir, 0o755)
+	image := filepath.Join(dir, "disk.img")
+	const size = 36 << 20
+	writeRandomImage(t, image, size, int64(sc.fault))
+	want, _ := os.ReadFile(image)
+	srv := &boundServer{t: t, kind: sc.server, sock: filepath.Join(dir, "s.sock"), image: image, faultSignal: sc.fault}
+	srv.start()
+
+	// nbdkit serves a live view; on snapmount serve, "disk" is a
+	// snapshot and "disk@live" a live view, mounted both.
+	type mount struct {
+		dir, file string
+		frozen    bool
+	}
+	var mounts []mount
+	exports := []string{""}
+	if sc.server == "serve" {
+		exports = []string{"disk", "disk@live"}
+	}
+	for i, export := range exports {
+		mnt := filepath.Join(dir, fmt.Sprintf("m%d", i))
+		if err := os.Mkdir(mnt, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if sc.user != nil {
+			os.Chown(mnt, int(sc.user.uid), int(sc.user.gid))
+		}
+		logfile := filepath.Join(dir, fmt.Sprintf("m%d.log", i))
+		os.WriteFile(logfile, nil, 0o666)
+		os.Chmod(logfile, 0o666) // the user's mount appends to it
+		r := sc.user.run(t, bin, "mount", "--log", logfile, "--timeout", boundTimeout.String(), unixURI(export, srv.sock), mnt)
+		if r.code != 0 {
+			t.Fatalf("mount %q: exit %d: %s", export, r.code, r.stderr)
+		}
+		t.Cleanup(func() {
+			if b, _ := os.ReadFile(logfile); t.Failed() {
+				t.Logf("log of the mount of %q:\n%s", export, b)
+			}
+			if isMounted(mnt) {
+				if r := sc.user.run(t, bin, "umount", "--lazy", mnt); r.code != 0 || isMounted(mnt) {
+					exec.Command("fusermount3", "-u", "-z", mnt).Run()
+				}
+			}
+		})
+		name := "nbd"
+		if export != "" {
+			name = "disk"
+		}
+		mounts = append(mounts, mount{mnt, filepath.Join(mnt, name), i == 0 && sc.server == "serve"})
+	}
+	main := mounts[0]
+	if sc.user == nil {
+		if kra, err := fusefs.KernelReadahead(main.dir); err != nil || kra < 1<<20 {
+			t.Fatalf("root's mount has a kernel readahead of %d bytes (%v), want it raised", kra, err)
+		}
+	}
+	// The first MiB, read twice, is in the mount's cache (the second
+	// miss admits a block), which O_DIRECT reads reach past the kernel's.
+	head := []string{"if=" + main.file, "bs=64k", "count=16", "iflag=direct", "status=none"}
+	for range 2 {
+		if r := sc.user.run(t, "dd", head...); r.code != 0 || r.stdout != string(want[:1<<20]) {
+			t.Fatalf("read with the server up: exit %d %s", r.code, r.stderr)
+		}
+	}
+
+	// 1. The fault: six readers of regions never read, all at once.
+	srv.fault()
+	faulted := time.Now()
+	var reads []<-chan readOutcome
+	for i, off := range []int64{6 << 20, 11 << 20, 16 << 20, 21 << 20, 26 << 20, 31 << 20} {
+		what, direct := fmt.Sprintf("buffered reader %d", i), false
+		if i == 1 {
+			what, direct = "O_DIRECT reader", true
+		}
+		reads = append(reads, sc.user.startRead(t, what, main.file, off, direct))
+	}
+	for _, ch := range reads {
+		o := testenv.Receive(t, ch, "a reader to end")
+		took := o.ended.Sub(faulted)
+		t.Logf("%s: exit %d after %v: %s", o.what, o.code, took.Round(time.Millisecond), o.out)
+		if o.code == 0 {
+			t.Errorf("%s succeeded with the server down", o.what)
+		} else if !strings.Contains(o.out, "Input/output error") {
+			t.Errorf("%s failed otherwise than with EIO: %s", o.what, o.out)
+		}
+		if took > boundTimeout+boundSlack {
+			t.Errorf("%s ended %v after the fault, more than the timeout %v plus %v", o.what, took.Round(time.Millisecond), boundTimeout, boundSlack)
+		}
+	}
+	st := mountStatsAs(t, sc.user, bin, main.dir)
+	if st["state"] != "server unreachable" {
+		t.Errorf("stats after the reads failed: state %v (%v), want server unreachable", st["state"], st["state_detail"])
+	}
+	if r := sc.user.run(t, "dd", head...); r.code != 0 || r.stdout != string(want[:1<<20]) {
+		t.Errorf("cached data with the server down: exit %d %s", r.code, r.stderr)
+	}
+
+	// 2. The server is back on the same socket.
+	srv.restart()
+	for _, m := range mounts {
+		if m.frozen {
+			waitMountState(t, sc.user, bin, m.dir, "snapshot gone")
+			if o := testenv.Receive(t, sc.user.startRead(t, "read of the gone snapshot", m.file, 6<<20, false), "the read of the gone snapshot"); o.code == 0 || !strings.Contains(o.out, "Input/output error") {
+				t.Errorf("read of a snapshot that is gone: exit %d %s, want EIO", o.code, o.out)
+			}
+			text := sc.user.run(t, bin, "stats", m.dir)
+			if !strings.Contains(text.stdout, "state:          snapshot gone") {
+				t.Errorf("stats of a gone snapshot:\n%s", text.stdout)
+			}
+			continue
+		}
+		waitMountState(t, sc.user, bin, m.dir, "connected")
+		got := sc.user.run(t, "dd", "if="+m.file, "bs=64k", "skip=96", "count=1", "status=none")
+		if got.code != 0 || got.stdout != string(want[6<<20:6<<20+64<<10]) {
+			t.Errorf("live view after the server came back: exit %d, %s", got.code, got.stderr)
+		}
+		if nbd, _ := mountStatsAs(t, sc.user, bin, m.dir)["nbd"].(map[string]any); nbd["reconnects"].(float64) == 0 {
+			t.Errorf("the stats count no reconnect: %v", nbd)
+		}
+	}
+
+	// 3. umount with a reader blocked on the faulted server.
+	live := mounts[len(mounts)-1]
+	pid := int(mountStatsAs(t, sc.user, bin, live.dir)["pid"].(float64))
+	srv.fault()
+	reader := sc.user.startRead(t, "blocked reader", live.file, 21<<20, false)
+	waitFor(t, "the reader to wait for the server", func() bool {
+		st := mountStatsAs(t, sc.user, bin, live.dir)
+		nbd, _ := st["nbd"].(map[string]any)
+		return st["state"] != "connected" || nbd["oldest_wait_ns"].(float64) > 0
+	})
+	began := time.Now()
+	r := sc.user.run(t, bin, "umount", live.dir)
+	took := time.Since(began)
+	t.Logf("umount with a reader blocked: exit %d after %v: %s", r.code, took.Round(time.Millisecond), strings.TrimSpace(r.stderr))
+	if r.code != 0 || isMounted(live.dir) {
+		t.Errorf("umount with a reader blocked: exit %d, %s; mounted: %v", r.code, r.stderr, isMounted(live.dir))
+	}
+	if took > 5*time.Second {
+		t.Errorf("umount with a reader blocked took %v", took)
+	}
+	if processRunning(pid) {
+		t.Errorf("the mount process %d still runs after umount returned", pid)
+	}
+	if o := testenv.Receive(t, reader, "the blocked reader to end"); o.code == 0 || !strings.Contains(o.out, "Input/output error") {
+		t.Errorf("the blocked reader: exit %d %s, want EIO", o.code, o.out)
+	}
+}
+
+// mountStatsAs reads a mount's stats as a.
+func mountStatsAs(t *testing.T, a *account, bin, mnt string) map[string]any {
+	t.Helper()
+	r := a.run(t, bin, "stats", "--json", mnt)
+	var m map[string]any
+	if r.code != 0 || json.Unmarshal([]byte(r.stdout), &m) != nil {
+		t.Fatalf("stats %s: exit %d: %s%s", mnt, r.code, r.stdout, r.stderr)
+	}
+	return m
+}
+
+// waitMountState waits until the mount's stats say state.
+func waitMountState(t *testing.T, a *account, bin, mnt, state string) {
+	t.Helper()
+	for deadline := time.Now().Add(testenv.WaitLimit); ; {
+		st := mountStatsAs(t, a, bin, mnt)
+		if st["state"] == state {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s is still %v (%v) after %v, not %s", mnt, st["state"], st["state_detail"], testenv.WaitLimit, state)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// waitFor polls cond until it holds, for testenv.WaitLimit at most.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(testenv.WaitLimit); !cond(); {
+		if time.Now().After(deadline) {
+			t.Fatalf("waited %v for %s", testenv.WaitLimit, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
