@@ -5,6 +5,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -100,5 +102,55 @@ func TestMountUnprivileged(t *testing.T) {
 	}
 	if isMounted(mnt) {
 		t.Fatal("still mounted")
+	}
+}
+
+// A mount fusermount3 refuses says why in one line, with what to do, in
+// the background (where fusermount3's own output went nowhere) as in the
+// foreground: a mountpoint the user may not write, and --allow-other
+// without user_allow_other in /etc/fuse.conf.
+func TestMountUnprivilegedRefusalSaysWhy(t *testing.T) {
+	testenv.RequireFUSE(t)
+	uid, gid := testenv.UnprivilegedUser(t)
+	testenv.OpenDevFuse(t)
+	dir, _, sock := nbdkitImage(t, 1<<20, 4)
+	os.Chmod(dir, 0o755)
+	os.Chmod(sock, 0o666)
+	bin := filepath.Join(dir, "snapmount")
+	copyFile(t, snapmountBin, bin)
+	os.Chmod(bin, 0o755)
+	rootOwned := mountDir(t, dir, "root-owned") // 0755 root: not the user's
+	own := mountDir(t, dir, "own")
+	os.Chown(own, int(uid), int(gid))
+	conf, _ := os.ReadFile("/etc/fuse.conf")
+	allowed := regexp.MustCompile(`(?m)^\s*user_allow_other`).Match(conf)
+	for _, c := range []struct {
+		flag, dir string
+		want      []string
+	}{
+		{"", rootOwned, []string{"fusermount3: user has no write access to mountpoint " + rootOwned, "mount on a directory you own"}},
+		{"-f", rootOwned, []string{"fusermount3: user has no write access", "mount on a directory you own"}},
+		{"--allow-other", own, []string{"user_allow_other", "add the line user_allow_other to /etc/fuse.conf"}},
+	} {
+		if allowed && c.flag == "--allow-other" {
+			continue // this machine allows it
+		}
+		args := []string{"mount", unixURI("", sock), c.dir}
+		if c.flag != "" {
+			args = slices.Insert(args, 1, c.flag)
+		}
+		r := asUser(t, uid, gid, bin, args...)
+		msg := strings.TrimSpace(r.stderr)
+		msg = msg[strings.LastIndex(msg, "\n")+1:] // after the live-view warning
+		ok := r.code == 4
+		for _, w := range c.want {
+			ok = ok && strings.Contains(msg, w)
+		}
+		if !ok {
+			t.Errorf("%v as %s: exit %d, %q; want exit 4 and one line with %q", args, testenv.TestUser, r.code, r.stderr, c.want)
+		}
+		if isMounted(c.dir) {
+			t.Errorf("%v left a mount", args)
+		}
 	}
 }

@@ -160,32 +160,39 @@ func runMount(ctx context.Context, rep *reporter, u *nbd.URI, dopt nbd.DialOptio
 		st.Partitions, st.Overlay = dk.stats()
 		return st
 	}
-	srv, err := fusefs.Mount(dir, dk.reader, fusefs.Options{
-		Name:       name,
-		Size:       client.Size(),
-		Windows:    dk.windows,
-		Writer:     dk.writer(),
-		Immutable:  frozen,
-		Mtime:      mounted,
-		AllowOther: o.allowOther,
-		FsName:     u.Display(),
-		Debug:      o.debugFuse,
-		Logger:     logger,
-		Stats: func() []byte {
-			b, _ := json.Marshal(statsOf())
-			return b
-		},
-		OnWriteAttempt: func(op string, pid, uid uint32) {
-			logger.Printf("refused %s by pid %d (uid %d): the mount is read-only", op, pid, uid)
-		},
-		// Every read is bounded by --timeout, so an O_DIRECT reader
-		// that cannot be interrupted still never waits for ever.
-		AsyncDirectIO: true,
-		Reads:         procs,
+	// fusermount3 says why it refuses a mount on standard error, which a
+	// background mount process sends nowhere: catch it for the error.
+	var srv *fuse.Server
+	said, err := captureStderr(func() (err error) {
+		srv, err = fusefs.Mount(dir, dk.reader, fusefs.Options{
+			Name:       name,
+			Size:       client.Size(),
+			Windows:    dk.windows,
+			Writer:     dk.writer(),
+			Immutable:  frozen,
+			Mtime:      mounted,
+			AllowOther: o.allowOther,
+			FsName:     u.Display(),
+			Debug:      o.debugFuse,
+			Logger:     logger,
+			Stats: func() []byte {
+				b, _ := json.Marshal(statsOf())
+				return b
+			},
+			OnWriteAttempt: func(op string, pid, uid uint32) {
+				logger.Printf("refused %s by pid %d (uid %d): the mount is read-only", op, pid, uid)
+			},
+			// Every read is bounded by --timeout, so an O_DIRECT reader
+			// that cannot be interrupted still never waits for ever.
+			AsyncDirectIO: true,
+			Reads:         procs,
+		})
+		return err
 	})
 	if err != nil {
-		return withCode(exitMount, fmt.Errorf("mounting on %s: %w", dir, err))
+		return withCode(exitMount, mountFailure(dir, err, said))
 	}
+	os.Stderr.WriteString(said)
 	// The pool's other connections joined while FUSE was set up; one
 	// that found the export changed or gone fails the mount as it would
 	// have before mounting.

@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -82,4 +83,69 @@ func fusermount(args ...string) error {
 		return errors.New(msg)
 	}
 	return nil
+}
+
+// captureStderr runs fn with the process's standard error (descriptor 2,
+// which go-fuse hands to fusermount3) going to a pipe, and returns what
+// was written to it meanwhile.
+func captureStderr(fn func() error) (string, error) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		return "", fn()
+	}
+	defer r.Close()
+	saved, err := unix.Dup(2)
+	if err != nil {
+		w.Close()
+		return "", fn()
+	}
+	err = unix.Dup3(int(w.Fd()), 2, 0)
+	w.Close()
+	if err != nil {
+		unix.Close(saved)
+		return "", fn()
+	}
+	var out strings.Builder
+	read := make(chan struct{})
+	go func() {
+		defer close(read)
+		_, _ = io.Copy(&out, io.LimitReader(r, 64<<10))
+		_, _ = io.Copy(io.Discard, r)
+	}()
+	ferr := fn()
+	_ = unix.Dup3(saved, 2, 0) // closes the pipe's last write end
+	unix.Close(saved)
+	<-read
+	return out.String(), ferr
+}
+
+// mountFailure explains a failed mount: with what fusermount3 said, and
+// what to do about it, rather than go-fuse's "fusermount exited with code
+// 256".
+func mountFailure(dir string, err error, said string) error {
+	var reason string
+	for line := range strings.Lines(said) {
+		// "/usr/bin/fusermount3: user has no write access to ..."
+		if i := strings.Index(line, "fusermount"); i >= 0 && strings.Contains(line, ": ") {
+			reason = strings.TrimSpace(line[i:])
+		}
+	}
+	if reason == "" {
+		return fmt.Errorf("mounting on %s: %w", dir, err)
+	}
+	var fix string
+	switch {
+	case strings.Contains(reason, "write access"):
+		fix = "mount on a directory you own or may write to"
+	case strings.Contains(reason, "user_allow_other"):
+		fix = "add the line user_allow_other to /etc/fuse.conf (as root), or mount without --allow-other"
+	case strings.Contains(reason, "/dev/fuse"):
+		fix = "/dev/fuse must be readable and writable for you, which your distribution's permissions for it decide (often mode 0666, or a fuse group to join)"
+	case strings.Contains(reason, "mount count"):
+		fix = "unmount some FUSE mounts, or raise mount_max in /etc/fuse.conf"
+	}
+	if fix == "" {
+		return fmt.Errorf("mounting on %s: %s", dir, reason)
+	}
+	return fmt.Errorf("mounting on %s: %s; %s", dir, reason, fix)
 }
