@@ -80,6 +80,9 @@ func runMount(ctx context.Context, rep *reporter, u *nbd.URI, dopt nbd.DialOptio
 	// The mount process does nothing but serve the mount: it may size
 	// the scheduler to the reads in flight.
 	procs := newProcGovernor(tuneMountRuntime(os.Getenv), serialInterval, func(n int) { runtime.GOMAXPROCS(n) })
+	if mem := totalMemory(); mem > 0 && o.cacheSize > mem && !o.noCache {
+		rep.warn(fmt.Sprintf("--cache-size %s is more than this machine's memory (%.1fG): a long read may run it out of memory", humanSize(uint64(o.cacheSize)), float64(mem)/(1<<30)))
+	}
 
 	dir, err := prepareMountpoint(mountpoint)
 	if err != nil {
@@ -92,7 +95,11 @@ func runMount(ctx context.Context, rep *reporter, u *nbd.URI, dopt nbd.DialOptio
 	defer client.Close()
 	info := client.Info()
 	if !info.Promise && !info.ReadOnly() && !o.allowWritable {
-		return withCode(exitConnect, fmt.Errorf("server %s exports %q writable and does not know the read-only promise, so it may count this mount as a writer: use a read-only export (e.g. qemu-nbd -r, nbdkit -r, NAME@snapshot on snapmount serve) or pass --allow-writable", u.Address, u.Export))
+		why := "does not know the read-only promise"
+		if dopt.NoPromise || u.NoPromise {
+			why = "was not sent the read-only promise (--no-promise or x-ro-promise=0)"
+		}
+		return withCode(exitConnect, fmt.Errorf("server %s exports %q writable and %s, so it may count this mount as a writer: use a read-only export (e.g. qemu-nbd -r, nbdkit -r, NAME@snapshot on snapmount serve) or pass --allow-writable", u.Address, u.Export, why))
 	}
 	frozen := isFrozen(info)
 	if !frozen {

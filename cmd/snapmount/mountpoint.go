@@ -149,3 +149,12 @@ func mountFailure(dir string, err error, said string) error {
 	}
 	return fmt.Errorf("mounting on %s: %s; %s", dir, reason, fix)
 }
+
+// totalMemory is the machine's memory in bytes, or 0 if unknown.
+func totalMemory() int64 {
+	var si unix.Sysinfo_t
+	if unix.Sysinfo(&si) != nil {
+		return 0
+	}
+	return int64(si.Totalram) * int64(si.Unit)
+}

@@ -1,0 +1,80 @@
+package test
+
+import (
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"snapmount/test/testenv"
+)
+
+// oneLine fails the test unless out is one line holding every want.
+func oneLine(t *testing.T, what, out string, want ...string) {
+	t.Helper()
+	out = strings.TrimSpace(out)
+	if strings.Contains(out, "\n") {
+		t.Errorf("%s: more than one line: %q", what, out)
+	}
+	for _, w := range want {
+		if !strings.Contains(out, w) {
+			t.Errorf("%s: %q does not say %q", what, out, w)
+		}
+	}
+}
+
+// A mount told not to send the read-only promise, of an export it could
+// then write, says that the promise was not sent, not that the server
+// does not know it.
+func TestMountNoPromiseSaysSo(t *testing.T) {
+	testenv.RequireFUSE(t)
+	dir := testenv.ShortTempDir(t)
+	image := filepath.Join(dir, "disk.img")
+	writeRandomImage(t, image, 1<<20, 9)
+	sock, _ := startServe(t, "disk="+image)
+	mnt := mountDir(t, dir, "mnt")
+	r := snapmount(t, time.Minute, "mount", "--no-promise", unixURI("disk", sock), mnt)
+	if r.code != 3 {
+		t.Errorf("mount --no-promise of a writable export: exit %d, want 3", r.code)
+	}
+	oneLine(t, "mount --no-promise", r.stderr, "was not sent the read-only promise", "--allow-writable")
+	if isMounted(mnt) {
+		unmountSM(t, mnt)
+		t.Error("mount --no-promise of a writable export mounted it")
+	}
+}
+
+// A cache larger than the machine's memory is warned about, once.
+func TestMountCacheAboveMemoryWarned(t *testing.T) {
+	testenv.RequireFUSE(t)
+	dir, _, sock := nbdkitImage(t, 1<<20, 10)
+	mnt := mountDir(t, dir, "mnt")
+	r := snapmount(t, time.Minute, "mount", "--cache-size", "1024T", unixURI("", sock), mnt)
+	if r.code != 0 {
+		t.Fatalf("mount --cache-size 1024T: exit %d: %s", r.code, r.stderr)
+	}
+	t.Cleanup(func() { unmountSM(t, mnt) })
+	if n := strings.Count(r.stderr, "is more than this machine's memory"); n != 1 {
+		t.Errorf("--cache-size 1024T warned %d times, want once: %q", n, r.stderr)
+	}
+}
+
+// On a mount whose process is gone, stats say so and what cleans up, and
+// umount cleans up.
+func TestDeadMountExplained(t *testing.T) {
+	testenv.RequireFUSE(t)
+	dir, _, sock := nbdkitImage(t, 1<<20, 11)
+	mnt := mountDir(t, dir, "mnt")
+	p := startProc(t, snapmountBin, "mount", "-f", unixURI("", sock), mnt)
+	p.waitOutput("mounted ", 30*time.Second)
+	t.Cleanup(func() { unmountSM(t, mnt) })
+	p.kill()
+	r := snapmount(t, time.Minute, "stats", mnt)
+	if r.code == 0 {
+		t.Errorf("stats of a dead mount succeeded: %s", r.stdout)
+	}
+	oneLine(t, "stats of a dead mount", r.stderr, "mount process", "is gone", "snapmount umount "+mnt)
+	if r := snapmount(t, time.Minute, "umount", mnt); r.code != 0 || isMounted(mnt) {
+		t.Errorf("umount of a dead mount: exit %d %s; still mounted: %v", r.code, r.stderr, isMounted(mnt))
+	}
+}
