@@ -1,8 +1,12 @@
 package test
 
 import (
+	"errors"
+	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -76,5 +80,37 @@ func TestDeadMountExplained(t *testing.T) {
 	oneLine(t, "stats of a dead mount", r.stderr, "mount process", "is gone", "snapmount umount "+mnt)
 	if r := snapmount(t, time.Minute, "umount", mnt); r.code != 0 || isMounted(mnt) {
 		t.Errorf("umount of a dead mount: exit %d %s; still mounted: %v", r.code, r.stderr, isMounted(mnt))
+	}
+}
+
+// A snapshot the server broke (its store is full) gives EIO, and stats
+// say that the snapshot is broken and why, in text and JSON.
+func TestMountSnapshotBrokenStats(t *testing.T) {
+	testenv.RequireFUSE(t)
+	testenv.RequireCmd(t, "qemu-io")
+	dir := testenv.ShortTempDir(t)
+	image := filepath.Join(dir, "disk.img")
+	writeRandomImage(t, image, 4<<20, 14)
+	sock, _ := startServe(t, "--snapshot-max", "1M", "disk="+image)
+	mnt := mountDir(t, dir, "mnt")
+	mountSM(t, unixURI("disk", sock), mnt, "--readahead", "0")
+	if st := statsJSON(t, mnt); st["state"] != "connected" {
+		t.Fatalf("state of a fresh snapshot mount: %v", st["state"])
+	}
+	mustRun(t, "qemu-io", "-f", "raw", "-c", "write -P 0x33 0 4M", unixURI("disk", sock))
+	f, err := os.Open(filepath.Join(mnt, "disk"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.ReadAt(make([]byte, 4096), 3<<20); !errors.Is(err, syscall.EIO) {
+		t.Fatalf("read of a broken snapshot: %v, want EIO", err)
+	}
+	if st := statsJSON(t, mnt); st["state"] != "snapshot broken" || !strings.Contains(fmt.Sprint(st["state_detail"]), "is broken") {
+		t.Errorf("stats of a broken snapshot: state %v: %v", st["state"], st["state_detail"])
+	}
+	r := snapmount(t, time.Minute, "stats", mnt)
+	if !strings.Contains(r.stdout, "state:          snapshot broken since ") {
+		t.Errorf("stats text of a broken snapshot:\n%s", r.stdout)
 	}
 }
