@@ -114,3 +114,20 @@ func TestMountSnapshotBrokenStats(t *testing.T) {
 		t.Errorf("stats text of a broken snapshot:\n%s", r.stdout)
 	}
 }
+
+// info --map against a server that stops answering BLOCK_STATUS (nbdkit's
+// delay filter, 30 s) fails within its --timeout, with one line and exit
+// code 1: it connected; only the map failed.
+func TestInfoMapBounded(t *testing.T) {
+	dir := testenv.ShortTempDir(t)
+	image := filepath.Join(dir, "disk.img")
+	writeRandomImage(t, image, 1<<20, 15)
+	sock, _ := startNbdkit(t, dir, "-r", "--filter=delay", "file", image, "delay-extents=30")
+	began := time.Now()
+	r := snapmount(t, time.Minute, "info", "--map", "--timeout", "2s", unixURI("", sock))
+	took := time.Since(began)
+	if r.code != 1 || took > 2*time.Second+boundSlack {
+		t.Errorf("info --map with a server that does not answer: exit %d after %v, want 1 within 2s + %v", r.code, took, boundSlack)
+	}
+	oneLine(t, "info --map", r.stderr, "block status at offset 0", "no reply")
+}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"sort"
+	"time"
 
 	flag "github.com/spf13/pflag"
 
@@ -53,7 +54,7 @@ far as it can be trusted, and one line says what was skipped.`,
 				case parts:
 					return withCode(exitConnect, runPartitions(ctx, std.out, u, opt, cf.timeout, asJSON))
 				case showMap:
-					return withCode(exitConnect, runMap(ctx, std.out, u, opt, asJSON))
+					return runMap(ctx, std.out, u, opt, cf.timeout, asJSON)
 				default:
 					return withCode(exitConnect, runInfo(ctx, std.out, u, opt, list, asJSON))
 				}
@@ -286,13 +287,15 @@ func extentDescription(flags uint32) string {
 	return "hole,zero"
 }
 
-func runMap(ctx context.Context, w io.Writer, u *nbd.URI, opt nbd.DialOptions, asJSON bool) error {
-	conn, err := nbd.Dial(ctx, u, opt)
+// runMap prints the allocation map through a client of one connection,
+// so that a server that stops answering fails it within the timeout.
+func runMap(ctx context.Context, w io.Writer, u *nbd.URI, opt nbd.DialOptions, timeout time.Duration, asJSON bool) error {
+	client, err := nbd.Open(ctx, u, nbd.ClientOptions{Dial: opt, Conns: 1, Timeout: timeout})
 	if err != nil {
-		return err
+		return withCode(exitConnect, err)
 	}
-	defer conn.Close()
-	size := int64(conn.Info().Size)
+	defer client.Close()
+	size := client.Size()
 	var entries []mapEntry
 	add := func(off, n int64, flags uint32) {
 		if k := len(entries); k > 0 && entries[k-1].Type == flags && entries[k-1].Offset+entries[k-1].Length == off {
@@ -302,7 +305,7 @@ func runMap(ctx context.Context, w io.Writer, u *nbd.URI, opt nbd.DialOptions, a
 		entries = append(entries, mapEntry{off, n, flags, extentDescription(flags)})
 	}
 	for off := int64(0); off < size; {
-		ext, err := conn.BlockStatus(ctx, off, size-off)
+		ext, err := client.BlockStatus(ctx, off, size-off)
 		if errors.Is(err, nbd.ErrNoAllocation) {
 			// Without the context everything counts as data, as the
 			// spec says status 0 is always a safe answer.
