@@ -9,8 +9,10 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -224,7 +226,8 @@ h.shutdown()
 
 // TestServeSigtermCleansUp: SIGTERM with a lingering snapshot and a
 // connected writer ends the server with exit 0, the writer's acknowledged
-// data in the image and no store left behind.
+// data in the image and no store left behind (its store never had a
+// name: it is only among the server's open files).
 func TestServeSigtermCleansUp(t *testing.T) {
 	img := filepath.Join(t.TempDir(), "disk.img")
 	writeRandomImage(t, img, 4<<20, 14)
@@ -236,8 +239,11 @@ s = nbd.NBD(); s.connect_uri(sys.argv[1] % "disk@snapshot")
 w = nbd.NBD(); w.connect_uri(sys.argv[1] % "disk")
 w.pwrite(b"\x44" * 65536, 0)
 `, strings.Replace(unixURI("disk", sock), "disk", "%s", 1))
-	if entries, _ := os.ReadDir(snapDir); len(entries) != 1 {
-		t.Fatalf("want one store file while the snapshot lingers, got %v", entries)
+	if entries, _ := os.ReadDir(snapDir); len(entries) != 0 {
+		t.Errorf("a store has a name in --snapshot-dir: %v", entries)
+	}
+	if n := storesOpen(t, p, snapDir); n != 1 {
+		t.Fatalf("%d stores open in --snapshot-dir while the snapshot lingers, want 1", n)
 	}
 	w := dialRawNBD(t, sock) // a client still connected at SIGTERM
 	w.goExport("disk")
@@ -277,5 +283,107 @@ func TestServeReadOnlyFlag(t *testing.T) {
 	mustRun(t, "qemu-io", "-r", "-f", "raw", "-c", "read 0 64k", unixURI("disk@snapshot", sock))
 	if fileSHA256(t, img) != before {
 		t.Error("the image changed under --readonly")
+	}
+}
+
+// storesOpen counts the server's open files in dir: its snapshot stores,
+// which have no name there.
+func storesOpen(t testing.TB, p *proc, dir string) int {
+	t.Helper()
+	fds := fmt.Sprintf("/proc/%d/fd", p.cmd.Process.Pid)
+	entries, err := os.ReadDir(fds)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, e := range entries {
+		if target, err := os.Readlink(filepath.Join(fds, e.Name())); err == nil && strings.HasPrefix(target, dir+"/") {
+			n++
+		}
+	}
+	return n
+}
+
+// usedBytes is what df says a file system uses.
+func usedBytes(t testing.TB, dir string) int64 {
+	t.Helper()
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	return int64(st.Blocks-st.Bfree) * st.Bsize
+}
+
+// A server killed with SIGKILL while two snapshots hold blocks leaves
+// nothing in --snapshot-dir, a file system of its own (tmpfs), and df
+// shows the space back: the stores had no name, so the kernel freed them
+// with the process.
+func TestServeKilledLeavesNoStore(t *testing.T) {
+	if os.Geteuid() != 0 {
+		testenv.SkipOrFail(t, "mounting a tmpfs for --snapshot-dir needs root")
+	}
+	dir := testenv.ShortTempDir(t)
+	snapDir := filepath.Join(dir, "stores")
+	os.Mkdir(snapDir, 0o700)
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", snapDir).CombinedOutput(); err != nil {
+		t.Fatalf("mounting a tmpfs: %v: %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("umount", "-l", snapDir).Run() })
+	img := filepath.Join(dir, "disk.img")
+	const size = 8 << 20
+	writeRandomImage(t, img, size, 16)
+	sock, p := startServe(t, "--snapshot-dir", snapDir, "--snapshot-linger", "1h", "disk="+img)
+	before := usedBytes(t, snapDir)
+	// Two snapshots, then a writer that rewrites the image: each store
+	// keeps the whole old image.
+	pyLibnbd(t, `
+import nbd, sys
+snaps = [nbd.NBD() for _ in range(2)]
+for s in snaps:
+    s.connect_uri(sys.argv[1] % "disk@snapshot")
+w = nbd.NBD(); w.connect_uri(sys.argv[1] % "disk")
+for off in range(0, int(sys.argv[2]), 1 << 20):
+    w.pwrite(b"\x55" * (1 << 20), off)
+w.flush()
+`, strings.Replace(unixURI("disk", sock), "disk", "%s", 1), fmt.Sprint(size))
+	if n := storesOpen(t, p, snapDir); n != 2 {
+		t.Errorf("%d stores open, want 2", n)
+	}
+	if held := usedBytes(t, snapDir) - before; held < 2*size {
+		t.Errorf("the stores hold %d bytes, want at least %d", held, 2*size)
+	}
+	p.kill()
+	if entries, _ := os.ReadDir(snapDir); len(entries) != 0 {
+		t.Errorf("left in --snapshot-dir by the killed server: %v", entries)
+	}
+	if left := usedBytes(t, snapDir) - before; left > 0 {
+		t.Errorf("df shows %d bytes still used in --snapshot-dir after the server died", left)
+	}
+}
+
+// Without --snapshot-dir the stores go to $TMPDIR, which holds nothing of
+// the server's while it runs or after a clean stop: no private directory.
+func TestServeCleanStopLeavesNoDirectory(t *testing.T) {
+	tmp := testenv.ShortTempDir(t)
+	img := filepath.Join(t.TempDir(), "disk.img")
+	writeRandomImage(t, img, 1<<20, 17)
+	sock := filepath.Join(testenv.ShortTempDir(t), "s.sock")
+	p := startProcEnv(t, append(os.Environ(), "TMPDIR="+tmp), snapmountBin, "serve", "--no-tcp", "--socket", sock, "--snapshot-linger", "1h", "disk="+img)
+	p.waitOutput("listening on", time.Minute)
+	pyLibnbd(t, `
+import nbd, sys
+s = nbd.NBD(); s.connect_uri(sys.argv[1] % "disk@snapshot")
+w = nbd.NBD(); w.connect_uri(sys.argv[1] % "disk")
+w.pwrite(b"\x66" * 65536, 0)
+`, strings.Replace(unixURI("disk", sock), "disk", "%s", 1))
+	if n := storesOpen(t, p, tmp); n != 1 {
+		t.Errorf("%d stores open in $TMPDIR, want 1", n)
+	}
+	if entries, _ := os.ReadDir(tmp); len(entries) != 0 {
+		t.Errorf("$TMPDIR holds %v while the server runs", entries)
+	}
+	p.stop()
+	if entries, _ := os.ReadDir(tmp); len(entries) != 0 {
+		t.Errorf("$TMPDIR holds %v after a clean stop", entries)
 	}
 }

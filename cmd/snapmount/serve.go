@@ -36,8 +36,14 @@ by default the image's base name. For export "disk" clients may open:
 
 A snapshot's canonical name (disk@s7) is sent in NBD_INFO_NAME. Snapshots
 are kept by copy-before-write: before a writer changes a block a snapshot
-still needs, the old block is copied to a store under --snapshot-dir. A
-snapshot lives while a connection uses it, plus --snapshot-linger.
+still needs, the old block is copied to the snapshot's store. A snapshot
+lives while a connection uses it, plus --snapshot-linger.
+
+Stores are sparse files in --snapshot-dir ($TMPDIR, else /tmp, by
+default) with no name on disk (O_TMPFILE, or unlinked as soon as made
+where the file system cannot): ls does not show them, df does. The
+kernel frees their space when the snapshot goes or the server ends, even
+if the server is killed or crashes; nothing is left to clean up.
 
 Only writes that go through this server are seen by snapshots: if another
 process changes the image file, snapshots of it are not point-in-time.
@@ -50,7 +56,7 @@ Listens on TCP (--listen, default 127.0.0.1:10809; --listen "" or --no-tcp
 turns TCP off) and/or a Unix socket (--socket). Prints one line when ready,
 and tells a service manager (systemd Type=notify, $NOTIFY_SOCKET) too.
 SIGINT/SIGTERM stop it cleanly: requests in flight finish, images are
-flushed, snapshot stores are deleted.
+flushed, snapshot stores are freed.
 
 The socket file is the access control of --socket: a client needs write
 permission on it. --socket-group GROUP (mode 0660) lets GROUP's members,
@@ -103,7 +109,7 @@ func setupServe(fs *flag.FlagSet) func(ctx context.Context, io stdio, args []str
 	fs.StringVar(&f.format, "format", "", "`raw`: serve every IMAGE as raw bytes even if its header says qcow2, VMDK, VHD, LUKS, ... (such images are refused otherwise)")
 	fs.IntVar(&f.maxWriters, "max-writers", 0, "`N` writer connections per export at most, 0 for unlimited")
 	fs.StringVar(&f.busy, "busy", "readonly", "what a writer over --max-writers gets (`POLICY`): readonly (a live read-only view) or refuse")
-	fs.StringVar(&f.snapDir, "snapshot-dir", "", "`DIR` for snapshot stores (default: a private directory under $TMPDIR)")
+	fs.StringVar(&f.snapDir, "snapshot-dir", "", "`DIR` for snapshot stores, files with no name (default: $TMPDIR, else /tmp)")
 	fs.StringVar(&f.snapMax, "snapshot-max", "0", "`SIZE` all snapshot stores may hold together, e.g. 512M or 4G (0: no limit)")
 	fs.DurationVar(&f.snapLinger, "snapshot-linger", server.DefaultSnapshotLinger, "keep an unused snapshot this long for reconnects")
 	fs.StringVar(&f.onFull, "on-snapshot-full", "break-snapshot", "`POLICY` when a snapshot cannot keep a block: break-snapshot (its readers get EIO) or fail-writer (the write fails)")

@@ -4,7 +4,7 @@
 //
 // New opens the images, Serve accepts on a listener (TCP gets
 // TCP_NODELAY), Shutdown stops accepting, lets requests in flight finish,
-// flushes the images and deletes snapshot stores (server.go). One
+// flushes the images and frees the snapshot stores (server.go). One
 // connection has one reader goroutine (handshake in handshake.go,
 // request headers and WRITE payloads in transmission.go), at most
 // Config.Workers handlers and one writer at a time: a reply is
@@ -18,7 +18,9 @@
 // by copy-before-write into a sparse store per snapshot, under a striped
 // table of block locks so that no snapshot read sees half a write; a full
 // store or a failed copy breaks the snapshot (its readers get EIO) or,
-// with FailWriter, fails the write instead.
+// with FailWriter, fails the write instead. A store is a file with no
+// name on disk (O_TMPFILE, else unlinked at once), so the kernel frees it
+// when the server ends however it ends.
 //
 // Every byte from the network is hostile: option data is capped (64 KiB
 // read, 16 MiB drained, more ends the connection), options before GO are

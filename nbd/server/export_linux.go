@@ -199,3 +199,32 @@ func exportCopyRange(src, dst *os.File, off, n int64) (int64, error) {
 	})
 	return done, err
 }
+
+// createStore makes a snapshot store with no name on disk in dir: a file
+// of O_TMPFILE, or, where the file system cannot make one, a file
+// unlinked as soon as it is made. Either way nothing is left in dir once
+// the store is closed, however the process ends: the kernel frees the
+// space with the last descriptor. how says which way it was made.
+func createStore(dir string) (f *os.File, how string, err error) {
+	fd, err := unix.Open(dir, unix.O_TMPFILE|unix.O_RDWR|unix.O_CLOEXEC, 0o600)
+	if err == nil {
+		return os.NewFile(uintptr(fd), dir+"/(O_TMPFILE)"), "O_TMPFILE", nil
+	}
+	if !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.EISDIR) && !errors.Is(err, unix.EINVAL) {
+		return nil, "", &os.PathError{Op: "open O_TMPFILE", Path: dir, Err: err}
+	}
+	return createUnlinkedStore(dir)
+}
+
+// createUnlinkedStore is createStore for file systems without O_TMPFILE.
+func createUnlinkedStore(dir string) (*os.File, string, error) {
+	f, err := os.CreateTemp(dir, "snapmount-store-*")
+	if err != nil {
+		return nil, "", err
+	}
+	if err := os.Remove(f.Name()); err != nil {
+		f.Close()
+		return nil, "", err
+	}
+	return f, "unlinked", nil
+}

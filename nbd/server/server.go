@@ -2,7 +2,7 @@ package server
 
 // The server: net/http-shaped. New opens the images, Serve runs an
 // accept loop per listener, Shutdown stops accepting, lets requests in
-// flight finish, flushes the images and deletes the snapshot stores. Each
+// flight finish, flushes the images and frees the snapshot stores. Each
 // connection has one reader (the handshake, then request headers and
 // payloads), a bounded set of handlers and one writer of replies.
 
@@ -79,8 +79,9 @@ type Config struct {
 	MaxWriters int
 	Busy       BusyPolicy
 
-	// SnapshotDir holds the copy-before-write stores (default: a private
-	// directory under os.TempDir, removed by Shutdown).
+	// SnapshotDir holds the copy-before-write stores, files with no name
+	// on disk that the kernel frees when the server ends, however it
+	// ends (default: os.TempDir).
 	SnapshotDir string
 	// SnapshotMax bounds the bytes all snapshot stores may hold together;
 	// 0 is no bound but the disk's.
@@ -119,12 +120,11 @@ var ErrClosed = errors.New("nbd: server closed")
 
 // Server serves exports over NBD. Create it with New.
 type Server struct {
-	cfg        Config
-	log        *slog.Logger
-	exports    []*export // in the order given; exports[0] answers the name ""
-	byName     map[string]*export
-	snapDir    string
-	ownSnapDir bool // snapDir was made by New: Shutdown removes it
+	cfg     Config
+	log     *slog.Logger
+	exports []*export // in the order given; exports[0] answers the name ""
+	byName  map[string]*export
+	snapDir string
 
 	storeUsed atomic.Int64 // bytes held by all snapshot stores
 	connSeq   atomic.Uint64
@@ -194,24 +194,16 @@ func New(cfg Config) (*Server, error) {
 		s.exports = append(s.exports, e)
 		s.byName[e.name] = e
 	}
-	if cfg.SnapshotDir == "" {
-		d, err := os.MkdirTemp("", "snapmount-snapshots-")
-		if err != nil {
-			s.closeExports()
-			return nil, fmt.Errorf("nbd: creating the snapshot directory: %w", err)
-		}
-		s.snapDir, s.ownSnapDir = d, true
-	} else {
-		st, err := os.Stat(cfg.SnapshotDir)
-		if err != nil {
-			s.closeExports()
-			return nil, fmt.Errorf("nbd: snapshot directory: %w", err)
-		}
-		if !st.IsDir() {
-			s.closeExports()
-			return nil, fmt.Errorf("nbd: snapshot directory %s is not a directory", cfg.SnapshotDir)
-		}
-		s.snapDir = cfg.SnapshotDir
+	s.snapDir = cfg.SnapshotDir
+	if s.snapDir == "" {
+		s.snapDir = os.TempDir()
+	}
+	if st, err := os.Stat(s.snapDir); err != nil {
+		s.closeExports()
+		return nil, fmt.Errorf("nbd: snapshot directory: %w", err)
+	} else if !st.IsDir() {
+		s.closeExports()
+		return nil, fmt.Errorf("nbd: snapshot directory %s is not a directory", s.snapDir)
 	}
 	return s, nil
 }
@@ -355,7 +347,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 }
 
 // Close closes the listeners and every connection at once, then flushes
-// the images and deletes the snapshot stores.
+// the images and frees the snapshot stores.
 func (s *Server) Close() error {
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
@@ -366,16 +358,13 @@ func (s *Server) Close() error {
 	return err
 }
 
-// release flushes and closes the images and deletes every snapshot store.
+// release flushes and closes the images and frees every snapshot store.
 func (s *Server) release() error {
 	var first error
 	for _, e := range s.exports {
 		if err := e.close(); err != nil && first == nil {
 			first = err
 		}
-	}
-	if s.ownSnapDir {
-		os.RemoveAll(s.snapDir)
 	}
 	return first
 }

@@ -33,7 +33,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -63,10 +62,9 @@ type snapshot struct {
 	copyMu sync.Mutex
 	behind *nbd.WriteBehind // of the store; its waits happen outside copyMu
 
-	storeMu   sync.RWMutex // protects following; store I/O holds it shared
-	store     *os.File     // nil once released
-	storePath string
-	used      atomic.Int64 // bytes written to the store, counted in Server.storeUsed
+	storeMu sync.RWMutex // protects following; store I/O holds it shared
+	store   *os.File     // nil once released; it has no name on disk
+	used    atomic.Int64 // bytes written to the store, counted in Server.storeUsed
 
 	// Guarded by exp.mu.
 	refs      int // connections using the snapshot
@@ -74,28 +72,17 @@ type snapshot struct {
 	linger    *time.Timer
 }
 
-func storeFileName(export string) string {
-	return strings.Map(func(r rune) rune {
-		switch {
-		case r >= 'a' && r <= 'z', r >= 'A' && r <= 'Z', r >= '0' && r <= '9', r == '-', r == '.', r == '_':
-			return r
-		}
-		return '_'
-	}, export)
-}
-
 // newSnapshot freezes the export's current data as a new snapshot with
 // one reference (the connection that asked).
 func (e *export) newSnapshot() (*snapshot, error) {
-	f, err := os.CreateTemp(e.server.snapDir, storeFileName(e.name)+"-*.cbw")
+	f, how, err := createStore(e.server.snapDir)
 	if err != nil {
-		return nil, fmt.Errorf("creating a snapshot store: %w", err)
+		return nil, fmt.Errorf("creating a snapshot store in %s: %w", e.server.snapDir, err)
 	}
 	// A sparse file of the image's size reads as zeros wherever nothing
 	// was copied, which is what a preserved all-zero block needs.
 	if err := f.Truncate(e.size); err != nil {
 		f.Close()
-		os.Remove(f.Name())
 		return nil, fmt.Errorf("sizing the snapshot store: %w", err)
 	}
 	nblocks := (e.size + 1<<e.blockShift - 1) >> e.blockShift
@@ -104,7 +91,6 @@ func (e *export) newSnapshot() (*snapshot, error) {
 		nblocks:   nblocks,
 		preserved: make([]atomic.Uint64, (nblocks+63)/64),
 		store:     f,
-		storePath: f.Name(),
 		refs:      1,
 	}
 	// The store is written once and read seldom (readers of a snapshot
@@ -130,7 +116,7 @@ func (e *export) newSnapshot() (*snapshot, error) {
 	e.mu.Unlock()
 	e.snapMu.Unlock()
 
-	e.server.log.Info("snapshot created", "snapshot", s.name, "store", s.storePath, "block", 1<<e.blockShift)
+	e.server.log.Info("snapshot created", "snapshot", s.name, "store", e.server.snapDir, "store_kind", how, "block", 1<<e.blockShift)
 	return s, nil
 }
 
@@ -238,8 +224,7 @@ func (s *snapshot) releaseStore() int64 {
 	if s.store == nil {
 		return s.used.Load()
 	}
-	s.store.Close()
-	os.Remove(s.storePath)
+	s.store.Close() // the store has no name: this frees it
 	s.store = nil
 	used := s.used.Load()
 	s.exp.server.storeUsed.Add(-used)

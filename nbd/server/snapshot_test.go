@@ -8,6 +8,7 @@ import (
 	"os"
 	"runtime"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -484,5 +485,44 @@ func TestConfigErrors(t *testing.T) {
 		} else if !errors.Is(err, os.ErrNotExist) && tc.name == "missing image" {
 			t.Errorf("%s: %v, want a not-exist error", tc.name, err)
 		}
+	}
+}
+
+// A snapshot store has no name on disk, whether the file system makes it
+// with O_TMPFILE or it is unlinked at once: nothing is left in the
+// directory, whatever becomes of the process.
+func TestStoresHaveNoName(t *testing.T) {
+	for _, c := range []struct {
+		name   string
+		create func(dir string) (*os.File, string, error)
+	}{{"O_TMPFILE", createStore}, {"unlinked", createUnlinkedStore}} {
+		t.Run(c.name, func(t *testing.T) {
+			dir := t.TempDir()
+			f, how, err := c.create(dir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			if how != c.name {
+				t.Errorf("made by %s, want %s", how, c.name)
+			}
+			if entries, _ := os.ReadDir(dir); len(entries) != 0 {
+				t.Errorf("the store has a name: %v", entries)
+			}
+			st, err := f.Stat()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if n := st.Sys().(*syscall.Stat_t).Nlink; n != 0 {
+				t.Errorf("the store has %d links", n)
+			}
+			if _, err := f.WriteAt([]byte("kept"), 1<<20); err != nil {
+				t.Fatal(err)
+			}
+			b := make([]byte, 4)
+			if _, err := f.ReadAt(b, 1<<20); err != nil || string(b) != "kept" {
+				t.Errorf("read back %q, %v", b, err)
+			}
+		})
 	}
 }
