@@ -43,6 +43,12 @@ func serveExport(s *fakeServer, canonical string) {
 // 1 MiB whose canonical name is canonical (every other option is
 // unsupported); from then on the client may hang up at any time.
 func handshake(s *fakeServer, canonical string) {
+	handshakeDescribed(s, canonical, "")
+}
+
+// handshakeDescribed is handshake with NBD_INFO_DESCRIPTION desc, unless
+// empty.
+func handshakeDescribed(s *fakeServer, canonical, desc string) {
 	s.greet(HandshakeFixedNewstyle | HandshakeNoZeroes)
 	for {
 		opt, _ := s.readOption()
@@ -51,6 +57,9 @@ func handshake(s *fakeServer, canonical string) {
 			continue
 		}
 		s.reply(OptGo, RepInfo, AppendInfoText(nil, InfoName, canonical))
+		if desc != "" {
+			s.reply(OptGo, RepInfo, AppendInfoText(nil, InfoDescription, desc))
+		}
 		s.reply(OptGo, RepInfo, AppendInfoExport(nil, 1<<20, FlagHasFlags|FlagReadOnly|FlagCanMultiConn))
 		s.reply(OptGo, RepAck, nil)
 		break
@@ -431,5 +440,41 @@ func TestClientSlowRequestIsNoOutage(t *testing.T) {
 		if _, err := timedRead(cl, 8192); err != nil {
 			t.Fatalf("read beside the slow one: %v", err)
 		}
+	}
+}
+
+// A server restarted with another snapshot under the pool's snapshot name
+// (snapmount serve numbers them from 1 again) is told apart by the
+// instant in its description: the pool does not read the new snapshot,
+// it reports the export changed, for good.
+func TestClientRefusesAnotherSnapshotOfTheSameName(t *testing.T) {
+	var restarted atomic.Bool
+	hangUp := make(chan struct{})
+	u := listenPool(t, func(n int, s *fakeServer) {
+		if restarted.Load() {
+			handshakeDescribed(s, "disk@s1", "snapshot taken 2026-12-04T17:00:01Z")
+			for s.readRequest().Type != CmdDisc {
+			}
+			return
+		}
+		handshakeDescribed(s, "disk@s1", "snapshot taken 2026-12-04T16:00:00Z")
+		go func() {
+			<-hangUp
+			s.c.Close()
+		}()
+		for s.readRequest().Type != CmdDisc {
+		}
+	})
+	cl, err := Open(context.Background(), u, ClientOptions{Conns: 1, Timeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cl.Close() })
+	restarted.Store(true)
+	close(hangUp)
+	waitState(t, cl, "changed")
+	var changed *changedError
+	if _, err := timedRead(cl, 0); !errors.As(err, &changed) || !errors.Is(err, syscall.EIO) || !strings.Contains(err.Error(), "another snapshot") {
+		t.Errorf("read after the snapshot's name came back as another: %v, want EIO, another snapshot", err)
 	}
 }

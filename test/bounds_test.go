@@ -121,13 +121,14 @@ type boundScenario struct {
 //     data in the mount's cache is still served;
 //   - with the server restarted on the same socket, a live view reads
 //     again without a remount, while a snapshot mount keeps failing with
-//     EIO and its stats say the snapshot is gone;
+//     EIO and its stats say the snapshot is gone, even though the
+//     restarted snapmount serve has a new snapshot of the same name;
 //   - with the server faulted again and a reader blocked on it,
 //     'snapmount umount' ends the mount within seconds: the mount is gone,
 //     its process has exited and the reader failed.
 func TestMountOutageBound(t *testing.T) {
 	testenv.RequireFUSE(t)
-	testenv.RequireCmd(t, "nbdkit", "dd")
+	testenv.RequireCmd(t, "nbdkit", "dd", "qemu-io")
 	uid, gid := testenv.UnprivilegedUser(t) // root: the root scenarios need it too
 	testenv.OpenDevFuse(t)                  // for all the subtests, which run at once
 	user := &account{uid, gid}
@@ -157,7 +158,17 @@ func TestMountOutageBound(t *testing.T) {
 			})
 		})
 	}
-	testenv.Wait(t, &wg, "the scenarios")
+	// Each scenario bounds its own waits.
+	done := make(chan struct{})
+	go func() {
+		wg.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(5 * testenv.WaitLimit):
+		panic("the outage scenarios still run after 5 minutes") // t.Fatal would race with them
+	}
 }
 
 func unixSignalName(s syscall.Signal) string {
@@ -311,9 +322,14 @@ func testOutageBound(t *testing.T, bin string, sc boundScenario) {
 
 	// 2. The server is back on the same socket.
 	srv.restart()
+	if sc.server == "serve" {
+		// A new snapshot on the restarted server takes the old one's
+		// number (disk@s1): the snapshot mount must not read it.
+		mustRun(t, "qemu-io", "-r", "-f", "raw", "-c", "read 0 4k", unixURI("disk@snapshot", srv.sock))
+	}
 	for _, m := range mounts {
 		if m.frozen {
-			waitMountState(t, sc.user, bin, m.dir, "snapshot gone")
+			waitOutageEnd(t, sc.user, bin, m.dir, "snapshot gone")
 			if o := testenv.Receive(t, sc.user.startRead(t, "read of the gone snapshot", m.file, 6<<20, false), "the read of the gone snapshot"); o.code == 0 || !strings.Contains(o.out, "Input/output error") {
 				t.Errorf("read of a snapshot that is gone: exit %d %s, want EIO", o.code, o.out)
 			}
@@ -323,7 +339,7 @@ func testOutageBound(t *testing.T, bin string, sc boundScenario) {
 			}
 			continue
 		}
-		waitMountState(t, sc.user, bin, m.dir, "connected")
+		waitOutageEnd(t, sc.user, bin, m.dir, "connected")
 		got := sc.user.run(t, "dd", "if="+m.file, "bs=64k", "skip=96", "count=1", "status=none")
 		if got.code != 0 || got.stdout != string(want[6<<20:6<<20+64<<10]) {
 			t.Errorf("live view after the server came back: exit %d, %s", got.code, got.stderr)
@@ -372,13 +388,18 @@ func mountStatsAs(t *testing.T, a *account, bin, mnt string) map[string]any {
 	return m
 }
 
-// waitMountState waits until the mount's stats say state.
-func waitMountState(t *testing.T, a *account, bin, mnt, state string) {
+// waitOutageEnd waits until the mount's stats no longer say that it is
+// without its server, and fails unless they then say state.
+func waitOutageEnd(t *testing.T, a *account, bin, mnt, state string) {
 	t.Helper()
 	for deadline := time.Now().Add(testenv.WaitLimit); ; {
 		st := mountStatsAs(t, a, bin, mnt)
-		if st["state"] == state {
+		switch st["state"] {
+		case "server unreachable", "reconnecting":
+		case state:
 			return
+		default:
+			t.Fatalf("%s is %v (%v) once the server is back, want %s", mnt, st["state"], st["state_detail"], state)
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("%s is still %v (%v) after %v, not %s", mnt, st["state"], st["state_detail"], testenv.WaitLimit, state)

@@ -31,6 +31,9 @@ func stateOf(frozen bool, timeout time.Duration, cs nbd.ClientStats) mountState 
 		}
 		return mountState{State: what + " gone", Detail: cs.Reason + "; reads of what is not cached fail with EIO: mount again for a new snapshot"}
 	case "changed":
+		if frozen { // the server has another snapshot under its name
+			return mountState{State: "snapshot gone", Detail: cs.Reason + "; reads of what is not cached fail with EIO: mount again for a new snapshot"}
+		}
 		return mountState{State: "export changed", Detail: cs.Reason + "; reads of what is not cached fail with EIO"}
 	case "unreachable":
 		return mountState{State: "server unreachable", Since: cs.Since,

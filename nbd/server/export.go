@@ -12,6 +12,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"snapmount/nbd"
 )
@@ -150,6 +151,21 @@ type exportView struct {
 	name     string // canonical export name, for NBD_INFO_NAME
 	mode     string // for logs
 	released atomic.Bool
+}
+
+// description is NBD_INFO_DESCRIPTION for the view: the export's, and
+// for a snapshot the instant it was taken. A snapshot's number starts
+// from 1 again when the server restarts, so the instant is what tells a
+// client reconnecting to NAME@sN that it is still its snapshot.
+func (v *exportView) description() string {
+	if v.snap == nil {
+		return v.exp.description
+	}
+	taken := "snapshot taken " + v.snap.created.UTC().Format(time.RFC3339Nano)
+	if v.exp.description == "" {
+		return taken
+	}
+	return v.exp.description + " (" + taken + ")"
 }
 
 // errBusy refuses a writer when every slot is taken and the policy says so.

@@ -338,8 +338,8 @@ func (c *conn) optInfo(opt nbd.Option, data []byte) (*exportView, error) {
 	if wantName || v.snap != nil {
 		b = nbd.AppendOptionReply(b, opt, nbd.RepInfo, nbd.AppendInfoText(nil, nbd.InfoName, v.name))
 	}
-	if wantDesc && v.exp.description != "" {
-		b = nbd.AppendOptionReply(b, opt, nbd.RepInfo, nbd.AppendInfoText(nil, nbd.InfoDescription, v.exp.description))
+	if desc := v.description(); wantDesc && desc != "" {
+		b = nbd.AppendOptionReply(b, opt, nbd.RepInfo, nbd.AppendInfoText(nil, nbd.InfoDescription, desc))
 	}
 	b = nbd.AppendOptionReply(b, opt, nbd.RepInfo, nbd.AppendInfoBlockSize(nil, advertisedBlockSize))
 	b = nbd.AppendOptionReply(b, opt, nbd.RepAck, nil)
