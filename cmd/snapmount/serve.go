@@ -9,7 +9,9 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	flag "github.com/spf13/pflag"
@@ -331,6 +333,11 @@ func runServe(ctx context.Context, std stdio, f *serveFlags, args []string, list
 	if tcpAddr == "" && f.socket == "" {
 		return usagef("nothing to listen on: give --socket PATH or a --listen address")
 	}
+	if tcpAddr != "" {
+		if err := checkListenAddr(tcpAddr); err != nil {
+			return err
+		}
+	}
 	sockPerm, err := parseSocketPerm(f.socket, f.socketMode, f.socketGroup)
 	if err != nil {
 		return err
@@ -372,7 +379,7 @@ func runServe(ctx context.Context, std stdio, f *serveFlags, args []string, list
 	if tcpAddr != "" {
 		l, err := net.Listen("tcp", tcpAddr)
 		if err != nil {
-			return fail(fmt.Errorf("listening on %s: %w (another server there? pick one with --listen)", tcpAddr, err))
+			return fail(listenError(tcpAddr, err))
 		}
 		listeners = append(listeners, l)
 		where = append(where, "tcp:"+l.Addr().String())
@@ -407,6 +414,43 @@ func runServe(ctx context.Context, std stdio, f *serveFlags, args []string, list
 		return serveErr
 	}
 	return shutErr
+}
+
+// checkListenAddr refuses a --listen address that is not HOST:PORT with
+// a port from 0 to 65535 (or a service name): a command-line error, not a
+// server already there.
+func checkListenAddr(addr string) error {
+	_, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return usagef("--listen %q: want HOST:PORT, e.g. 127.0.0.1:10809 (%v)", addr, err)
+	}
+	if n, err := strconv.Atoi(port); err == nil {
+		if n < 0 || n > 65535 {
+			return usagef("--listen %q: invalid port %d (want 0 to 65535)", addr, n)
+		}
+		return nil
+	}
+	if _, err := net.LookupPort("tcp", port); err != nil {
+		return usagef("--listen %q: invalid port %q (want a number from 0 to 65535)", addr, port)
+	}
+	return nil
+}
+
+// listenError says why listening on a well-formed address failed, with
+// what to do about it.
+func listenError(addr string, err error) error {
+	var dnsErr *net.DNSError
+	switch {
+	case errors.Is(err, syscall.EADDRINUSE):
+		return fmt.Errorf("listening on %s: the address is in use (another server there? pick another with --listen)", addr)
+	case errors.Is(err, syscall.EADDRNOTAVAIL):
+		return fmt.Errorf("listening on %s: no interface of this machine has that address", addr)
+	case errors.Is(err, syscall.EACCES):
+		return fmt.Errorf("listening on %s: permission denied (ports below 1024 need privileges)", addr)
+	case errors.As(err, &dnsErr):
+		return fmt.Errorf("listening on %s: cannot resolve host %q", addr, dnsErr.Name)
+	}
+	return fmt.Errorf("listening on %s: %w", addr, err)
 }
 
 // listenUnix listens on a Unix socket, replacing a stale socket file left

@@ -38,6 +38,9 @@ func TestServeUsageErrors(t *testing.T) {
 		{[]string{"serve", "--no-tcp", "--socket", sock, "--description", "nope=x", img}, exitUsage, "--description"},
 		{[]string{"serve", "--no-tcp", img}, exitUsage, "nothing to listen on"},
 		{[]string{"serve", "--bogus-flag", img}, exitUsage, "bogus-flag"},
+		{[]string{"serve", "--listen", "127.0.0.1:99999", img}, exitUsage, "invalid port 99999"},
+		{[]string{"serve", "--listen", "garbage", img}, exitUsage, "want HOST:PORT"},
+		{[]string{"serve", "--listen", "127.0.0.1:nope", img}, exitUsage, "invalid port"},
 		{[]string{"serve", "--no-tcp", "--socket", sock, img + ".missing"}, exitFailure, "no such file"},
 		{[]string{"serve", "--no-tcp", "--socket", sock, img, img}, exitFailure, "given twice"},
 	} {
