@@ -6,6 +6,7 @@ package test
 import (
 	"bytes"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -350,4 +351,35 @@ func TestServeHostileBytes(t *testing.T) {
 	if fileSHA256(t, img) != before {
 		t.Error("hostile clients changed the image")
 	}
+}
+
+// TestServeIdleHandshakesLockNobodyOut: 300 connections that never finish
+// their handshake (more than --max-conns) do not keep a writer and a
+// reader out: each new connection closes the oldest idle one once
+// --max-handshakes wait, and the log says so.
+func TestServeIdleHandshakesLockNobodyOut(t *testing.T) {
+	testenv.RequireCmd(t, "qemu-io")
+	img := filepath.Join(t.TempDir(), "disk.img")
+	writeRandomImage(t, img, 1<<20, 18)
+	sock, p := startServe(t, "--handshake-timeout", "60s", "disk="+img)
+	refused := 0
+	for range 300 {
+		c := testenv.Dial(t, "unix", sock)
+		// The greeting says the server took the connection; then idle.
+		if _, err := io.ReadFull(c, make([]byte, nbd.GreetingLen)); err != nil {
+			refused++
+		}
+	}
+	if refused > 0 {
+		t.Errorf("%d of the idle connections were refused at once", refused)
+	}
+	for _, args := range [][]string{
+		{"-f", "raw", "-c", "write -P 0x21 0 64k", unixURI("disk", sock)},
+		{"-r", "-f", "raw", "-c", "read -P 0x21 0 64k", unixURI("disk@live", sock)},
+	} {
+		if r := runCmd(t, time.Minute, "qemu-io", args...); r.code != 0 || strings.Contains(r.stdout, "failed") {
+			t.Errorf("qemu-io %v beside 300 idle connections: exit %d: %s%s", args, r.code, r.stdout, r.stderr)
+		}
+	}
+	p.waitOutput("too many connections in their handshake", testenv.WaitLimit)
 }

@@ -89,7 +89,7 @@ type serveFlags struct {
 	onFull                   string
 	snapBlock                string
 	readerView               string
-	maxConns                 int
+	maxConns, maxHandshakes  int
 	handshakeTimeout         time.Duration
 	workers                  int
 	descriptions             []string
@@ -117,7 +117,8 @@ func setupServe(fs *flag.FlagSet) func(ctx context.Context, io stdio, args []str
 	fs.StringVar(&f.onFull, "on-snapshot-full", "break-snapshot", "`POLICY` when a snapshot cannot keep a block: break-snapshot (its readers get EIO) or fail-writer (the write fails)")
 	fs.StringVar(&f.snapBlock, "snapshot-block", "64K", "copy-before-write granularity (`SIZE`), a power of two from 4K to 16M")
 	fs.StringVar(&f.readerView, "reader-view", "snapshot", "`VIEW` a client that promised to read only gets for NAME: snapshot or live")
-	fs.IntVar(&f.maxConns, "max-conns", server.DefaultMaxConns, "at most `N` open connections")
+	fs.IntVar(&f.maxConns, "max-conns", server.DefaultMaxConns, "at most `N` connections past their handshake")
+	fs.IntVar(&f.maxHandshakes, "max-handshakes", server.DefaultMaxHandshakes, "at most `N` connections in their handshake; a new one closes the oldest")
 	fs.DurationVar(&f.handshakeTimeout, "handshake-timeout", server.DefaultHandshakeTimeout, "time a client has to choose an export")
 	fs.IntVar(&f.workers, "workers", server.DefaultWorkers, "`N` requests of one connection handled at once")
 	fs.StringArrayVar(&f.descriptions, "description", nil, "describe an export: `NAME=TEXT` (repeatable)")
@@ -222,6 +223,10 @@ func serveConfig(f *serveFlags, args []string) (server.Config, error) {
 		return cfg, usagef("--max-conns %d: want at least 1", f.maxConns)
 	}
 	cfg.MaxConns = f.maxConns
+	if f.maxHandshakes <= 0 {
+		return cfg, usagef("--max-handshakes %d: want at least 1", f.maxHandshakes)
+	}
+	cfg.MaxHandshakes = f.maxHandshakes
 	if f.handshakeTimeout <= 0 {
 		return cfg, usagef("--handshake-timeout %v: want more than 0", f.handshakeTimeout)
 	}

@@ -40,6 +40,7 @@ func TestServeUsageErrors(t *testing.T) {
 		{[]string{"serve", "--bogus-flag", img}, exitUsage, "bogus-flag"},
 		{[]string{"serve", "--listen", "127.0.0.1:99999", img}, exitUsage, "invalid port 99999"},
 		{[]string{"serve", "--listen", "garbage", img}, exitUsage, "want HOST:PORT"},
+		{[]string{"serve", "--no-tcp", "--socket", sock, "--max-handshakes", "0", img}, exitUsage, "--max-handshakes"},
 		{[]string{"serve", "--listen", "127.0.0.1:nope", img}, exitUsage, "invalid port"},
 		{[]string{"serve", "--no-tcp", "--socket", sock, img + ".missing"}, exitFailure, "no such file"},
 		{[]string{"serve", "--no-tcp", "--socket", sock, img, img}, exitFailure, "given twice"},

@@ -96,6 +96,7 @@ func (c *conn) serve() {
 	defer c.raw.Close()
 	c.raw.SetDeadline(time.Now().Add(c.server.cfg.HandshakeTimeout))
 	view, err := c.handshake()
+	c.server.handshakeDone(c)
 	if err != nil {
 		if errors.Is(err, errAbort) {
 			c.log.Debug("handshake ended", "reason", err)

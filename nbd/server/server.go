@@ -95,8 +95,12 @@ type Config struct {
 	SnapshotBlock int
 	ReaderView    ReaderView
 
-	// MaxConns limits open connections (default 256).
+	// MaxConns limits connections past their handshake (default 256).
 	MaxConns int
+	// MaxHandshakes limits connections still in their handshake (default
+	// 32). Past it a new connection closes the oldest of them, so that
+	// clients that never finish a handshake cannot lock others out.
+	MaxHandshakes int
 	// HandshakeTimeout bounds the whole handshake (default 30 s).
 	HandshakeTimeout time.Duration
 	// Workers is how many requests of one connection are handled at once
@@ -111,6 +115,7 @@ const (
 	DefaultSnapshotBlock    = 64 << 10
 	DefaultSnapshotLinger   = 60 * time.Second
 	DefaultMaxConns         = 256
+	DefaultMaxHandshakes    = 32
 	DefaultHandshakeTimeout = 30 * time.Second
 	DefaultWorkers          = 16
 )
@@ -133,6 +138,9 @@ type Server struct {
 	mu        sync.Mutex // protects following
 	listeners map[net.Listener]struct{}
 	conns     map[*conn]struct{}
+	shaking   map[*conn]struct{} // the conns still in their handshake
+	evicted   int                // handshakes closed for newer ones since the last log
+	evictLog  time.Time          // when that was logged
 	closed    bool
 	connsDone chan struct{} // closed when conns becomes empty during shutdown
 }
@@ -155,6 +163,9 @@ func New(cfg Config) (*Server, error) {
 	if cfg.MaxConns <= 0 {
 		cfg.MaxConns = DefaultMaxConns
 	}
+	if cfg.MaxHandshakes <= 0 {
+		cfg.MaxHandshakes = DefaultMaxHandshakes
+	}
 	if cfg.HandshakeTimeout <= 0 {
 		cfg.HandshakeTimeout = DefaultHandshakeTimeout
 	}
@@ -173,6 +184,7 @@ func New(cfg Config) (*Server, error) {
 		byName:    map[string]*export{},
 		listeners: map[net.Listener]struct{}{},
 		conns:     map[*conn]struct{}{},
+		shaking:   map[*conn]struct{}{},
 	}
 	if s.log == nil {
 		s.log = slog.New(slog.NewTextHandler(os.Stderr, nil))
@@ -272,7 +284,10 @@ func (s *Server) Serve(l net.Listener) error {
 }
 
 // admit registers a connection, or closes it when the server is shutting
-// down or full.
+// down or has MaxConns connections past their handshake. Connections in
+// their handshake are counted apart: when MaxHandshakes of them wait, the
+// oldest is closed for the new one, so idle clients that never finish a
+// handshake cannot keep others out.
 func (s *Server) admit(c net.Conn) *conn {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -280,20 +295,45 @@ func (s *Server) admit(c net.Conn) *conn {
 		c.Close()
 		return nil
 	}
-	if len(s.conns) >= s.cfg.MaxConns {
+	if len(s.conns)-len(s.shaking) >= s.cfg.MaxConns {
 		s.log.Warn("connection refused: too many connections", "peer", peerName(c), "max_conns", s.cfg.MaxConns)
 		c.Close()
 		return nil
 	}
+	if len(s.shaking) >= s.cfg.MaxHandshakes {
+		var oldest *conn
+		for sc := range s.shaking {
+			if oldest == nil || sc.id < oldest.id {
+				oldest = sc
+			}
+		}
+		delete(s.shaking, oldest)
+		oldest.close()
+		s.evicted++
+		if now := time.Now(); now.Sub(s.evictLog) >= time.Second {
+			s.log.Warn("too many connections in their handshake: closing the oldest for newer ones",
+				"max_handshakes", s.cfg.MaxHandshakes, "closed", s.evicted, "last_closed", oldest.peer)
+			s.evicted, s.evictLog = 0, now
+		}
+	}
 	sc := newConn(s, c, s.connSeq.Add(1))
 	s.conns[sc] = struct{}{}
+	s.shaking[sc] = struct{}{}
 	return sc
+}
+
+// handshakeDone counts c out of the connections in their handshake.
+func (s *Server) handshakeDone(c *conn) {
+	s.mu.Lock()
+	delete(s.shaking, c)
+	s.mu.Unlock()
 }
 
 func (s *Server) connDone(sc *conn) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	delete(s.conns, sc)
+	delete(s.shaking, sc)
 	if len(s.conns) == 0 && s.connsDone != nil {
 		close(s.connsDone)
 		s.connsDone = nil
@@ -308,7 +348,7 @@ func (s *Server) isClosed() bool {
 
 // Shutdown stops the listeners, ends connections still negotiating, lets
 // requests in flight finish and closes every connection, then flushes the
-// images and deletes the snapshot stores. If ctx ends first the remaining
+// images and frees the snapshot stores. If ctx ends first the remaining
 // connections are closed abruptly; the images are flushed either way.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.inShut.Store(true)
