@@ -31,19 +31,21 @@ func TestServeRootMountUser(t *testing.T) {
 		t.Fatal(err)
 	}
 	os.Chown(mnt, int(uid), int(gid))
-	serve := func(sock string, flags ...string) {
+	serve := func(sock string, flags ...string) *proc {
 		p := startProc(t, snapmountBin, append(append([]string{"serve", "--no-tcp", "--socket", sock}, flags...), image)...)
 		p.waitOutput("snapmount serve: listening on", 60*time.Second)
+		return p
 	}
 
 	closed := filepath.Join(dir, "closed.sock")
-	serve(closed)
+	first := serve(closed)
 	r := asUser(t, uid, gid, bin, "mount", unixURI("vm.img", closed), mnt)
 	if r.code != 3 || !strings.Contains(r.stderr, "ask the server's owner for access, e.g. snapmount serve --socket-group") ||
 		!strings.Contains(r.stderr, "srwxr-xr-x root:") || strings.Count(r.stderr, "\n") != 1 {
 		t.Fatalf("mount of a root-only socket as %s: exit %d, %q; want exit 3 and one line with the socket's owner and the hint", testenv.TestUser, r.code, r.stderr)
 	}
 
+	first.stop() // one server at a time may write the image
 	open := filepath.Join(dir, "vm.sock")
 	serve(open, "--socket-group", group.Name)
 	if r := asUser(t, uid, gid, bin, "mount", unixURI("vm.img", open), mnt); r.code != 0 {

@@ -67,6 +67,9 @@ func openExport(s *Server, ec ExportConfig) (*export, error) {
 	if err == nil && st.IsDir() {
 		err = fmt.Errorf("%s is a directory", ec.Path)
 	}
+	if err == nil {
+		err = lockImage(f, s.cfg.ReadOnly)
+	}
 	var size int64
 	if err == nil {
 		// Seek works for regular files and block devices alike.

@@ -228,3 +228,32 @@ func createUnlinkedStore(dir string) (*os.File, string, error) {
 	}
 	return f, "unlinked", nil
 }
+
+// lockImage takes a lock on a served image for as long as it is open: a
+// shared one when served read-only, else an exclusive one. It keeps a
+// second server from writing the same image, and tells snapmount copy
+// (see ImageLocked) that a destination is an image being served.
+func lockImage(f *os.File, readOnly bool) error {
+	how := unix.LOCK_EX
+	if readOnly {
+		how = unix.LOCK_SH
+	}
+	err := unix.Flock(int(f.Fd()), how|unix.LOCK_NB)
+	if errors.Is(err, unix.EWOULDBLOCK) {
+		return errors.New("another process holds a lock on it: is another snapmount serve serving it?")
+	}
+	return err
+}
+
+// ImageLocked reports whether a process holds the lock a server takes on
+// the images it serves on the file f: whether f is an image served now.
+func ImageLocked(f *os.File) (bool, error) {
+	err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+	if errors.Is(err, unix.EWOULDBLOCK) {
+		return true, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	return false, unix.Flock(int(f.Fd()), unix.LOCK_UN)
+}

@@ -13,6 +13,7 @@ import (
 	"math/big"
 	"net"
 	"os"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -472,9 +473,9 @@ func TestServerHostileBytes(t *testing.T) {
 }
 
 func TestServerTLS(t *testing.T) {
-	img := testImage(t, testSize, 8)
 	cert := selfSignedCert(t)
 	for _, mode := range []TLSMode{TLSOn, TLSRequire} {
+		img := testImage(t, testSize, 8) // one server at a time may write an image
 		cfg := Config{TLSMode: mode, TLSConfig: &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}}
 		_, addr := startTestServer(t, cfg, img)
 		c := dialRaw(t, addr)
@@ -796,5 +797,57 @@ func TestServerMaxConns(t *testing.T) {
 		if time.Now().After(deadline) {
 			t.Fatal("no connection accepted after the only one left")
 		}
+	}
+}
+
+// A served image is locked: a second server cannot write it, read-only
+// servers share it, ImageLocked tells, and the lock goes with the server.
+func TestServedImageIsLocked(t *testing.T) {
+	img := testImage(t, testSize, 9)
+	cfg := func(readOnly bool) Config {
+		return Config{ReadOnly: readOnly, SnapshotDir: t.TempDir(), Logger: testLogger(t),
+			Exports: []ExportConfig{{Name: "disk", Path: img}}}
+	}
+	locked := func() bool {
+		f, err := os.Open(img)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		l, err := ImageLocked(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return l
+	}
+	if locked() {
+		t.Fatal("an image nobody serves counts as locked")
+	}
+	srv, err := New(cfg(false))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !locked() {
+		t.Error("a served image does not count as locked")
+	}
+	if _, err := New(cfg(false)); err == nil || !strings.Contains(err.Error(), "another snapmount serve") {
+		t.Errorf("a second server of the image: %v, want it refused", err)
+	}
+	srv.Close()
+	if locked() {
+		t.Error("the image stays locked after the server closed")
+	}
+	a, err := New(cfg(true))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	b, err := New(cfg(true))
+	if err != nil {
+		t.Fatalf("a second read-only server of the image: %v", err)
+	}
+	defer b.Close()
+	if !locked() {
+		t.Error("an image served read-only does not count as locked")
 	}
 }
