@@ -2,8 +2,10 @@ package test
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -249,31 +251,88 @@ func TestCopySlowServer(t *testing.T) {
 	if r.code != 0 || !strings.HasPrefix(r.stdout, fileSHA256(t, image)) {
 		t.Fatalf("slow copy: exit %d, %q %q", r.code, r.stdout, r.stderr)
 	}
-	r = snapmount(t, time.Minute, "copy", "--timeout", "100ms", unixURI("", sock), out)
+	failed := filepath.Join(dir, "failed.img")
+	r = snapmount(t, time.Minute, "copy", "--timeout", "100ms", unixURI("", sock), failed)
 	if r.code != 1 || !strings.Contains(r.stderr, "no reply") {
 		t.Fatalf("copy with a timeout shorter than the delay: exit %d, stderr %q", r.code, r.stderr)
+	}
+	if _, err := os.Stat(failed); err == nil {
+		t.Error("the failed copy left its destination")
 	}
 }
 
 // A server killed in the middle of a copy makes the copy fail within its
-// --timeout (plus the time to notice), never hang.
+// --timeout (plus boundSlack), exit 1 with one line saying why, and leave
+// no DEST, nor anything else beside it.
 func TestCopyKilledServer(t *testing.T) {
 	dir := testenv.ShortTempDir(t)
 	image := filepath.Join(dir, "disk.img")
 	writeRandomImage(t, image, 16<<20, 13)
 	logfile := filepath.Join(dir, "requests.log")
 	sock, srv := startNbdkit(t, dir, "--filter=log", "--filter=delay", "file", image, "rdelay=200ms", "logfile="+logfile)
-	copier := startProc(t, snapmountBin, "copy", "--timeout", "2s", "--request-size", "256K", unixURI("", sock), filepath.Join(dir, "out.img"))
+	outDir := filepath.Join(dir, "out")
+	os.Mkdir(outDir, 0o755)
+	out := filepath.Join(outDir, "out.img")
+	copier := startProc(t, snapmountBin, "copy", "--timeout", boundTimeout.String(), "--request-size", "256K", unixURI("", sock), out)
 	// The copy is under way once the server has logged a read.
 	waitForFile(t, logfile, " Read ")
 	srv.kill()
-	if err := copier.waitExit(time.Minute); err == nil {
-		t.Fatal("copy succeeded although the server was killed")
-	} else if !strings.Contains(err.Error(), "exit status") {
-		t.Fatal(err)
+	killed := time.Now()
+	err := copier.waitExit(time.Minute)
+	took := time.Since(killed)
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 1 {
+		t.Fatalf("copy from a killed server: %v, want exit 1", err)
 	}
-	if out := copier.out.String(); !strings.Contains(out, "EIO") && !strings.Contains(out, "input/output error") && !strings.Contains(out, "no reply") {
-		t.Errorf("copy's error does not say what happened: %q", out)
+	if took > boundTimeout+boundSlack {
+		t.Errorf("copy ended %v after the server was killed, more than the timeout %v plus %v", took.Round(time.Millisecond), boundTimeout, boundSlack)
+	}
+	msg := strings.TrimSpace(copier.out.String())
+	if strings.Contains(msg, "\n") || !strings.Contains(msg, "out.img was not created") ||
+		!strings.Contains(msg, "unreachable") && !strings.Contains(msg, "input/output error") && !strings.Contains(msg, "no reply") {
+		t.Errorf("copy's error is not one line saying what happened: %q", msg)
+	}
+	if entries, _ := os.ReadDir(outDir); len(entries) != 0 {
+		t.Errorf("the failed copy left %v in DEST's directory", entries)
+	}
+}
+
+// copy never destroys data: it refuses an existing DEST that is not empty
+// unless --force, and even with --force the image a local snapmount serve
+// serves (named directly or through a symlink), which stays unchanged.
+func TestCopyNeverDestroysData(t *testing.T) {
+	dir := testenv.ShortTempDir(t)
+	image := filepath.Join(dir, "disk.img")
+	writeRandomImage(t, image, 2<<20, 19)
+	want := fileSHA256(t, image)
+	sock, _ := startServe(t, "disk="+image)
+	uri := unixURI("disk@snapshot", sock)
+
+	old := filepath.Join(dir, "old.img")
+	os.WriteFile(old, []byte("evidence of another case"), 0o644)
+	oldSum := fileSHA256(t, old)
+	r := snapmount(t, time.Minute, "copy", uri, old)
+	if r.code != 1 || !strings.Contains(r.stderr, "without --force") || fileSHA256(t, old) != oldSum {
+		t.Errorf("copy onto an existing file: exit %d %q; want it refused, the file unchanged", r.code, r.stderr)
+	}
+	r = snapmount(t, time.Minute, "copy", "--force", "--sha256", uri, old)
+	if r.code != 0 || fileSHA256(t, old) != want || !strings.HasPrefix(r.stdout, want) {
+		t.Errorf("copy --force onto an existing file: exit %d %q %q; want the export there", r.code, r.stdout, r.stderr)
+	}
+
+	link := filepath.Join(dir, "link.img")
+	os.Symlink(image, link)
+	for _, dest := range []string{image, link} {
+		for _, force := range [][]string{nil, {"--force"}} {
+			args := append(append([]string{"copy", "--sha256"}, force...), uri, dest)
+			r := snapmount(t, time.Minute, args...)
+			if r.code != 1 || !strings.Contains(r.stderr, "a snapmount serve is serving") {
+				t.Errorf("%v: exit %d %q; want it refused as a served image", args, r.code, r.stderr)
+			}
+		}
+	}
+	if got := fileSHA256(t, image); got != want {
+		t.Fatalf("the served image changed: %s, was %s", got, want)
 	}
 }
 

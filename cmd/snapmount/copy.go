@@ -4,11 +4,13 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"hash"
 	"io"
 	"os"
 	"sync"
+	"syscall"
 	"time"
 
 	flag "github.com/spf13/pflag"
@@ -26,7 +28,17 @@ read-only promise is sent; nothing that writes is ever sent) over several
 connections at once and writes it to DEST. Ranges the server reports as
 holes, and blocks that read as zeros, are not written, so DEST stays
 sparse. With --sha256 the SHA-256 of the whole export is printed like
-sha256sum prints it. A progress line is shown when stderr is a terminal.`,
+sha256sum prints it. A progress line is shown when stderr is a terminal.
+
+copy never destroys data: it refuses a DEST that exists and is not empty
+unless --force, and always refuses one that a snapmount serve on this
+machine is serving. DEST appears only when the copy is complete (and on
+disk, with --fsync): until then the data goes to a file with no name in
+DEST's directory, which a failed, interrupted or killed copy leaves
+nowhere (where the file system cannot make one, to .DEST.partial-N,
+removed when the copy fails; only a copy killed with SIGKILL leaves it).
+A DEST that existed is left as it was unless the copy completes. Stdout
+('-'), pipes and character devices get the data as it comes.`,
 		setup: func(fs *flag.FlagSet) func(context.Context, stdio, []string) error {
 			var cf clientFlags
 			var o copyOptions
@@ -37,6 +49,7 @@ sha256sum prints it. A progress line is shown when stderr is a terminal.`,
 			fs.IntVar(&o.inflight, "requests", 0, "reads in flight at once (0: 4 per connection)")
 			fs.BoolVar(&o.fsync, "fsync", false, "fsync DEST before exiting")
 			fs.BoolVar(&o.progress, "progress", false, "show progress even when stderr is not a terminal")
+			fs.BoolVar(&o.force, "force", false, "replace a DEST that exists and is not empty (once the copy is complete)")
 			cf.bind(fs)
 			return func(ctx context.Context, std stdio, args []string) error {
 				if err := wantArgs(args, 2, "URI and DEST"); err != nil {
@@ -51,6 +64,9 @@ sha256sum prints it. A progress line is shown when stderr is a terminal.`,
 				}
 				if o.chunk < 4096 || o.chunk > nbd.MaxPayload || o.chunk&(o.chunk-1) != 0 {
 					return usagef("--request-size must be a power of two from 4K to 32M")
+				}
+				if o.inflight < 0 {
+					return usagef("--requests must be 0 (4 per connection) or more")
 				}
 				o.uri, o.dial, o.dest, o.timeout = u, opt, args[1], cf.timeout
 				o.progress = o.progress || isTerminal(std.err)
@@ -70,10 +86,35 @@ type copyOptions struct {
 	inflight int
 	fsync    bool
 	progress bool
+	force    bool
 	timeout  time.Duration
 }
 
 func runCopy(ctx context.Context, std stdio, o *copyOptions) error {
+	// DEST is checked before connecting: a refusal costs no connection.
+	var out *os.File
+	var dest *destFile
+	if o.dest == "-" {
+		out = os.Stdout
+	} else {
+		inPlace, err := checkDest(o.dest, o.force)
+		if err != nil {
+			return err
+		}
+		if inPlace {
+			// A pipe or a device: written as the data comes.
+			if out, err = os.OpenFile(o.dest, os.O_WRONLY, 0); err != nil {
+				return fmt.Errorf("opening destination: %w", err)
+			}
+			defer out.Close()
+		} else {
+			if dest, err = createBeside(o.dest); err != nil {
+				return fmt.Errorf("opening destination: %w", err)
+			}
+			defer dest.discard() // unless committed
+			out = dest.File
+		}
+	}
 	client, err := nbd.Open(ctx, o.uri, nbd.ClientOptions{Dial: o.dial, Conns: o.conns, Timeout: o.timeout})
 	if err != nil {
 		return withCode(exitConnect, err)
@@ -85,27 +126,12 @@ func runCopy(ctx context.Context, std stdio, o *copyOptions) error {
 	size := client.Size()
 	warnContainer(client, size, func(msg string) { fmt.Fprintf(std.err, "snapmount copy: warning: %s\n", msg) })
 
-	// Destination: a regular file is truncated to the export's size so
-	// skipped ranges are holes; anything else (stdout, a pipe, a device)
-	// gets every byte in order.
-	var out *os.File
-	sparse := false
-	if o.dest == "-" {
-		out = os.Stdout
-	} else {
-		out, err = os.OpenFile(o.dest, os.O_WRONLY|os.O_CREATE, 0o644)
-		if err != nil {
-			return fmt.Errorf("opening destination: %w", err)
-		}
-		defer out.Close()
-		if st, err := out.Stat(); err == nil && st.Mode().IsRegular() {
-			sparse = true
-			if err := out.Truncate(0); err != nil {
-				return fmt.Errorf("truncating %s: %w", o.dest, err)
-			}
-			if err := out.Truncate(size); err != nil {
-				return fmt.Errorf("sizing %s to %d bytes: %w", o.dest, size, err)
-			}
+	// A new regular file is sized to the export, so skipped ranges stay
+	// holes; anything else gets every byte in order.
+	sparse := dest != nil
+	if sparse {
+		if err := out.Truncate(size); err != nil {
+			return fmt.Errorf("sizing %s to %d bytes: %w", o.dest, size, err)
 		}
 	}
 	copt := nbd.CopyOptions{RequestSize: o.chunk, Requests: o.inflight}
@@ -131,12 +157,16 @@ func runCopy(ctx context.Context, std stdio, o *copyOptions) error {
 	}
 	if err := client.Copy(ctx, copt); err != nil {
 		if ctx.Err() != nil {
-			return withCode(exitSignal, fmt.Errorf("interrupted; %s is incomplete", o.dest))
+			return withCode(exitSignal, fmt.Errorf("interrupted; %s", unwritten(o.dest, dest)))
 		}
-		return err
+		return fmt.Errorf("%w; %s", err, unwritten(o.dest, dest))
 	}
-	if o.fsync && sparse {
-		if err := out.Sync(); err != nil {
+	if dest != nil {
+		if err := dest.commit(o.fsync); err != nil {
+			return err
+		}
+	} else if o.fsync && o.dest != "-" {
+		if err := out.Sync(); err != nil && !errors.Is(err, syscall.EINVAL) { // a pipe cannot
 			return fmt.Errorf("fsync %s: %w", o.dest, err)
 		}
 	}

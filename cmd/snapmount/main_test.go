@@ -30,6 +30,7 @@ func TestRunUsage(t *testing.T) {
 		{[]string{"copy", "nbd://h/x"}, exitUsage, "", "want URI and DEST"},
 		{[]string{"copy", "--request-size", "3000", "nbd://h/x", "-"}, exitUsage, "", "--request-size"},
 		{[]string{"copy", "--request-size", "lots", "nbd://h/x", "-"}, exitUsage, "", "is not a size"},
+		{[]string{"copy", "--requests", "-1", "nbd://h/x", "-"}, exitUsage, "", "--requests"},
 		{[]string{"info", "--tls-ca", "/ca.pem", "nbd://h/x"}, exitUsage, "", "need an nbds://"},
 		{[]string{"info", "--timeout", "0s", "nbd://h/x"}, exitUsage, "", "--timeout"},
 	} {
