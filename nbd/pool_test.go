@@ -18,10 +18,20 @@ import (
 // disconnects.
 func serveReads(s *fakeServer, canonical string) {
 	handshake(s, canonical)
+	answerReads(s, nil)
+}
+
+// answerReads answers every READ with bytes that are their offset's low
+// byte, but those unanswered says to leave unanswered, until the client
+// disconnects.
+func answerReads(s *fakeServer, unanswered func(Request) bool) {
 	for {
 		r := s.readRequest()
 		if r.Type != CmdRead {
 			return
+		}
+		if unanswered != nil && unanswered(r) {
+			continue
 		}
 		b := AppendSimpleReply(nil, 0, r.Cookie)
 		for i := range uint64(r.Length) {
@@ -29,6 +39,21 @@ func serveReads(s *fakeServer, canonical string) {
 		}
 		s.write(b)
 	}
+}
+
+// openPool opens a pool of conns connections to u with timeout, closed
+// when the test ends, and waits until they have all joined.
+func openPool(t *testing.T, u *URI, conns int, timeout time.Duration) *Client {
+	t.Helper()
+	cl, err := Open(context.Background(), u, ClientOptions{Conns: conns, Timeout: timeout})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cl.Close() })
+	if err := cl.WaitConns(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	return cl
 }
 
 // serveExport answers the handshake (see handshake), then reads requests
@@ -244,27 +269,11 @@ func TestClientHungServerIsOneOutage(t *testing.T) {
 			return
 		}
 		handshake(s, "disk@s1")
-		for {
-			r := s.readRequest()
-			if r.Type != CmdRead {
-				return
-			}
-			if !hung.Load() {
-				b := AppendSimpleReply(nil, 0, r.Cookie)
-				s.write(append(b, make([]byte, r.Length)...))
-			}
-		}
+		answerReads(s, func(Request) bool { return hung.Load() })
 	})
 	t.Cleanup(func() { close(over) })
 	const timeout = 500 * time.Millisecond
-	cl, err := Open(context.Background(), u, ClientOptions{Conns: 2, Timeout: timeout})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cl.Close() })
-	if err := cl.WaitConns(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	cl := openPool(t, u, 2, timeout)
 	if _, err := timedRead(cl, 0); err != nil {
 		t.Fatal(err)
 	}
@@ -283,6 +292,7 @@ func TestClientHungServerIsOneOutage(t *testing.T) {
 		_, err := timedRead(cl, 8192)
 		beside <- err
 	}()
+	var err error
 	select {
 	case err = <-first:
 	case <-time.After(timeout + testenv.WaitLimit):
@@ -344,24 +354,10 @@ func TestClientGoneServerIsOneOutage(t *testing.T) {
 				s.c.Close()
 			}()
 		}
-		for {
-			r := s.readRequest()
-			if r.Type != CmdRead {
-				return
-			}
-			b := AppendSimpleReply(nil, 0, r.Cookie)
-			s.write(append(b, make([]byte, r.Length)...))
-		}
+		answerReads(s, nil)
 	})
 	const timeout = time.Second
-	cl, err := Open(context.Background(), u, ClientOptions{Conns: 2, Timeout: timeout})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cl.Close() })
-	if err := cl.WaitConns(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	cl := openPool(t, u, 2, timeout)
 	gone.Store(true)
 	close(hangUp)
 	// The idle connections notice; a read starts once the pool has been
@@ -395,26 +391,10 @@ func TestClientGoneServerIsOneOutage(t *testing.T) {
 func TestClientSlowRequestIsNoOutage(t *testing.T) {
 	u := listenPool(t, func(n int, s *fakeServer) {
 		handshake(s, "disk@s1")
-		for {
-			r := s.readRequest()
-			if r.Type != CmdRead {
-				return
-			}
-			if r.Offset != 0 { // offset 0 is never answered
-				b := AppendSimpleReply(nil, 0, r.Cookie)
-				s.write(append(b, make([]byte, r.Length)...))
-			}
-		}
+		answerReads(s, func(r Request) bool { return r.Offset == 0 }) // never answered
 	})
 	const timeout = 500 * time.Millisecond
-	cl, err := Open(context.Background(), u, ClientOptions{Conns: 2, Timeout: timeout})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cl.Close() })
-	if err := cl.WaitConns(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	cl := openPool(t, u, 2, timeout)
 	slow := make(chan error, 1)
 	go func() {
 		_, err := timedRead(cl, 0)

@@ -66,13 +66,7 @@ func TestMountCacheAboveMemoryWarned(t *testing.T) {
 // On a mount whose process is gone, stats say so and what cleans up, and
 // umount cleans up.
 func TestDeadMountExplained(t *testing.T) {
-	testenv.RequireFUSE(t)
-	dir, _, sock := nbdkitImage(t, 1<<20, 11)
-	mnt := mountDir(t, dir, "mnt")
-	p := startProc(t, snapmountBin, "mount", "-f", unixURI("", sock), mnt)
-	p.waitOutput("mounted ", 30*time.Second)
-	t.Cleanup(func() { unmountSM(t, mnt) })
-	p.kill()
+	_, _, mnt := crashedMount(t, 11)
 	r := snapmount(t, time.Minute, "stats", mnt)
 	if r.code == 0 {
 		t.Errorf("stats of a dead mount succeeded: %s", r.stdout)

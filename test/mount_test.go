@@ -269,11 +269,14 @@ func TestMountForegroundSignal(t *testing.T) {
 	}
 }
 
-// A mountpoint left by a crashed run (ENOTCONN) is recovered.
-func TestMountStaleMountpoint(t *testing.T) {
+// crashedMount mounts nbdkit's image of seed and kills the mount process,
+// as a crash would: the kernel keeps a dead mount ("transport endpoint is
+// not connected"), removed when the test ends if still there.
+func crashedMount(t *testing.T, seed int64) (image, sock, mnt string) {
+	t.Helper()
 	testenv.RequireFUSE(t)
-	dir, image, sock := nbdkitImage(t, 1<<20, 3)
-	mnt := mountDir(t, dir, "mnt")
+	dir, image, sock := nbdkitImage(t, 1<<20, seed)
+	mnt = mountDir(t, dir, "mnt")
 	p := startProc(t, snapmountBin, "mount", "-f", unixURI("", sock), mnt)
 	p.waitOutput("mounted ", 30*time.Second)
 	t.Cleanup(func() {
@@ -281,7 +284,13 @@ func TestMountStaleMountpoint(t *testing.T) {
 			_ = exec.Command("fusermount3", "-u", "-z", mnt).Run()
 		}
 	})
-	p.kill() // a crash: the kernel keeps a dead mount
+	p.kill()
+	return image, sock, mnt
+}
+
+// A mountpoint left by a crashed run (ENOTCONN) is recovered.
+func TestMountStaleMountpoint(t *testing.T) {
+	image, sock, mnt := crashedMount(t, 3)
 	var sfs syscall.Statfs_t
 	if err := syscall.Statfs(mnt, &sfs); !errors.Is(err, syscall.ENOTCONN) {
 		t.Fatalf("after the crash statfs gives %v, want ENOTCONN", err)
