@@ -21,7 +21,7 @@ func (f *clientFlags) bind(fs *flag.FlagSet) {
 	fs.StringVar(&f.tlsCert, "tls-cert", "", "client certificate (PEM) for servers that ask for one")
 	fs.StringVar(&f.tlsKey, "tls-key", "", "key (PEM) of the client certificate")
 	fs.BoolVar(&f.noPromise, "no-promise", false, "do not send the read-only promise (NBD_OPT_X_READ_ONLY)")
-	fs.DurationVar(&f.timeout, "timeout", 30*time.Second, "fail a read with EIO after this long without the server (reconnects included)")
+	fs.DurationVar(&f.timeout, "timeout", 30*time.Second, "how long to wait for the server once it stops answering: then reads fail at once with EIO until it is back")
 }
 
 // parse reads the URI argument and builds the dial options.
