@@ -69,8 +69,8 @@ func (w *tlsWatch) explain(err error, u *URI) error {
 		if u.TLSCertDir != "" {
 			msg += " (or put client-cert.pem and client-key.pem in " + u.TLSCertDir + ")"
 		}
-	case validity(w.sent, time.Now()) != "":
-		msg = fmt.Sprintf("the server refused the client certificate %q: it %s", w.sent.Subject, validity(w.sent, time.Now()))
+	case CertValidity(w.sent, time.Now()) != "":
+		msg = fmt.Sprintf("the server refused the client certificate %q: it %s", w.sent.Subject, CertValidity(w.sent, time.Now()))
 	case len(w.asked.AcceptableCAs) > 0 && !acceptedIssuer(w.sent, w.asked.AcceptableCAs):
 		msg = fmt.Sprintf("the server refused the client certificate %q: it is issued by %q, and the server accepts only %s",
 			w.sent.Subject, w.sent.Issuer, caNames(w.asked.AcceptableCAs))
@@ -91,8 +91,8 @@ func serverCertProblem(err error) string {
 	case errors.As(err, &he):
 		return fmt.Sprintf("the server's certificate is for %s, not %s: connect by one of those names or give tls-hostname=NAME in the URI",
 			strings.Join(certNames(he.Certificate), ", "), he.Host)
-	case errors.As(err, &invalid) && invalid.Reason == x509.Expired && validity(invalid.Cert, time.Now()) != "":
-		return fmt.Sprintf("the server's certificate %q %s", invalid.Cert.Subject, validity(invalid.Cert, time.Now()))
+	case errors.As(err, &invalid) && invalid.Reason == x509.Expired && CertValidity(invalid.Cert, time.Now()) != "":
+		return fmt.Sprintf("the server's certificate %q %s", invalid.Cert.Subject, CertValidity(invalid.Cert, time.Now()))
 	case errors.As(err, &unknown) && unknown.Cert != nil:
 		return fmt.Sprintf("the server's certificate %q (issued by %q) is not signed by the CA we trust (ca-cert.pem in tls-certificates=DIR, or --tls-ca)",
 			unknown.Cert.Subject, unknown.Cert.Issuer)
@@ -100,8 +100,9 @@ func serverCertProblem(err error) string {
 	return ""
 }
 
-// validity says how a certificate is outside its validity at now, or "".
-func validity(c *x509.Certificate, now time.Time) string {
+// CertValidity says how a certificate is outside its validity at now, or
+// "" if it is valid then. Client and server both name it in their errors.
+func CertValidity(c *x509.Certificate, now time.Time) string {
 	const when = "2006-01-02 15:04:05 MST"
 	switch {
 	case now.After(c.NotAfter):

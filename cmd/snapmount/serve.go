@@ -2,8 +2,6 @@ package main
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -164,7 +162,7 @@ func serveConfig(f *serveFlags, args []string) (server.Config, error) {
 		if f.tlsCert == "" || f.tlsKey == "" {
 			return cfg, usagef("--tls=%s needs --tls-cert and --tls-key", f.tlsMode)
 		}
-		tc, err := serverTLSConfig(f.tlsCert, f.tlsKey, f.tlsCA)
+		tc, err := server.TLSConfig(f.tlsCert, f.tlsKey, f.tlsCA)
 		if err != nil {
 			return cfg, err
 		}
@@ -245,82 +243,6 @@ func exportIndex(exports []server.ExportConfig, name string) int {
 		}
 	}
 	return -1
-}
-
-func serverTLSConfig(certFile, keyFile, caFile string) (*tls.Config, error) {
-	cert, err := tls.LoadX509KeyPair(certFile, keyFile)
-	if err != nil {
-		return nil, fmt.Errorf("loading the TLS certificate: %w", err)
-	}
-	leaf, err := x509.ParseCertificate(cert.Certificate[0])
-	if err != nil {
-		return nil, fmt.Errorf("--tls-cert %s: %w", certFile, err)
-	}
-	if err := checkValidity(leaf, time.Now()); err != nil {
-		return nil, fmt.Errorf("--tls-cert %s %v: clients will refuse it", certFile, err)
-	}
-	tc := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
-	if caFile != "" {
-		pem, err := os.ReadFile(caFile)
-		if err != nil {
-			return nil, fmt.Errorf("reading --tls-ca: %w", err)
-		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("--tls-ca %s holds no PEM certificate", caFile)
-		}
-		// The request names no CA: GnuTLS clients (qemu, libnbd) keep
-		// an RSA certificate back from a TLS 1.3 request that names CAs
-		// and, as Go's does, offers RSA only as RSA-PSS. Asked for any
-		// certificate, they send the one they have; we check it here.
-		tc.ClientAuth = tls.RequireAnyClientCert
-		tc.VerifyConnection = func(cs tls.ConnectionState) error {
-			return verifyClientCert(cs.PeerCertificates, pool, time.Now())
-		}
-	}
-	return tc, nil
-}
-
-// checkValidity says when a certificate is used outside its validity.
-func checkValidity(c *x509.Certificate, now time.Time) error {
-	const when = "2006-01-02 15:04:05 MST"
-	switch {
-	case now.After(c.NotAfter):
-		return fmt.Errorf("expired on %s", c.NotAfter.UTC().Format(when))
-	case now.Before(c.NotBefore):
-		return fmt.Errorf("is not valid before %s", c.NotBefore.UTC().Format(when))
-	}
-	return nil
-}
-
-// verifyClientCert checks a client's chain against the --tls-ca pool, as
-// tls.RequireAndVerifyClientCert would, and says in one line why it fails.
-func verifyClientCert(chain []*x509.Certificate, pool *x509.CertPool, now time.Time) error {
-	leaf := chain[0] // RequireAnyClientCert refused an empty one already
-	opts := x509.VerifyOptions{
-		Roots:         pool,
-		Intermediates: x509.NewCertPool(),
-		CurrentTime:   now,
-		KeyUsages:     []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
-	}
-	for _, c := range chain[1:] {
-		opts.Intermediates.AddCert(c)
-	}
-	_, err := leaf.Verify(opts)
-	if err == nil {
-		return nil
-	}
-	var invalid x509.CertificateInvalidError
-	var unknown x509.UnknownAuthorityError
-	switch {
-	case errors.As(err, &unknown):
-		return fmt.Errorf("client certificate %q (issued by %q) is not signed by the --tls-ca CA", leaf.Subject, leaf.Issuer)
-	case errors.As(err, &invalid) && invalid.Reason == x509.Expired && checkValidity(leaf, now) != nil:
-		return fmt.Errorf("client certificate %q %v", leaf.Subject, checkValidity(leaf, now))
-	case errors.As(err, &invalid) && invalid.Reason == x509.IncompatibleUsage:
-		return fmt.Errorf("client certificate %q is not for client authentication (its extended key usage lacks clientAuth)", leaf.Subject)
-	}
-	return fmt.Errorf("client certificate %q: %w", leaf.Subject, err)
 }
 
 func runServe(ctx context.Context, std stdio, f *serveFlags, args []string, listenSet bool) error {
