@@ -38,10 +38,11 @@ type Options struct {
 	// MaxRequest is the largest single read issued to the source, in
 	// bytes [4 MiB]; adjacent missing blocks are merged up to this.
 	MaxRequest int
-	// MaxMissRequest caps the fetches of blocks a read is missing, in
-	// bytes [MaxRequest], until the cache has fetched MissWarmup bytes
-	// [0]: a larger miss goes in pieces, in parallel. After the warm-up,
-	// and for readahead always, adjacent blocks merge up to MaxRequest.
+	// MaxMissRequest caps the fetches of blocks a read is missing, and
+	// readahead's, in bytes [MaxRequest], until the cache has fetched
+	// MissWarmup bytes [0]: a larger miss goes in pieces, in parallel, and
+	// readahead keeps as many bytes in flight in more requests. After the
+	// warm-up adjacent blocks merge up to MaxRequest.
 	// It is for servers that allocate each request's buffer per
 	// connection or thread (nbdkit does): large requests on new
 	// connections cost them fresh memory, which a short read never earns

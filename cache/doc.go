@@ -86,7 +86,8 @@
 // prefetched the window doubles, up to MaxReadahead (and a quarter of
 // MaxBytes). Random reads never match a stream, so they prefetch nothing.
 // Prefetches run in the background, at most two requests per stream and
-// four in all, each at most MaxRequest; beyond that they are skipped, not
+// four in all, each at most MaxRequest (during the warm-up, as many bytes
+// in requests of MaxMissRequest); beyond that they are skipped, not
 // queued. Their memory is reserved like any other, may not evict blocks
 // readahead fetched that nobody has read yet, and unread readahead data
 // never exceeds half of MaxBytes.

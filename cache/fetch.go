@@ -287,10 +287,7 @@ func (c *Cache) unpinSlots(slots []slot) {
 // unstarted.
 func (c *Cache) claim(first int64, slots []slot, missing int) []*fetch {
 	reserved := c.reserve(missing, false)
-	runBlocks := c.maxRunBlocks
-	if c.stats.bytesFetched.Load() < c.missWarmup {
-		runBlocks = c.maxMissBlocks
-	}
+	runBlocks := c.runBlocks()
 	var runs []*fetch
 	var cur *fetch
 	for i := range slots {
@@ -333,6 +330,15 @@ func (c *Cache) claim(first int64, slots []slot, missing int) []*fetch {
 	}
 	c.unreserve(reserved)
 	return runs
+}
+
+// runBlocks is how many blocks one fetch merges: maxMissBlocks until
+// missWarmup bytes were fetched, then maxRunBlocks.
+func (c *Cache) runBlocks() int {
+	if c.stats.bytesFetched.Load() < c.missWarmup {
+		return c.maxMissBlocks
+	}
+	return c.maxRunBlocks
 }
 
 // addToFetch makes the in-flight block idx, with buffer buf, part of f.

@@ -14,9 +14,11 @@ import "sync"
 //
 // Prefetches run in the background with bounded concurrency: at most
 // readaheadPerStream requests per stream and readaheadWorkers in all, each
-// at most MaxRequest. When either bound is reached the readahead is
-// skipped, not queued, so it can never delay or flood demand reads; the
-// next read of the stream tops it up.
+// at most MaxRequest. During the warm-up (Options.MaxMissRequest) requests
+// are smaller, and the bounds grow by as much, so that as many bytes are in
+// flight. When either bound is reached the readahead is skipped, not
+// queued, so it can never delay or flood demand reads; the next read of
+// the stream tops it up.
 const (
 	numStreams          = 8
 	initialWindowBlocks = 2
@@ -41,13 +43,13 @@ type readahead struct {
 	c             *Cache
 	maxWindow     int64
 	initialWindow int64
-	sem           chan struct{} // one token per running readahead request
 
 	// mu guards the fields below.
-	mu      sync.Mutex
-	streams [numStreams]stream
-	tick    uint64
-	gens    uint64
+	mu       sync.Mutex
+	streams  [numStreams]stream
+	tick     uint64
+	gens     uint64
+	inflight int // readahead requests running, all streams
 }
 
 // setMaxWindow changes the largest window; 0 stops prefetching but keeps
@@ -72,7 +74,6 @@ func newReadahead(c *Cache, maxReadahead int64) *readahead {
 		c:             c,
 		maxWindow:     maxWindow,
 		initialWindow: min(initialWindowBlocks*bs, maxWindow),
-		sem:           make(chan struct{}, readaheadWorkers),
 	}
 }
 
@@ -189,31 +190,28 @@ func (r *readahead) startStreamLocked(end int64) {
 }
 
 // issueLocked starts prefetches that fill stream i's window, in requests
-// of at most MaxRequest, as far as the concurrency bounds allow. It
-// reports whether it started any.
+// of at most MaxRequest (MaxMissRequest during the warm-up), as far as the
+// concurrency bounds allow. It reports whether it started any.
 func (r *readahead) issueLocked(i int) (started bool) {
 	c := r.c
 	s := &r.streams[i]
 	start := max(s.raEnd, c.geo.alignUp(s.next))
 	target := c.geo.alignUp(min(s.next+s.window, c.geo.size))
-	for start < target && s.inflight < readaheadPerStream {
-		select {
-		case r.sem <- struct{}{}:
-		default:
-			return started
-		}
-		stop := min(start+int64(c.maxRunBlocks)*c.geo.blockSize, target)
+	runBlocks := c.runBlocks()
+	scale := max(1, c.maxRunBlocks/runBlocks) // more, smaller requests during the warm-up
+	for start < target && s.inflight < readaheadPerStream*scale && r.inflight < readaheadWorkers*scale {
+		stop := min(start+int64(runBlocks)*c.geo.blockSize, target)
 		gen := s.gen
 		from, to := start, stop
 		if !c.goTracked(func() {
 			c.prefetch(from, to)
 			r.finished(i, gen)
 		}) {
-			<-r.sem
 			return started
 		}
 		started = true
 		s.inflight++
+		r.inflight++
 		s.raEnd = stop
 		start = stop
 	}
@@ -227,8 +225,8 @@ func (r *readahead) finished(i int, gen uint64) {
 	if s := &r.streams[i]; s.gen == gen {
 		s.inflight--
 	}
+	r.inflight--
 	r.mu.Unlock()
-	<-r.sem
 }
 
 // prefetch fetches the blocks of the block-aligned range [from, to) that

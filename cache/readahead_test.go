@@ -14,16 +14,20 @@ import (
 
 // A sequential reader is served from readahead after its second read: the
 // window starts at two blocks, grows while the reader keeps up, never
-// exceeds the maximum, and requests never exceed MaxRequest (readahead
-// merges up to it even where a read's own misses go one block at a time).
+// exceeds the maximum, and requests never exceed MaxRequest. Until
+// MissWarmup bytes were fetched, readahead requests are at most
+// MaxMissRequest, as a read's own misses are (a fresh server connection
+// pays for large requests in fresh memory); after it they merge up to
+// MaxRequest.
 func TestReadaheadSequential(t *testing.T) {
 	const bs = 4096
 	const maxWindow = 16 * bs
 	const maxReq = 8 * bs
+	const warmup = 32 * bs
 	data := pattern(256 * bs)
 	src := newMemSource(data)
 	c := newTestCache(t, asVec(src), int64(len(data)), Options{
-		BlockSize: bs, MaxBytes: 256 * bs, MaxRequest: maxReq, MaxMissRequest: bs, MissWarmup: 1 << 30, MaxReadahead: maxWindow,
+		BlockSize: bs, MaxBytes: 256 * bs, MaxRequest: maxReq, MaxMissRequest: bs, MissWarmup: warmup, MaxReadahead: maxWindow,
 	})
 	const reads = 64
 	for i := range int64(reads) {
@@ -45,24 +49,29 @@ func TestReadaheadSequential(t *testing.T) {
 		t.Fatalf("first requests %v, want the two demand reads", calls[:2])
 	}
 	ra := calls[2:]
-	if ra[0] != (call{2 * bs, 2 * bs, 2}) {
-		t.Fatalf("first readahead %+v, want blocks 2-3 (a two-block window)", ra[0])
+	if ra[0] != (call{2 * bs, bs, 1}) || ra[1] != (call{3 * bs, bs, 1}) {
+		t.Fatalf("first readahead %+v, want blocks 2-3 (a two-block window) one block each (warm-up)", ra[:2])
 	}
-	biggest := int64(0)
+	biggest, before := int64(0), int64(2*bs)
 	for i, cl := range ra {
 		if cl.n > maxReq {
 			t.Fatalf("readahead request %+v exceeds MaxRequest", cl)
+		}
+		// Everything fetched when this request started lies before it.
+		if cl.n > bs && before < warmup {
+			t.Fatalf("readahead request %+v merges blocks with only %d bytes before it, during the %d-byte warm-up", cl, before, warmup)
 		}
 		if i > 0 && cl.off != ra[i-1].off+ra[i-1].n {
 			t.Fatalf("readahead requests %v are not contiguous", ra)
 		}
 		biggest = max(biggest, cl.n)
+		before += cl.n
 	}
 	if biggest != maxReq {
 		t.Fatalf("largest readahead request %d bytes; the window never grew to MaxRequest", biggest)
 	}
-	if int64(len(ra)) != st.SourceReads-2 || int64(len(ra)) > reads/4 {
-		t.Fatalf("%d readahead requests for %d blocks: not merged", len(ra), st.ReadaheadBlocks)
+	if int64(len(ra)) != st.SourceReads-2 || int64(len(ra)) > warmup/bs+reads/4 {
+		t.Fatalf("%d readahead requests for %d blocks: not merged after the warm-up", len(ra), st.ReadaheadBlocks)
 	}
 }
 
@@ -184,12 +193,48 @@ func TestReadaheadConcurrencyBounds(t *testing.T) {
 		if _, err := c.ReadAtContext(ctx, make([]byte, bs), 2*bs); !errors.Is(err, context.Canceled) {
 			t.Fatalf("read of a held block got %v, want context.Canceled", err)
 		}
-		if n := len(c.ra.sem); n != readaheadPerStream {
+		if n := c.ra.outstanding(); n != readaheadPerStream {
 			t.Fatalf("%d readahead requests outstanding, want %d", n, readaheadPerStream)
 		}
 		close(src.gate)
 		idle(c)
 		checkStats(t, c.Stats(), map[string]int64{"ReadaheadBlocks": 2})
+	})
+	t.Run("warm-up", func(t *testing.T) {
+		// Requests of one block (MaxMissRequest) where MaxRequest is
+		// four: a stream may have four times as many outstanding.
+		const scale = 4
+		data := pattern(256 * bs)
+		src := newMemSource(data)
+		src.hold = func(off int64) bool { return off >= 2*bs }
+		src.entered = make(chan call, 16)
+		src.gate = make(chan struct{})
+		c := newTestCache(t, asVec(src), int64(len(data)), Options{
+			BlockSize: bs, MaxRequest: scale * bs, MaxMissRequest: bs, MissWarmup: 1 << 30, MaxReadahead: 64 * bs,
+		})
+		await := func(n int) { // n more requests reach the source
+			for range n {
+				if cl := testenv.Receive(t, src.entered, "a readahead request to reach the source"); cl.n != bs {
+					t.Fatalf("readahead request %+v during the warm-up, want one block", cl)
+				}
+			}
+		}
+		readOK(t, c, data, 0, bs)
+		readOK(t, c, data, bs, bs) // a two-block window: blocks 2 and 3
+		await(2)
+		// Continue the stream into the held blocks, so that the window
+		// grows; each read gives up at once.
+		ctx, cancel := context.WithCancel(context.Background())
+		cancel()
+		for k, more := range []int{3, 0, 3} { // blocks 4-6, then 7-9 (the bound)
+			c.ReadAtContext(ctx, make([]byte, bs), int64(2+k)*bs)
+			await(more)
+		}
+		if n := c.ra.outstanding(); n != readaheadPerStream*scale {
+			t.Fatalf("%d readahead requests outstanding, want %d", n, readaheadPerStream*scale)
+		}
+		close(src.gate)
+		idle(c)
 	})
 	t.Run("all streams", func(t *testing.T) {
 		data := pattern(numStreams * 16 * bs)
@@ -205,7 +250,7 @@ func TestReadaheadConcurrencyBounds(t *testing.T) {
 		for range readaheadWorkers {
 			testenv.Receive(t, src.entered, "a read to reach the source")
 		}
-		if n := len(c.ra.sem); n != readaheadWorkers {
+		if n := c.ra.outstanding(); n != readaheadWorkers {
 			t.Fatalf("%d readahead requests outstanding, want %d", n, readaheadWorkers)
 		}
 		close(src.gate)
@@ -227,7 +272,7 @@ func TestCloseStopsReadahead(t *testing.T) {
 	readOK(t, c, data, bs, bs)
 	testenv.Receive(t, src.entered, "readahead to reach the source")
 	c.Close() // returns only once the readahead goroutine is done
-	if n := len(c.ra.sem); n != 0 {
+	if n := c.ra.outstanding(); n != 0 {
 		t.Fatalf("%d readahead requests still outstanding after Close", n)
 	}
 	if c.bufs.live() != 0 {
@@ -358,4 +403,11 @@ func TestReadaheadSlackForLargeReads(t *testing.T) {
 	if c.ra.continues(97*bs, bs) {
 		t.Fatal("a 1-block read three reads behind a stream's end continues it")
 	}
+}
+
+// outstanding returns how many readahead requests are running.
+func (r *readahead) outstanding() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.inflight
 }
