@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
-	"os/exec"
 	"strings"
 )
 
@@ -12,7 +11,7 @@ import (
 type fioJob struct {
 	rw      string // read, randread
 	bs      string
-	engine  string // psync, libaio
+	engine  string // psync, libaio, io_uring
 	depth   int
 	jobs    int
 	direct  bool
@@ -23,12 +22,14 @@ type fioJob struct {
 
 // fioResult is what the benchmark takes from fio's JSON output.
 type fioResult struct {
-	MBps float64 // decimal MB/s, all jobs together
-	IOPS float64
-	Secs float64 // runtime of the slowest job
+	MBps  float64 // decimal MB/s, all jobs together
+	IOPS  float64
+	Secs  float64 // runtime of the slowest job
+	P99us float64 // 99th percentile of a read's completion latency, µs
 }
 
-func runFio(file string, j fioJob) (fioResult, error) {
+// runFio runs job j on file as id.
+func runFio(id *identity, file string, j fioJob) (fioResult, error) {
 	args := []string{
 		"--name=bench", "--filename=" + file, "--rw=" + j.rw, "--bs=" + j.bs,
 		"--ioengine=" + j.engine, fmt.Sprintf("--iodepth=%d", max(j.depth, 1)),
@@ -47,7 +48,7 @@ func runFio(file string, j fioJob) (fioResult, error) {
 	if j.ioSize != "" {
 		args = append(args, "--io_size="+j.ioSize)
 	}
-	cmd := exec.Command("fio", args...)
+	cmd := id.command("fio", args...)
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	if err := cmd.Run(); err != nil {
@@ -61,6 +62,9 @@ func runFio(file string, j fioJob) (fioResult, error) {
 				BwBytes float64 `json:"bw_bytes"`
 				IOPS    float64 `json:"iops"`
 				Runtime int64   `json:"runtime"` // ms
+				Clat    struct {
+					Percentile map[string]float64 `json:"percentile"`
+				} `json:"clat_ns"`
 			} `json:"read"`
 		} `json:"jobs"`
 	}
@@ -77,8 +81,9 @@ func runFio(file string, j fioJob) (fioResult, error) {
 		return fioResult{}, fmt.Errorf("fio job error %d: %s", jb.Error, errb.String())
 	}
 	return fioResult{
-		MBps: jb.Read.BwBytes / 1e6,
-		IOPS: jb.Read.IOPS,
-		Secs: float64(jb.Read.Runtime) / 1000,
+		MBps:  jb.Read.BwBytes / 1e6,
+		IOPS:  jb.Read.IOPS,
+		Secs:  float64(jb.Read.Runtime) / 1000,
+		P99us: jb.Read.Clat.Percentile["99.000000"] / 1000,
 	}, nil
 }

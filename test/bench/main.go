@@ -3,11 +3,15 @@
 // contenders so drift hits both alike, and prints a table of medians with
 // the ratio snapmount / anchor for each figure (also written as JSON).
 //
-//	go run ./test/bench [--quick] [--runs N] [--only GROUP,...] [--json FILE]
+//	go run ./test/bench [--quick] [--runs N] [--only GROUP,...] [--as user,root] [--json FILE]
+//
+// Mounts are measured twice where the benchmark runs as root: as an
+// ordinary user it creates for the run (the kernel's 128 KiB readahead,
+// fusermount3, /dev/fuse mode 0666 as desktops ship it) and as root.
 //
 // It expects bin/snapmount (make bench builds it) and the peers
-// (nbdkit, libnbd-bin, fio). Speed is only ever judged here, never by
-// timed assertions in tests.
+// (nbdkit, libnbd-bin, fio, sleuthkit, e2fsprogs). Speed is only ever
+// judged here, never by timed assertions in tests.
 package main
 
 import (
@@ -35,6 +39,7 @@ type config struct {
 	dir     string
 	bin     string
 	only    map[string]bool
+	as      map[string]bool // identities that run the mounts: "user", "root"
 	jsonOut string
 	verbose bool
 }
@@ -50,6 +55,11 @@ type row struct {
 	AnchorIs string    `json:"anchor_name"`
 	Target   string    `json:"target"`
 	Note     string    `json:"note,omitempty"`
+	// Alt is a third contender, another build or mode of snapmount
+	// (snapmount mount --no-cache), measured in the same alternation.
+	Alt       []float64 `json:"alt,omitempty"`
+	AltIs     string    `json:"alt_name,omitempty"`
+	AltTarget string    `json:"alt_target,omitempty"`
 }
 
 func median(v []float64) float64 {
@@ -66,8 +76,11 @@ func median(v []float64) float64 {
 
 // ratio is snapmount / anchor for higher-is-better figures, and anchor /
 // snapmount for lower-is-better ones, so > 1 always means snapmount wins.
-func (r *row) ratio() float64 {
-	o, a := median(r.Ours), median(r.Anchor)
+func (r *row) ratio() float64 { return r.ratioTo(r.Anchor) }
+
+// ratioTo is ratio against another contender's values.
+func (r *row) ratioTo(other []float64) float64 {
+	o, a := median(r.Ours), median(other)
 	if o == 0 || a == 0 {
 		return 0
 	}
@@ -81,6 +94,8 @@ type bench struct {
 	cfg  config
 	rows []*row
 	log  io.Writer
+	// ids are who the mount groups run as, the ordinary user first.
+	ids []*identity
 }
 
 func main() {
@@ -90,7 +105,9 @@ func main() {
 	flag.IntVar(&cfg.runs, "runs", 3, "repetitions of each figure (median reported)")
 	flag.StringVar(&cfg.dir, "dir", "", "work directory for images and sockets (default: a new temp dir)")
 	flag.StringVar(&cfg.bin, "bin", "bin/snapmount", "the snapmount binary")
-	flag.StringVar(&only, "only", "", "comma-separated groups to run: copy, serve, mount (default all)")
+	flag.StringVar(&only, "only", "", "comma-separated groups to run: copy, serve, mount, remote (default all)")
+	var as string
+	flag.StringVar(&as, "as", "user,root", "who runs the mounts: user (an ordinary user made for the run), root, or both")
 	flag.StringVar(&cfg.jsonOut, "json", "bench.json", "write the results as JSON here ('' to skip)")
 	flag.BoolVar(&cfg.verbose, "v", false, "print every measurement")
 	flag.Parse()
@@ -98,12 +115,7 @@ func main() {
 	if cfg.quick {
 		cfg.runs, cfg.size = 1, 256<<20
 	}
-	cfg.only = map[string]bool{}
-	for _, g := range strings.Split(only, ",") {
-		if g = strings.TrimSpace(g); g != "" {
-			cfg.only[g] = true
-		}
-	}
+	cfg.only, cfg.as = commaSet(only), commaSet(as)
 	var err error
 	if cfg.bin, err = filepath.Abs(cfg.bin); err != nil {
 		fatalf("%v", err)
@@ -111,9 +123,9 @@ func main() {
 	if _, err := os.Stat(cfg.bin); err != nil {
 		fatalf("%s not found: run 'make build' first", cfg.bin)
 	}
-	for _, tool := range []string{"nbdkit", "nbdcopy", "nbdfuse", "fio"} {
+	for _, tool := range []string{"nbdkit", "nbdcopy", "nbdfuse", "fio", "fls", "mkfs.ext4"} {
 		if _, err := exec.LookPath(tool); err != nil {
-			fatalf("%s is not installed; run: sudo apt-get install -y nbdkit libnbd-bin fio", tool)
+			fatalf("%s is not installed; run: sudo apt-get install -y nbdkit libnbd-bin fio sleuthkit e2fsprogs", tool)
 		}
 	}
 	if cfg.dir == "" {
@@ -126,15 +138,24 @@ func main() {
 	b := &bench{cfg: cfg, log: os.Stderr}
 	b.describeMachine()
 	groups := []struct {
-		name string
-		run  func()
+		name   string
+		run    func()
+		mounts bool // runs once per identity
 	}{
-		{"copy", b.copyGroup},
-		{"serve", b.serveGroup},
-		{"mount", b.mountGroup},
+		{"copy", b.copyGroup, false},
+		{"serve", b.serveGroup, false},
+		{"mount", b.mountGroup, true},
+		{"remote", b.remoteGroup, true},
+	}
+	wanted := func(name string) bool { return len(cfg.only) == 0 || cfg.only[name] }
+	for _, g := range groups {
+		if g.mounts && wanted(g.name) && b.ids == nil {
+			cleanup := b.setupIdentities()
+			defer cleanup()
+		}
 	}
 	for _, g := range groups {
-		if len(cfg.only) == 0 || cfg.only[g.name] {
+		if wanted(g.name) {
 			g.run()
 		}
 	}
@@ -148,8 +169,31 @@ func main() {
 	}
 }
 
+// commaSet splits a comma-separated list into a set.
+func commaSet(list string) map[string]bool {
+	set := map[string]bool{}
+	for _, v := range strings.Split(list, ",") {
+		if v = strings.TrimSpace(v); v != "" {
+			set[v] = true
+		}
+	}
+	return set
+}
+
+// atExit holds what must be undone however the benchmark ends (the
+// user it made, /dev/fuse's mode); fatalf and a signal run it too.
+var atExit []func()
+
+func runAtExit() {
+	for i := len(atExit) - 1; i >= 0; i-- {
+		atExit[i]()
+	}
+	atExit = nil
+}
+
 func fatalf(format string, args ...any) {
 	fmt.Fprintf(os.Stderr, "bench: "+format+"\n", args...)
+	runAtExit()
 	os.Exit(1)
 }
 
@@ -210,24 +254,30 @@ func dropCaches() {
 
 // measure runs each contender cfg.runs times, alternating, and records
 // the values: measureSet for a single row.
-func (b *bench) measure(r *row, ours, anchor func() (float64, error)) {
-	one := func(fn func() (float64, error)) func() ([]float64, error) {
+func (b *bench) measure(r *row, sides ...func() (float64, error)) {
+	fns := make([]func() ([]float64, error), len(sides))
+	for i, fn := range sides {
 		if fn == nil {
-			return nil
+			continue
 		}
-		return func() ([]float64, error) {
+		fns[i] = func() ([]float64, error) {
 			v, err := fn()
 			return []float64{v}, err
 		}
 	}
-	b.measureSet([]*row{r}, one(ours), one(anchor))
+	b.measureSet([]*row{r}, fns...)
 }
 
 // measureSet runs a trial per contender, alternating, cfg.runs times; a
-// trial returns one value per row.
-func (b *bench) measureSet(rows []*row, ours, anchor func() ([]float64, error)) {
+// trial returns one value per row (negative: none). The contenders are
+// snapmount, the rows' anchor and, if given, the rows' Alt; the order
+// within a round rotates, so that no contender always comes first after
+// a pause or last before one.
+func (b *bench) measureSet(rows []*row, sides ...func() ([]float64, error)) {
 	for i := 0; i < b.cfg.runs; i++ {
-		for side, fn := range []func() ([]float64, error){ours, anchor} {
+		for k := range sides {
+			side := (i + k) % len(sides)
+			fn := sides[side]
 			if fn == nil {
 				continue
 			}
@@ -240,13 +290,16 @@ func (b *bench) measureSet(rows []*row, ours, anchor func() ([]float64, error)) 
 				if k >= len(vals) || vals[k] < 0 {
 					continue
 				}
-				if side == 0 {
+				switch side {
+				case 0:
 					r.Ours = append(r.Ours, vals[k])
-				} else {
+				case 1:
 					r.Anchor = append(r.Anchor, vals[k])
+				default:
+					r.Alt = append(r.Alt, vals[k])
 				}
 				if b.cfg.verbose {
-					b.logf("  %-52s %-9s %10.1f %s", r.Figure, r.contender(side), vals[k], r.Unit)
+					b.logf("  %-52s %-20s %10.1f %s", r.Figure, r.contender(side), vals[k], r.Unit)
 				}
 			}
 		}
@@ -256,19 +309,26 @@ func (b *bench) measureSet(rows []*row, ours, anchor func() ([]float64, error)) 
 
 // contender names side 0 (snapmount) or 1 (the row's anchor).
 func (r *row) contender(side int) string {
-	if side == 0 {
+	switch side {
+	case 0:
 		return "snapmount"
+	case 1:
+		return r.AnchorIs
 	}
-	return r.AnchorIs
+	return r.AltIs
 }
 
 func (b *bench) printTable(w io.Writer) {
-	fmt.Fprintf(w, "\n%-8s %-46s %12s %12s %-10s %7s  %s\n", "group", "figure", "snapmount", "anchor", "(anchor)", "ratio", "target")
+	const line = "%-19s %-52s %10s %10s %-12s %7s  %s\n"
+	fmt.Fprintf(w, "\n"+line, "group", "figure", "snapmount", "anchor", "(anchor)", "ratio", "target")
 	for _, r := range b.rows {
-		fmt.Fprintf(w, "%-8s %-46s %12s %12s %-10s %7s  %s\n", r.Group, r.Figure+" ("+r.Unit+")",
-			fmtVal(r.Ours), fmtVal(r.Anchor), r.AnchorIs, fmtRatio(r), r.Target)
+		fmt.Fprintf(w, line, r.Group, r.Figure+" ("+r.Unit+")",
+			fmtVal(r.Ours), fmtVal(r.Anchor), r.AnchorIs, fmtRatio(r.ratio()), r.Target)
+		if r.AltIs != "" {
+			fmt.Fprintf(w, line, "", "  the same, against "+r.AltIs, "", fmtVal(r.Alt), r.AltIs, fmtRatio(r.ratioTo(r.Alt)), r.AltTarget)
+		}
 		if r.Note != "" {
-			fmt.Fprintf(w, "%-8s   note: %s\n", "", r.Note)
+			fmt.Fprintf(w, "%-19s   note: %s\n", "", r.Note)
 		}
 	}
 	fmt.Fprintln(w, "\nratio > 1 means snapmount is better (faster, or smaller for time and memory); medians of alternated runs.")
@@ -285,8 +345,7 @@ func fmtVal(v []float64) string {
 	return fmt.Sprintf("%.3g", m)
 }
 
-func fmtRatio(r *row) string {
-	x := r.ratio()
+func fmtRatio(x float64) string {
 	if x == 0 {
 		return "-"
 	}
@@ -348,6 +407,10 @@ func (b *bench) start(sock string, name string, args ...string) *daemon {
 		c, err := net.Dial("unix", sock)
 		if err == nil {
 			c.Close()
+			// The ordinary user's mounts connect too.
+			if err := os.Chmod(sock, 0o666); err != nil {
+				fatalf("%v", err)
+			}
 			return d
 		}
 		if time.Now().After(deadline) {
@@ -371,9 +434,16 @@ func (d *daemon) stop() {
 }
 
 func (b *bench) nbdkit(image string, extra ...string) *daemon {
+	return b.nbdkitWith(image, extra, nil)
+}
+
+// nbdkitWith starts nbdkit's file plugin on image with options (before the
+// plugin: -r, --filter=...) and parameters (after it: filters' settings).
+func (b *bench) nbdkitWith(image string, options, params []string) *daemon {
 	sock := filepath.Join(b.cfg.dir, fmt.Sprintf("nbdkit-%d.sock", time.Now().UnixNano()))
-	args := append([]string{"-f", "-U", sock}, extra...)
-	return b.start(sock, "nbdkit", append(args, "file", image)...)
+	args := append([]string{"-f", "-U", sock}, options...)
+	args = append(args, "file", image)
+	return b.start(sock, "nbdkit", append(args, params...)...)
 }
 
 func unixURI(export, sock string) string { return "nbd+unix:///" + export + "?socket=" + sock }
