@@ -62,13 +62,6 @@ type Options struct {
 	// and the cache no more than their bytes, while blocks read twice,
 	// such as file system metadata, still end up cached. [off]
 	AdmitOnSecondMiss bool
-	// TransientScans makes sequential scans keep at most 1/32 of the
-	// budget whatever the export's size, as scans of exports larger
-	// than the budget always do (see clock.go). For a caller that keeps
-	// what scans read itself, such as a mount whose file the kernel page
-	// cache keeps across opens (FOPEN_KEEP_CACHE): caching a scan twice
-	// only costs fresh memory. [off]
-	TransientScans bool
 	// Disabled passes reads straight through to the source, split at
 	// MaxRequest, with no storage and no readahead (--no-cache). Counters
 	// are still kept.
@@ -198,7 +191,7 @@ func New(src io.ReaderAt, size int64, opt Options) *Cache {
 	c.readaheadCap = opt.MaxBytes / 2
 	c.scanMaxBlocks = dataBlocks
 	c.scanLookback = max(16, scanLookbackBytes/bs)
-	if size > opt.MaxBytes || opt.TransientScans {
+	if size > opt.MaxBytes {
 		c.scanMaxBlocks = max(1, dataBlocks/scanShare)
 	}
 	for i := range c.shards {

@@ -23,8 +23,9 @@ package cache
 // 1/scanShare of the budget it recycles them, instead of growing into
 // fresh memory, which is what a first pass costs most where the
 // hypervisor backs guest memory lazily. Random reads still fill the
-// budget, and a scan of an export that fits in the budget is cached whole,
-// unless the caller keeps scans itself (Options.TransientScans).
+// budget, and a scan of an export that fits in the budget is cached whole:
+// fetched once, whoever reads it again (an O_DIRECT reader finds nothing
+// in the kernel's page cache).
 
 // reserve makes room for up to n more blocks of BlockSize bytes, evicting
 // as needed, and returns how many it reserved. forReadahead reservations
@@ -66,8 +67,8 @@ func (c *Cache) unreserve(n int) {
 	c.evictMu.Unlock()
 }
 
-// scanShare: scans of exports larger than the budget (or all scans,
-// with TransientScans) keep at most 1/scanShare of it (see above): 8 MiB
+// scanShare: scans of exports larger than the budget keep at most
+// 1/scanShare of it (see above): 8 MiB
 // of the mount's 256 MiB. A larger share keeps little a second pass of a
 // large export would notice, and every first pass pays for it in fresh
 // memory: with an eighth, zeroing new huge pages made a fresh mount's

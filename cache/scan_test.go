@@ -109,17 +109,6 @@ func TestScanOfASmallExportStaysCached(t *testing.T) {
 	}
 }
 
-// With TransientScans even a scan of an export that fits in the budget
-// keeps only the scan share: its caller keeps the data.
-func TestTransientScansOfASmallExport(t *testing.T) {
-	const bs, budget, n = 4096, 64, 48
-	c, _, _ := scannedCache(t, n, budget, Options{TransientScans: true})
-	limit := scanKeepLimit(budget)
-	if st := c.Stats(); st.CachedBytes > limit*bs {
-		t.Fatalf("a transient scan of %d blocks kept %d blocks cached, want at most %d", n, st.CachedBytes/bs, limit)
-	}
-}
-
 // Through the mount, reads are lent (ReadSlices) and the kernel keeps
 // several in flight, so the newest scan blocks are pinned when the next
 // read needs memory: recycling must look past them.

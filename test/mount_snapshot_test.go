@@ -137,3 +137,47 @@ func TestMountSnapshotGone(t *testing.T) {
 		t.Fatalf("read of a gone snapshot: %v, want EIO (data %x...)", err, buf[:4])
 	}
 }
+
+// A snapshot smaller than the cache is fetched from the server once, even
+// by a reader the kernel's page cache does not serve: of two passes of
+// O_DIRECT reads over a mounted snapshot (a sequential scan each), the
+// second fetches nothing, and the cache evicts nothing.
+func TestMountSmallSnapshotFetchedOnce(t *testing.T) {
+	t.Parallel()
+	testenv.RequireFUSE(t)
+	dir := testenv.ShortTempDir(t)
+	image := filepath.Join(dir, "disk.img")
+	const size = 8 << 20
+	writeRandomImage(t, image, size, 41)
+	sock, _ := startServe(t, "disk="+image)
+	mnt := mountDir(t, dir, "mnt")
+	// A budget twice the export: a scan of it would keep 1/32 (512 KiB)
+	// if scans of exports that fit were not kept whole.
+	mountSM(t, unixURI("disk", sock), mnt, "--cache-size", "16M")
+
+	buf := testenv.AlignedBuf(1 << 20)
+	var fetched, evictions [2]float64
+	for pass := range 2 {
+		f, err := os.OpenFile(filepath.Join(mnt, "disk"), os.O_RDONLY|syscall.O_DIRECT, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for off := int64(0); off < size; off += int64(len(buf)) {
+			if _, err := f.ReadAt(buf, off); err != nil {
+				f.Close()
+				t.Fatalf("pass %d: O_DIRECT read at %d: %v", pass+1, off, err)
+			}
+		}
+		f.Close()
+		st := statsJSON(t, mnt)
+		c, _ := st["cache"].(map[string]any)
+		if st["frozen_snapshot"] != true || c == nil {
+			t.Fatalf("not a frozen snapshot with a cache: %v", st)
+		}
+		fetched[pass], _ = c["bytes_fetched"].(float64)
+		evictions[pass], _ = c["evictions"].(float64)
+	}
+	if fetched[0] < size || fetched[1] != fetched[0] || evictions[1] != 0 {
+		t.Fatalf("two O_DIRECT passes over an %d-byte snapshot: %.0f bytes fetched by the first, %.0f more by the second, %.0f evictions; want the second to fetch nothing", size, fetched[0], fetched[1]-fetched[0], evictions[1])
+	}
+}

@@ -133,10 +133,6 @@ func runMount(ctx context.Context, rep *reporter, u *nbd.URI, dopt nbd.DialOptio
 		// Random 4 KiB reads then fetch 4 KiB, not a 64 KiB block into
 		// fresh cache memory, and leave the cache to what is read twice.
 		AdmitOnSecondMiss: true,
-		// A frozen snapshot's file keeps the kernel page cache across
-		// opens (KEEP_CACHE): a second pass reads from there, so a
-		// scan need not fill the cache with a second copy too.
-		TransientScans: frozen,
 	})
 	defer c.Close()
 	// The file's st_blocks comes from the whole allocation map: learn it
