@@ -1,6 +1,7 @@
 package main
 
 import (
+	"math"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -13,20 +14,25 @@ import (
 	"snapmount/test/testenv"
 )
 
-// The mount process collects at mountGCPercent and runs with one Go
-// processor more than the default, unless GOGC or GOMAXPROCS say
-// otherwise.
+// The mount process collects at mountGCPercent, bounds the runtime's
+// memory softly at mountMemoryLimit and runs with one Go processor more
+// than the default, unless GOGC, GOMEMLIMIT or GOMAXPROCS say otherwise.
 func TestTuneMountRuntime(t *testing.T) {
 	prevGC := debug.SetGCPercent(100)
+	prevLimit := debug.SetMemoryLimit(math.MaxInt64)
 	prevProcs := runtime.GOMAXPROCS(0)
 	t.Cleanup(func() {
 		debug.SetGCPercent(prevGC)
+		debug.SetMemoryLimit(prevLimit)
 		runtime.GOMAXPROCS(prevProcs)
 	})
 
 	got := tuneMountRuntime(func(string) string { return "" })
 	if gc := debug.SetGCPercent(100); gc != mountGCPercent {
 		t.Errorf("without GOGC: GC percent %d, want %d", gc, mountGCPercent)
+	}
+	if limit := debug.SetMemoryLimit(math.MaxInt64); limit != mountMemoryLimit {
+		t.Errorf("without GOMEMLIMIT: memory limit %d, want %d", limit, mountMemoryLimit)
 	}
 	if got != prevProcs+1 || runtime.GOMAXPROCS(0) != prevProcs+1 {
 		t.Errorf("without GOMAXPROCS: %d processors (returned %d), want %d", runtime.GOMAXPROCS(0), got, prevProcs+1)
@@ -37,6 +43,8 @@ func TestTuneMountRuntime(t *testing.T) {
 		switch k {
 		case "GOGC":
 			return "50"
+		case "GOMEMLIMIT":
+			return "1GiB"
 		case "GOMAXPROCS":
 			return "1"
 		}
@@ -44,6 +52,9 @@ func TestTuneMountRuntime(t *testing.T) {
 	})
 	if gc := debug.SetGCPercent(100); gc != 100 {
 		t.Errorf("with GOGC set: GC percent changed to %d", gc)
+	}
+	if limit := debug.SetMemoryLimit(math.MaxInt64); limit != math.MaxInt64 {
+		t.Errorf("with GOMEMLIMIT set: memory limit changed to %d", limit)
 	}
 	if got != prevProcs || runtime.GOMAXPROCS(0) != prevProcs {
 		t.Errorf("with GOMAXPROCS set: %d processors (returned %d), want %d unchanged", runtime.GOMAXPROCS(0), got, prevProcs)
