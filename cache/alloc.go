@@ -123,6 +123,26 @@ func (m *allocMap) ensure(ctx context.Context, start, end, minQuery int64) error
 	}
 }
 
+// wants reports whether a query would be needed for [start, end): the
+// map does not cover it, no query for its window runs, and the map has
+// not stopped asking.
+func (m *allocMap) wants(start, end int64) bool {
+	end = min(end, m.size)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	q := firstUnknown(m.ext, start, end)
+	_, busy := m.inflight[alignDown(q, allocWindow)]
+	return !m.off && q < end && !busy
+}
+
+// allocLater asks the source, in the background, for the allocation map
+// of [start, end)'s window unless wants says there is no need.
+func (c *Cache) allocLater(start, end int64) {
+	if c.alloc.wants(start, end) {
+		c.goTracked(func() { c.alloc.ensure(c.ctx, start, end, allocWindow) })
+	}
+}
+
 // query asks the source about [q, end) and merges the answer.
 func (m *allocMap) query(ctx context.Context, q, end int64) error {
 	m.queries.Add(1)

@@ -96,9 +96,10 @@
 //
 // When the source is an Allocator, the first miss in a 64 MiB window asks
 // for that window's allocation map (one query at a time per window,
-// whatever the number of readers); blocks entirely inside ranges that read
-// as zeros are then served as zeros without a transfer, and readahead
-// skips them. The map is bounded (64 Ki extents) and starts over when
+// whatever the number of readers; in the background when the miss is a
+// small random read that goes around the cache, which does not wait for
+// it); blocks entirely inside ranges that read as zeros are then served
+// as zeros without a transfer, and readahead skips them. The map is bounded (64 Ki extents) and starts over when
 // full. A fetched block that turns out all zeros is kept as a zero block,
 // with no buffer. SeekData and SeekHole walk the same map, and
 // AllocatedBytes counts its holes, after LearnAllocation has walked it

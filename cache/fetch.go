@@ -94,7 +94,19 @@ func (c *Cache) readSlow(ctx context.Context, o *readOut, off, end, pos int64) (
 			missing++
 		}
 	}
-	if missing > 0 && c.alloc != nil {
+	// A small random miss reads its own bytes around the cache; it does
+	// not wait for the allocation map either (one more round trip): the
+	// map is asked in the background, for later reads, unless it already
+	// knows the block is a hole.
+	around := missing == 1 && len(slots) == 1 && c.aroundTheCache(first, off, end)
+	if around && c.alloc != nil {
+		start := c.geo.blockStart(first)
+		end := start + int64(c.geo.blockLen(first))
+		if around = !c.alloc.isZero(start, end); around {
+			c.allocLater(start, end)
+		}
+	}
+	if missing > 0 && c.alloc != nil && !around {
 		var lo, hi int64 = -1, 0
 		for i := range slots {
 			if slots[i].kind == slotMissing {
@@ -119,9 +131,11 @@ func (c *Cache) readSlow(ctx context.Context, o *readOut, off, end, pos int64) (
 			}
 		}
 	}
-	if missing == 1 && len(slots) == 1 && slots[0].kind == slotMissing && c.aroundTheCache(first, off, end) {
+	if around {
 		slots[0].kind = slotDirect
 		missing = 0
+		c.stats.misses.Add(1)
+		c.stats.uncached.Add(1)
 	}
 	var runs []*fetch
 	if missing > 0 {
@@ -210,12 +224,7 @@ func (c *Cache) aroundTheCache(idx, off, end int64) bool {
 	if c.ghosts == nil || end-off >= int64(c.geo.blockLen(idx)) || c.ra.continues(off, int(end-off)) {
 		return false
 	}
-	if c.ghosts.admit(idx) {
-		return false
-	}
-	c.stats.misses.Add(1)
-	c.stats.uncached.Add(1)
-	return true
+	return !c.ghosts.admit(idx)
 }
 
 func isDone(ch <-chan struct{}) bool {

@@ -2,7 +2,11 @@ package cache
 
 import (
 	"bytes"
+	"errors"
+	"sync"
 	"testing"
+
+	"snapmount/test/testenv"
 )
 
 func TestGhostsAdmitOnSecondSight(t *testing.T) {
@@ -98,4 +102,49 @@ func TestAroundTheCacheLent(t *testing.T) {
 		t.Fatal("wrong data lent for a read around the cache")
 	}
 	checkStats(t, c.Stats(), map[string]int64{"Uncached": 1, "CachedBytes": 0})
+}
+
+// A small random miss does not wait for the allocation map: the query is
+// held at the source here, and the reads around the cache still return
+// with their bytes. Once released the map is known, and a read of a hole
+// it reports is served as zeros without a transfer.
+func TestAroundTheCacheDoesNotWaitForTheMap(t *testing.T) {
+	const bs = 16 << 10
+	data := pattern(64 * bs)
+	clear(data[40*bs : 41*bs])
+	src := newMemSource(data)
+	src.zeros = []Extent{{Offset: 40 * bs, Length: bs, Zero: true}}
+	src.allocEnter = make(chan struct{}, 16)
+	src.allocGate = make(chan struct{})
+	c := newTestCache(t, asAlloc(src), int64(len(data)), Options{BlockSize: bs, AdmitOnSecondMiss: true})
+	var release sync.Once
+	open := func() { release.Do(func() { close(src.allocGate) }) }
+	t.Cleanup(open) // before Close, which waits for the held query
+
+	read := func(off int64) { // fails the test unless the read returns, right
+		t.Helper()
+		done := make(chan error, 1)
+		go func() {
+			p := make([]byte, 4096)
+			_, err := c.ReadAt(p, off)
+			if err == nil && !bytes.Equal(p, data[off:off+4096]) {
+				err = errors.New("wrong data")
+			}
+			done <- err
+		}()
+		if err := testenv.Receive(t, done, "a small random read while the allocation query is held"); err != nil {
+			t.Fatalf("read at %d: %v", off, err)
+		}
+	}
+	read(5*bs + 4096)
+	testenv.Receive(t, src.allocEnter, "the allocation query to reach the source")
+	read(30*bs + 4096)
+	open()
+	idle(c)
+	reads := len(src.Calls())
+	read(40*bs + 4096) // in the hole the map now knows
+	if n := len(src.Calls()); n != reads {
+		t.Fatalf("a read of a known hole went to the source (%d reads, want %d)", n, reads)
+	}
+	checkStats(t, c.Stats(), map[string]int64{"AllocQueries": 1, "ZeroHits": 1, "Uncached": 2})
 }
