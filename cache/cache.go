@@ -261,29 +261,33 @@ func (c *Cache) SetMaxReadahead(n int64) {
 	}
 }
 
-// ReadSlices lends the bytes [off, off+n) (clipped to the source) as
-// slices of the cache's own memory instead of copying them: a FUSE reply
-// can then be written from the blocks directly. The slices stay valid,
-// and the blocks stay in memory, until release is called; release must be
-// called exactly once. Holes are lent as a shared zero block, which must
-// not be written. In Disabled mode nothing is cached to lend: it returns
-// nil slices, a nil release and a nil error, and the caller reads into
-// its own buffer.
-func (c *Cache) ReadSlices(ctx context.Context, off int64, n int) (slices [][]byte, release func(), err error) {
+// ReadSlices lends the bytes [off, off+len(buf)) (clipped to the source)
+// as slices of the cache's own memory instead of copying them: a FUSE
+// reply can then be written from the blocks directly. What the cache reads
+// from the source without keeping it (a small random miss, or no memory
+// to cache it) goes into buf instead, and its slices point there; buf is
+// the caller's, such as the FUSE request's reply buffer, so such a read
+// allocates nothing. The slices stay valid, and the blocks stay in
+// memory, until release is called; release must be called exactly once.
+// Holes are lent as a shared zero block, which must not be written. In
+// Disabled mode nothing is cached to lend: it returns nil slices, a nil
+// release and a nil error, and the caller reads into its own buffer.
+func (c *Cache) ReadSlices(ctx context.Context, off int64, buf []byte) (slices [][]byte, release func(), err error) {
+	n := len(buf)
 	if c.disabled {
 		return nil, nil, nil
 	}
 	if c.closed.Load() {
 		return nil, nil, ErrClosed
 	}
-	if off < 0 || n < 0 {
+	if off < 0 {
 		return nil, nil, fmt.Errorf("cache: read of %d bytes at offset %d: %w", n, off, syscall.EINVAL)
 	}
 	if n == 0 || off >= c.geo.size {
 		return [][]byte{}, func() {}, nil
 	}
 	n, _ = c.geo.clip(off, n)
-	o := &readOut{lend: true}
+	o := &readOut{p: buf[:n], lend: true}
 	if _, err := c.read(ctx, o, off, int64(n)); err != nil {
 		o.release(c)
 		return nil, nil, err
@@ -294,7 +298,7 @@ func (c *Cache) ReadSlices(ctx context.Context, off int64, n int) (slices [][]by
 // readOut is where a read's data goes: copied into p, or (lend) handed
 // out as slices of pinned blocks that release unpins.
 type readOut struct {
-	p       []byte // the caller's buffer holding the read's range; in lend mode only made for blocks read directly
+	p       []byte // the caller's buffer holding the read's range; in lend mode only for blocks read directly
 	lend    bool
 	slices  [][]byte
 	pinned  []*block

@@ -89,17 +89,22 @@ func TestAroundTheCacheOnlyForSmallRandomReads(t *testing.T) {
 }
 
 // A lent read (the FUSE path) of a block read around the cache gets the
-// right bytes, from a buffer of its own.
+// right bytes, read into the buffer the caller passed (the FUSE reply's),
+// not into one the cache allocates.
 func TestAroundTheCacheLent(t *testing.T) {
 	const bs = 16 << 10
 	c, _, data := aroundCache(t)
-	slices, release, err := c.ReadSlices(t.Context(), 7*bs+100, 3000)
+	buf := make([]byte, 3000)
+	slices, release, err := c.ReadSlices(t.Context(), 7*bs+100, buf)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer release()
 	if got := joined(slices); !bytes.Equal(got, data[7*bs+100:7*bs+3100]) {
 		t.Fatal("wrong data lent for a read around the cache")
+	}
+	if len(slices) != 1 || &slices[0][0] != &buf[0] {
+		t.Fatal("a read around the cache was not lent from the caller's buffer")
 	}
 	checkStats(t, c.Stats(), map[string]int64{"Uncached": 1, "CachedBytes": 0})
 }

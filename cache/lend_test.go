@@ -40,7 +40,7 @@ func TestReadSlicesMatchesReadAt(t *testing.T) {
 			for i := 0; i < 300; i++ {
 				off := r.Int64N(size)
 				n := r.IntN(4 * bs)
-				slices, release, err := c.ReadSlices(context.Background(), off, n)
+				slices, release, err := c.ReadSlices(context.Background(), off, make([]byte, n))
 				if err != nil {
 					t.Fatalf("ReadSlices(%d, %d): %v", off, n, err)
 				}
@@ -60,7 +60,7 @@ func TestReadSlicesPinsUntilRelease(t *testing.T) {
 	const bs = 4096
 	data := pattern(64 * bs)
 	c := newTestCache(t, asVec(newMemSource(data)), int64(len(data)), Options{BlockSize: bs, MaxBytes: 8 * bs, MaxReadahead: -1})
-	slices, release, err := c.ReadSlices(context.Background(), 0, 4*bs)
+	slices, release, err := c.ReadSlices(context.Background(), 0, make([]byte, 4*bs))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -86,7 +86,7 @@ func TestReadSlicesPinsUntilRelease(t *testing.T) {
 // A disabled cache declines to lend; the caller reads into its buffer.
 func TestReadSlicesDisabled(t *testing.T) {
 	c := newTestCache(t, asVec(newMemSource(pattern(8192))), 8192, Options{Disabled: true})
-	s, rel, err := c.ReadSlices(context.Background(), 0, 100)
+	s, rel, err := c.ReadSlices(context.Background(), 0, make([]byte, 100))
 	if s != nil || rel != nil || err != nil {
 		t.Fatalf("disabled ReadSlices = %v, %v, %v; want all nil", s, rel != nil, err)
 	}

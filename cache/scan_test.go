@@ -119,7 +119,7 @@ func TestScanRecyclesPastPinnedReads(t *testing.T) {
 	c := scanCache(t, src, int64(len(data)), bs, budget, Options{})
 	var held []func()
 	for off := int64(0); off < int64(len(data)); off += perRead * bs {
-		slices, release, err := c.ReadSlices(t.Context(), off, perRead*bs)
+		slices, release, err := c.ReadSlices(t.Context(), off, make([]byte, perRead*bs))
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -93,7 +93,7 @@ func (f *fileNode) Read(ctx context.Context, _ fs.FileHandle, dest []byte, off i
 		dest = dest[:rest]
 	}
 	if f.v.sr != nil {
-		slices, release, err := f.v.sr.ReadSlices(ctx, f.win.Offset+off, len(dest))
+		slices, release, err := f.v.sr.ReadSlices(ctx, f.win.Offset+off, dest)
 		if err != nil {
 			return nil, f.v.fail(ctx, err, "read of %d bytes at offset %d", len(dest), off)
 		}

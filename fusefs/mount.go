@@ -139,15 +139,16 @@ type ContextReaderAt interface {
 	ReadAtContext(ctx context.Context, p []byte, off int64) (int, error)
 }
 
-// SliceReader, if the reader implements it, lends the bytes of a read as
-// slices of its own memory (the block cache's blocks), so the reply is
-// written from them with one writev and no copy into go-fuse's buffer.
-// release is called once the reply has been written; the slices must stay
-// unchanged until then. A reader may decline (nil slices, nil error): the
-// read then goes through ReadAt into go-fuse's buffer. Not copying is
-// worth most to cold sequential reads through the cache.
+// SliceReader, if the reader implements it, lends the len(buf) bytes at
+// off as slices of its own memory (the block cache's blocks), so the reply
+// is written from them with one writev and no copy into go-fuse's buffer.
+// buf is go-fuse's reply buffer: what the reader does not hold it may read
+// into buf and lend from there. release is called once the reply has been
+// written; the slices must stay unchanged until then. A reader may decline
+// (nil slices, nil error): the read then goes through ReadAt into buf.
+// Not copying is worth most to cold sequential reads through the cache.
 type SliceReader interface {
-	ReadSlices(ctx context.Context, off int64, n int) (slices [][]byte, release func(), err error)
+	ReadSlices(ctx context.Context, off int64, buf []byte) (slices [][]byte, release func(), err error)
 }
 
 // Mount settings.

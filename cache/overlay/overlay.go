@@ -46,7 +46,7 @@ type contextReaderAt interface {
 }
 
 type sliceReader interface {
-	ReadSlices(ctx context.Context, off int64, n int) (slices [][]byte, release func(), err error)
+	ReadSlices(ctx context.Context, off int64, buf []byte) (slices [][]byte, release func(), err error)
 }
 
 // Overlay is the write layer over one disk. Make one with New.
@@ -239,7 +239,8 @@ func (o *Overlay) readLower(ctx context.Context, p []byte, off int64) (int, erro
 // ReadSlices passes the read on to the disk below when no block of it is
 // in the overlay (and the disk below lends slices); otherwise it declines,
 // and the read goes through ReadAtContext.
-func (o *Overlay) ReadSlices(ctx context.Context, off int64, n int) ([][]byte, func(), error) {
+func (o *Overlay) ReadSlices(ctx context.Context, off int64, buf []byte) ([][]byte, func(), error) {
+	n := len(buf)
 	if o.slicer == nil || n <= 0 || off < 0 || off >= o.size {
 		return nil, nil, nil
 	}
@@ -249,7 +250,7 @@ func (o *Overlay) ReadSlices(ctx context.Context, off int64, n int) ([][]byte, f
 			return nil, nil, nil
 		}
 	}
-	return o.slicer.ReadSlices(ctx, off, n)
+	return o.slicer.ReadSlices(ctx, off, buf)
 }
 
 // WriteAt writes p at off into the overlay. A write reaching past the end

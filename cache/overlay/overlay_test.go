@@ -355,11 +355,11 @@ func (d *ctxDisk) ReadAtContext(ctx context.Context, p []byte, off int64) (int, 
 	return bytes.NewReader(d.data).ReadAt(p, off)
 }
 
-func (d *ctxDisk) ReadSlices(ctx context.Context, off int64, n int) ([][]byte, func(), error) {
+func (d *ctxDisk) ReadSlices(ctx context.Context, off int64, buf []byte) ([][]byte, func(), error) {
 	d.mu.Lock()
 	d.lent++
 	d.mu.Unlock()
-	return [][]byte{d.data[off : off+int64(n)]}, func() {}, nil
+	return [][]byte{d.data[off : off+int64(len(buf))]}, func() {}, nil
 }
 
 type ctxKey struct{}
@@ -403,12 +403,12 @@ func TestLowerPassThrough(t *testing.T) {
 
 	// Slices are lent from below where no block was written, and declined
 	// (nil) where one was.
-	slices, _, err := o.ReadSlices(ctx, 8192, 8192)
+	slices, _, err := o.ReadSlices(ctx, 8192, make([]byte, 8192))
 	if err != nil || len(slices) != 1 || d.lent != 1 {
 		t.Fatalf("ReadSlices of unwritten blocks: %v, %v (lent %d)", slices, err, d.lent)
 	}
 	for _, off := range []int64{0, 4000} {
-		if slices, _, err := o.ReadSlices(ctx, off, 8192); slices != nil || err != nil {
+		if slices, _, err := o.ReadSlices(ctx, off, make([]byte, 8192)); slices != nil || err != nil {
 			t.Errorf("ReadSlices at %d over a written block lent %d slices, %v", off, len(slices), err)
 		}
 	}

@@ -19,6 +19,7 @@ import (
 	"github.com/hanwen/go-fuse/v2/fuse"
 
 	"snapmount/cache"
+	"snapmount/cache/overlay"
 	"snapmount/fusefs"
 	"snapmount/nbd"
 )
@@ -30,6 +31,17 @@ import (
 // start of a disk pay for large requests it never earns back, while long
 // reads are cheaper per byte in large requests.
 const missRequestSize, missWarmup = 256 << 10, 256 << 20
+
+// The cache, or the overlay over it, is the mount's reader: if one
+// stopped answering fusefs's optional interfaces, reads would silently
+// take a slower path.
+var (
+	_ fusefs.SliceReader     = (*cache.Cache)(nil)
+	_ fusefs.ContextReaderAt = (*cache.Cache)(nil)
+	_ fusefs.Seeker          = (*cache.Cache)(nil)
+	_ fusefs.SliceReader     = (*overlay.Overlay)(nil)
+	_ fusefs.ContextReaderAt = (*overlay.Overlay)(nil)
+)
 
 // fileName is the name of the file in the mount: the export's name
 // without its view (NAME@snapshot is NAME), as nbdfuse's "nbd" when the
