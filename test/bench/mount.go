@@ -204,24 +204,29 @@ type mountTarget struct {
 	serverPID int
 }
 
+// nbdkitTarget is a mount target of one nbdkit per image, servers[image]:
+// every contender mounts the same live view.
+func nbdkitTarget(name, short string, servers map[string]*daemon) *mountTarget {
+	return &mountTarget{
+		name:   name,
+		short:  short,
+		uriFor: func(_, image string) string { return unixURI("", servers[image].sock) },
+		stop: func() {
+			for _, d := range servers {
+				d.stop()
+			}
+		},
+	}
+}
+
 func (b *bench) mountTargets(random, sparse string) []func() *mountTarget {
 	return []func() *mountTarget{
 		func() *mountTarget {
 			// nbdkit serves each image read-only; both contenders get
 			// the same live view.
-			kr := b.nbdkit(random, "-r")
-			ks := b.nbdkit(sparse, "-r")
-			return &mountTarget{
-				name:  "nbdkit",
-				short: "nbdkit",
-				uriFor: func(_, image string) string {
-					if image == "sparse" {
-						return unixURI("", ks.sock)
-					}
-					return unixURI("", kr.sock)
-				},
-				stop: func() { kr.stop(); ks.stop() },
-			}
+			return nbdkitTarget("nbdkit", "nbdkit", map[string]*daemon{
+				"random": b.nbdkit(random, "-r"), "sparse": b.nbdkit(sparse, "-r"),
+			})
 		},
 		func() *mountTarget {
 			// snapmount serve: snapmount mounts NAME (the read-only

@@ -33,18 +33,9 @@ func (b *bench) remoteGroup() {
 	delayed := func(image string) *daemon {
 		return b.nbdkitWith(image, []string{"-r", "--filter=delay"}, []string{"rdelay=" + remoteDelay})
 	}
-	kr, kw := delayed(random), delayed(walk)
-	t := &mountTarget{
-		name:  "nbdkit --filter=delay rdelay=" + remoteDelay,
-		short: "remote",
-		uriFor: func(_, image string) string {
-			if image == "walk" {
-				return unixURI("", kw.sock)
-			}
-			return unixURI("", kr.sock)
-		},
-		stop: func() { kr.stop(); kw.stop() },
-	}
+	t := nbdkitTarget("nbdkit --filter=delay rdelay="+remoteDelay, "remote", map[string]*daemon{
+		"random": delayed(random), "walk": delayed(walk),
+	})
 	defer t.stop()
 	for _, id := range b.ids {
 		b.newMountRun(t, id, "remote", images).remoteRows()
