@@ -49,6 +49,11 @@ func (id *identity) do(fn func() error) error {
 	return <-errc
 }
 
+// The main goroutine keeps the main thread, so that the ordinary user's
+// thread (userThread) is never the main thread: that one cannot end, and
+// its ids are what /proc shows as the process's (userdel would refuse).
+func init() { runtime.LockOSThread() }
+
 // userThread starts a goroutine locked to a thread whose credentials
 // become cred's, and returns the channel of functions it runs. FUSE
 // checks the real, effective and saved ids, so the thread cannot become
@@ -148,8 +153,18 @@ func (b *bench) ordinaryUser() *identity {
 			fatalf("useradd %s: %v: %s", benchUser, err, out)
 		}
 		atExit = append(atExit, func() {
-			if out, err := exec.Command("userdel", benchUser).CombinedOutput(); err != nil {
-				b.logf("userdel %s: %v: %s", benchUser, err, out)
+			// The user's last processes (an unmounted mount's, our own
+			// thread of it) may take a moment to go: userdel refuses a
+			// busy user with status 8.
+			for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+				out, err := exec.Command("userdel", benchUser).CombinedOutput()
+				var ee *exec.ExitError
+				if err == nil || !errors.As(err, &ee) || ee.ExitCode() != 8 || time.Now().After(deadline) {
+					if err != nil {
+						b.logf("userdel %s: %v: %s", benchUser, err, out)
+					}
+					return
+				}
 			}
 		})
 	}
