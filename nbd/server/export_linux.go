@@ -132,45 +132,6 @@ func exportResident(m []byte, off, n int64) bool {
 // process. It returns how many bytes it sent; fewer than n without an
 // error means the file ended early.
 func sendfile(conn syscall.RawConn, f *os.File, off, n int64) (int64, error) {
-	return sendfileWait(conn, f, off, n, true)
-}
-
-// sendfileNow is sendfile that never waits for the socket: it returns
-// what it sent before the socket was full.
-func sendfileNow(conn syscall.RawConn, f *os.File, off, n int64) (int64, error) {
-	return sendfileWait(conn, f, off, n, false)
-}
-
-// writeNow writes b on conn as far as the socket takes it without
-// waiting, and returns how many bytes it wrote.
-func writeNow(conn syscall.RawConn, b []byte) (int64, error) {
-	var sent int64
-	var opErr error
-	err := conn.Write(func(out uintptr) bool {
-		for sent < int64(len(b)) {
-			m, err := syscall.Write(int(out), b[sent:])
-			if m > 0 {
-				sent += int64(m)
-			}
-			switch {
-			case errors.Is(err, syscall.EAGAIN):
-				return true
-			case errors.Is(err, syscall.EINTR):
-				continue
-			case err != nil:
-				opErr = err
-				return true
-			}
-		}
-		return true
-	})
-	if err != nil {
-		return sent, err
-	}
-	return sent, opErr
-}
-
-func sendfileWait(conn syscall.RawConn, f *os.File, off, n int64, wait bool) (int64, error) {
 	var sent int64
 	err := storeRawConn(f, func(in int) error {
 		var opErr error
@@ -183,7 +144,7 @@ func sendfileWait(conn syscall.RawConn, f *os.File, off, n int64, wait bool) (in
 				}
 				switch {
 				case errors.Is(err, syscall.EAGAIN):
-					return !wait // wait until the socket is writable, or give up
+					return false // wait until the socket is writable
 				case errors.Is(err, syscall.EINTR):
 					continue
 				case err != nil:

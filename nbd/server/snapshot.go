@@ -246,16 +246,6 @@ func (s *snapshot) isPreserved(b int64) bool {
 	return s.preserved[b>>6].Load()&(1<<(b&63)) != 0
 }
 
-// anyPreserved reports whether a block of [off, end) is preserved.
-func (s *snapshot) anyPreserved(off, end int64) bool {
-	for b := off >> s.exp.blockShift; b <= (end-1)>>s.exp.blockShift; b++ {
-		if s.isPreserved(b) {
-			return true
-		}
-	}
-	return false
-}
-
 func (s *snapshot) setPreserved(b int64) {
 	s.preserved[b>>6].Or(1 << (b & 63))
 }

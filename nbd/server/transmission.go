@@ -9,14 +9,12 @@ package server
 
 import (
 	"bufio"
-	"cmp"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"os"
 	"sync"
-	"syscall"
 	"time"
 
 	"snapmount/nbd"
@@ -28,16 +26,10 @@ type reply struct {
 	buf  []byte      // pooled payload buffer to give back once written
 	cost int64       // in-flight budget to give back once written
 
-	// A READ of cached data is sent from the image with sendfile: then
-	// pieces replace bufs.
+	// A READ of cached live data is sent from the image with sendfile:
+	// then pieces replace bufs.
 	file   *os.File
 	pieces []piece
-	// snap is set for a READ of a snapshot's blocks that were not
-	// preserved when it was handled (snapshotSendfileRead): its data is
-	// sent by sendSnapshotData, and its last chunk, which says whether the
-	// data was the snapshot's, is made once the data has gone out.
-	snap *snapshot
-	req  nbd.Request
 }
 
 // piece is part of a reply: bytes, or (b == nil) n bytes of the
@@ -272,12 +264,6 @@ var testHookWriterUnlocking = func() {}
 // sendfile in between.
 func (w *replyWriter) write(batch []*reply) error {
 	var bufs net.Buffers
-	var spare [][]byte // pooled buffers in bufs, given back once written
-	defer func() {
-		for _, b := range spare {
-			putBuf(b)
-		}
-	}()
 	flush := func() error {
 		_, err := bufs.WriteTo(w.c.conn)
 		bufs = bufs[:0]
@@ -288,7 +274,6 @@ func (w *replyWriter) write(batch []*reply) error {
 			bufs = append(bufs, r.bufs...)
 			continue
 		}
-		var bad error // a snapshot's data could not be read
 		for _, p := range r.pieces {
 			if p.b != nil {
 				bufs = append(bufs, p.b)
@@ -296,18 +281,6 @@ func (w *replyWriter) write(batch []*reply) error {
 			}
 			if err := flush(); err != nil {
 				return err
-			}
-			if r.snap != nil {
-				rest, failed, err := w.c.sendSnapshotData(r.snap, p.off, p.n)
-				if err != nil {
-					// The header has gone out; the data cannot follow.
-					return fmt.Errorf("sending %d bytes at %d of snapshot %s: %w", p.n, p.off, r.snap.name, err)
-				}
-				if rest != nil {
-					bufs, spare = append(bufs, rest), append(spare, rest)
-				}
-				bad = cmp.Or(bad, failed)
-				continue
 			}
 			sent, err := sendfile(w.c.sendfile, r.file, p.off, p.n)
 			if err != nil {
@@ -320,74 +293,8 @@ func (w *replyWriter) write(batch []*reply) error {
 				bufs = append(bufs, make([]byte, p.n-sent))
 			}
 		}
-		if r.snap != nil {
-			bufs = append(bufs, w.c.snapshotReadEnd(r, bad)...)
-		}
 	}
 	return flush()
-}
-
-// sendSnapshotData sends the n bytes at off of snapshot s, a data chunk's
-// payload of a READ made by snapshotSendfileRead. Under the blocks' read
-// locks (no writer changes them meanwhile) it checks that none was
-// preserved since the READ was handled, so that the image still holds the
-// snapshot's data, and sends as much as the socket takes without waiting;
-// if the socket fills, it reads the rest from the image before it lets the
-// locks go, so that a client that reads its replies slowly never holds up
-// a writer. A block preserved meanwhile (or a broken snapshot) makes it
-// read the data the ordinary way. What is left to send comes back in a
-// pooled buffer, for the caller to send and give back; bad is a failure
-// to read the snapshot's data, which the READ's last chunk must report
-// (zeros stand in for the data).
-func (c *conn) sendSnapshotData(s *snapshot, off, n int64) (rest []byte, bad, err error) {
-	testHookSnapshotData(s)
-	e := s.exp
-	b0, b1 := off>>e.blockShift, (off+n-1)>>e.blockShift
-	e.locks.rlock(b0, b1)
-	if s.check() == nil && !s.anyPreserved(off, off+n) {
-		rest, err = sendNow(c.sendfile, e, off, n)
-		e.locks.runlock(b0, b1)
-		return rest, nil, err
-	}
-	e.locks.runlock(b0, b1)
-	rest = getBuf(int(n))
-	if _, bad = s.read(rest, off, false); bad != nil {
-		clear(rest)
-	}
-	return rest, bad, nil
-}
-
-// sendNow sends the n bytes at off of e's image on rc with sendfile for
-// as long as the socket takes them without waiting, and reads what is
-// left into a pooled buffer (nil if nothing is).
-func sendNow(rc syscall.RawConn, e *export, off, n int64) ([]byte, error) {
-	sent, err := sendfileNow(rc, e.file, off, n)
-	if err != nil || sent == n {
-		return nil, err
-	}
-	// The socket is full, or another process shortened the image (past
-	// its end it reads as zeros).
-	rest := getBuf(int(n - sent))
-	if err := e.readImage(rest, off+sent); err != nil {
-		putBuf(rest)
-		return nil, err
-	}
-	return rest, nil
-}
-
-// testHookSnapshotData runs as sendSnapshotData starts (tests change the
-// snapshot between a READ's handling and its sending).
-var testHookSnapshotData = func(*snapshot) {}
-
-// snapshotReadEnd is the last chunk of a snapshot READ sent from the
-// image, made once its data has gone out: success if the snapshot is
-// still whole and its data could be read, an error otherwise. Until then
-// the client holds the data as unconfirmed (no chunk had
-// NBD_REPLY_FLAG_DONE): a snapshot that broke while it was sent no longer
-// makes writers wait for its readers, so the data may be newer than the
-// snapshot's instant.
-func (c *conn) snapshotReadEnd(r *reply, bad error) net.Buffers {
-	return c.result(r.req, cmp.Or(bad, r.snap.check())).bufs
 }
 
 // ---- request handling ----
@@ -479,11 +386,10 @@ func (c *conn) handle(req nbd.Request, payload []byte) *reply {
 // handleInline runs the requests that cost little and never wait for a
 // disk in the reader goroutine itself, and returns nil for the others. It
 // saves a goroutine and a thread handoff per request where the kernel
-// copy is the whole cost: a READ of cached data sent with sendfile (live,
-// or a snapshot's blocks not preserved) and a plain WRITE into the page
-// cache while no snapshot needs copy-before-write. FUA writes, other
-// snapshot I/O and uncached reads go to the handlers, which run in
-// parallel.
+// copy is the whole cost: a READ of cached live data (sent with sendfile)
+// and a plain WRITE into the page cache while no snapshot needs
+// copy-before-write. FUA writes, snapshot I/O and uncached reads go to the
+// handlers, which run in parallel.
 func (c *conn) handleInline(req nbd.Request, payload []byte) *reply {
 	v := c.view
 	off, length := int64(req.Offset), int64(req.Length)
@@ -492,11 +398,7 @@ func (c *conn) handleInline(req nbd.Request, payload []byte) *reply {
 	}
 	switch req.Type {
 	case nbd.CmdRead:
-		holes := c.structured && req.Flags&nbd.CmdFlagDF == 0
-		if r := c.sendfileRead(req, holes); r != nil {
-			return r
-		}
-		return c.snapshotSendfileRead(req, holes)
+		return c.sendfileRead(req, c.structured && req.Flags&nbd.CmdFlagDF == 0)
 	case nbd.CmdWrite:
 		if !v.writable || req.Flags&nbd.CmdFlagFUA != 0 {
 			return nil
@@ -525,9 +427,6 @@ func (c *conn) handleRead(req nbd.Request, inRange bool) *reply {
 	if r := c.sendfileRead(req, holes); r != nil {
 		return r
 	}
-	if r := c.snapshotSendfileRead(req, holes); r != nil {
-		return r
-	}
 	buf := getBuf(int(length))
 	ext, err := c.view.read(buf, off, holes)
 	if err != nil {
@@ -543,7 +442,7 @@ func (c *conn) handleRead(req nbd.Request, inRange bool) *reply {
 		ext = []extent{{off: off, length: length}}
 	}
 	r.bufs = make(net.Buffers, 0, 2*len(ext))
-	readChunks(req.Cookie, ext, true,
+	readChunks(req.Cookie, ext,
 		func(h []byte) { r.bufs = append(r.bufs, h) },
 		func(x extent) { r.bufs = append(r.bufs, buf[x.off-off:x.off-off+x.length]) })
 	return r
@@ -552,14 +451,14 @@ func (c *conn) handleRead(req nbd.Request, inRange bool) *reply {
 // readChunks lays out the structured reply to a READ whose range
 // splits into ext: per extent an OFFSET_HOLE chunk, or an OFFSET_DATA
 // chunk header followed by the extent's data, which data places (bytes in
-// memory, or a file range for sendfile). If done, the last chunk carries
-// NBD_REPLY_FLAG_DONE (otherwise a later chunk will). Headers go into one
-// slice sized up front, so the slices of it handed to header stay valid.
-func readChunks(cookie uint64, ext []extent, done bool, header func([]byte), data func(extent)) {
+// memory, or a file range for sendfile). The last chunk carries
+// NBD_REPLY_FLAG_DONE. Headers go into one slice sized up front, so the
+// slices of it handed to header stay valid.
+func readChunks(cookie uint64, ext []extent, header func([]byte), data func(extent)) {
 	hdr := make([]byte, 0, len(ext)*(nbd.ChunkHeaderLen+12))
 	for i, x := range ext {
 		var flags uint16
-		if done && i == len(ext)-1 {
+		if i == len(ext)-1 {
 			flags = nbd.ReplyFlagDone
 		}
 		start := len(hdr)
@@ -580,9 +479,9 @@ const sendfileMin = 32 << 10
 
 // sendfileRead builds the reply to a READ of live data that is all in the
 // page cache, to be sent with sendfile. It returns nil when the READ must
-// take another path: snapshots (snapshotSendfileRead), TLS, small or
-// uncached ranges (read in parallel by the handlers rather than by the one
-// writer).
+// take the ordinary path: snapshots (read under block locks), TLS, small
+// or uncached ranges (read in parallel by the handlers rather than by the
+// one writer).
 func (c *conn) sendfileRead(req nbd.Request, holes bool) *reply {
 	v := c.view
 	off, length := int64(req.Offset), int64(req.Length)
@@ -599,41 +498,7 @@ func (c *conn) sendfileRead(req nbd.Request, holes bool) *reply {
 		ext = imageExtents(v.exp.file, off, off+length, make([]extent, 0, 4), maxReadExtents)
 	}
 	r.pieces = make([]piece, 0, 2*len(ext))
-	readChunks(req.Cookie, ext, true,
-		func(h []byte) { r.pieces = append(r.pieces, piece{b: h}) },
-		func(x extent) { r.pieces = append(r.pieces, piece{off: x.off, n: x.length}) })
-	return r
-}
-
-// snapshotSendfileRead builds the reply to a READ of a snapshot that is
-// all in the page cache with no block in range preserved: such blocks
-// still hold the snapshot's data in the image, so the reply is sent from
-// there with sendfile, as live data is (sendSnapshotData makes sure they
-// still do when it goes out). It returns nil when the READ must take the
-// ordinary path: live views (sendfileRead), simple replies (whose header
-// commits to success before the data), TLS, small or uncached ranges,
-// preserved blocks (their data is in the snapshot's store), a snapshot
-// that is broken or gone.
-func (c *conn) snapshotSendfileRead(req nbd.Request, holes bool) *reply {
-	v, s := c.view, c.view.snap
-	off, length := int64(req.Offset), int64(req.Length)
-	if s == nil || !c.structured || c.sendfile == nil || length < sendfileMin || s.check() != nil ||
-		!exportResident(v.exp.mapping, off, length) {
-		return nil
-	}
-	ext := []extent{{off: off, length: length}}
-	if holes {
-		ext = imageExtents(v.exp.file, off, off+length, make([]extent, 0, 4), maxReadExtents)
-	}
-	// Checked after the holes were looked up: a write preserves a block
-	// before it changes it, so with none preserved now the image's holes
-	// were the snapshot's, and the chunks below stay right whatever is
-	// written later (sendSnapshotData then reads the data from the store).
-	if s.anyPreserved(off, off+length) {
-		return nil
-	}
-	r := &reply{file: v.exp.file, snap: s, req: req, pieces: make([]piece, 0, 2*len(ext))}
-	readChunks(req.Cookie, ext, false,
+	readChunks(req.Cookie, ext,
 		func(h []byte) { r.pieces = append(r.pieces, piece{b: h}) },
 		func(x extent) { r.pieces = append(r.pieces, piece{off: x.off, n: x.length}) })
 	return r
