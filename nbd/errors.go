@@ -3,6 +3,7 @@ package nbd
 import (
 	"errors"
 	"fmt"
+	"strings"
 	"syscall"
 )
 
@@ -139,3 +140,34 @@ var (
 	// change data.
 	ErrWriteRefused = errors.New("nbd: write-type commands are never sent by a read-only client")
 )
+
+// SnapshotBrokenError is what snapmount serve answers for a snapshot it
+// broke (its store full, or a copy into it failed): EIO, with a text that
+// names the snapshot and the reason. The protocol carries the why only as
+// that text, so a client that wants to tell a broken snapshot from other
+// errors matches it with IsSnapshotBroken, the one reading of this one
+// wording.
+type SnapshotBrokenError struct {
+	Snapshot string // canonical name, "disk@s7"
+	Reason   string
+}
+
+// snapshotBrokenText and snapshotBrokenMark word SnapshotBrokenError.
+const (
+	snapshotBrokenText = "snapshot "
+	snapshotBrokenMark = " is broken ("
+)
+
+func (e *SnapshotBrokenError) Error() string {
+	return snapshotBrokenText + e.Snapshot + snapshotBrokenMark + e.Reason + ")"
+}
+
+// Unwrap makes the error an EIO (ErrnoOf, errors.Is).
+func (e *SnapshotBrokenError) Unwrap() error { return EIO }
+
+// IsSnapshotBroken reports whether msg, the text of an error a server
+// sent, is a SnapshotBrokenError's.
+func IsSnapshotBroken(msg string) bool {
+	rest, ok := strings.CutPrefix(msg, snapshotBrokenText)
+	return ok && strings.Contains(rest, snapshotBrokenMark)
+}

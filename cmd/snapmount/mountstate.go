@@ -2,7 +2,6 @@ package main
 
 import (
 	"fmt"
-	"strings"
 	"time"
 
 	"snapmount/nbd"
@@ -19,7 +18,7 @@ type mountState struct {
 // stateOf derives the mount's state from the pool's (see
 // nbd.ClientStats.State). A snapshot the server broke (its store full,
 // or a failed copy) is only known from the errors the server reported:
-// snapmount serve says "snapshot NAME is broken (why)".
+// snapmount serve words them as nbd.SnapshotBrokenError.
 func stateOf(frozen bool, timeout time.Duration, cs nbd.ClientStats) mountState {
 	switch cs.State {
 	case "closed":
@@ -45,7 +44,7 @@ func stateOf(frozen bool, timeout time.Duration, cs nbd.ClientStats) mountState 
 		}
 		return mountState{State: "reconnecting", Since: cs.Since, Detail: d}
 	}
-	if e := cs.LastServerError; frozen && e != nil && strings.Contains(e.Message, " is broken") {
+	if e := cs.LastServerError; frozen && e != nil && nbd.IsSnapshotBroken(e.Message) {
 		return mountState{State: "snapshot broken", Since: e.At,
 			Detail: "the server says: " + e.Message + "; reads of what is not cached fail with EIO: mount again for a new snapshot"}
 	}

@@ -142,7 +142,7 @@ func (e *export) joinSnapshot(id uint64, ref bool) (*snapshot, error) {
 		return nil, fmt.Errorf("snapshot %s@s%d does not exist (it was dropped after its last connection and the linger time, or never made); open %s@snapshot for a new one", e.name, id, e.name)
 	}
 	if r := s.broken.Load(); r != nil {
-		return nil, fmt.Errorf("snapshot %s is broken: %s", s.name, *r)
+		return nil, &nbd.SnapshotBrokenError{Snapshot: s.name, Reason: *r}
 	}
 	if ref {
 		s.refs++
@@ -234,7 +234,7 @@ func (s *snapshot) releaseStore() int64 {
 // check returns EIO for a broken or dropped snapshot.
 func (s *snapshot) check() error {
 	if r := s.broken.Load(); r != nil {
-		return fmt.Errorf("snapshot %s is broken (%s): %w", s.name, *r, nbd.EIO)
+		return &nbd.SnapshotBrokenError{Snapshot: s.name, Reason: *r}
 	}
 	if s.gone.Load() {
 		return fmt.Errorf("snapshot %s was dropped: %w", s.name, nbd.EIO)

@@ -270,15 +270,17 @@ func TestSnapshotStoreFullBreaksSnapshot(t *testing.T) {
 		if !bytes.Equal(now, p) {
 			t.Error("the write did not reach the image")
 		}
+		// The text of each error is what a client is sent, and it must
+		// read as a broken snapshot (mount's stats say so).
 		_, err := s.read(make([]byte, 4096), 0, true)
-		if nbd.ErrnoOf(err) != nbd.EIO {
-			t.Errorf("reading a broken snapshot: %v, want EIO", err)
+		if nbd.ErrnoOf(err) != nbd.EIO || err == nil || !nbd.IsSnapshotBroken(err.Error()) {
+			t.Errorf("reading a broken snapshot: %v, want EIO worded as nbd.SnapshotBrokenError", err)
 		}
-		if err := s.flush(); nbd.ErrnoOf(err) != nbd.EIO {
-			t.Errorf("FLUSH of a broken snapshot: %v, want EIO", err)
+		if err := s.flush(); nbd.ErrnoOf(err) != nbd.EIO || err == nil || !nbd.IsSnapshotBroken(err.Error()) {
+			t.Errorf("FLUSH of a broken snapshot: %v, want EIO worded as nbd.SnapshotBrokenError", err)
 		}
-		if _, _, err := srv.openView("disk@s1", false, true); err == nil {
-			t.Error("a broken snapshot can still be joined")
+		if _, _, err := srv.openView("disk@s1", false, true); err == nil || !nbd.IsSnapshotBroken(err.Error()) {
+			t.Errorf("joining a broken snapshot: %v, want a refusal worded as nbd.SnapshotBrokenError", err)
 		}
 		if got := srv.storeUsed.Load(); got != 0 {
 			t.Errorf("a broken snapshot's store still counts %d bytes", got)
