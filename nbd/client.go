@@ -473,7 +473,7 @@ func (c *Client) dialVerified(ctx context.Context) (*Conn, error) {
 		err = fmt.Errorf("read-only flag changed (now %v)", got.ReadOnly())
 	case got.CanonicalName != c.info.CanonicalName:
 		err = fmt.Errorf("canonical name is now %q, was %q", got.CanonicalName, c.info.CanonicalName)
-	case c.isSnapshot() && got.Description != c.info.Description:
+	case c.info.SnapmountSnapshot() && got.Description != c.info.Description:
 		// snapmount serve numbers snapshots from 1 again after a
 		// restart: the instant in the description tells them apart.
 		err = fmt.Errorf("%q is another snapshot now (%q, was %q)", got.CanonicalName, got.Description, c.info.Description)
@@ -483,13 +483,6 @@ func (c *Client) dialVerified(ctx context.Context) (*Conn, error) {
 		return nil, &changedError{c.uri.Export, err}
 	}
 	return conn, nil
-}
-
-// isSnapshot reports whether the pool reads a snapshot by its number
-// (NAME@sN).
-func (c *Client) isSnapshot() bool {
-	ref, err := ParseExportName(c.info.CanonicalName)
-	return err == nil && ref.View == ViewJoinSnapshot
 }
 
 // goneError: the export (typically a snapshot) no longer exists.

@@ -37,6 +37,30 @@ func TestParseExportName(t *testing.T) {
 	}
 }
 
+// Only a snapmount server's snapshot (the promise taken, NAME@sN) is one:
+// not live views, not a stock server's export that happens to be called
+// x@s1.
+func TestSnapmountSnapshot(t *testing.T) {
+	for _, tc := range []struct {
+		canonical string
+		promise   bool
+		want      bool
+	}{
+		{"disk@s7", true, true},
+		{"x@s1", false, false},
+		{"disk@live", true, false},
+		{"disk", true, false},
+		{"disk@snapshot", true, false},
+		{"disk@s0", true, false},
+		{"", true, false},
+	} {
+		info := &ExportInfo{CanonicalName: tc.canonical, Promise: tc.promise}
+		if got := info.SnapmountSnapshot(); got != tc.want {
+			t.Errorf("SnapmountSnapshot(%q, promise %v) = %v, want %v", tc.canonical, tc.promise, got, tc.want)
+		}
+	}
+}
+
 // FuzzParseExportName: the export-name parser never panics and what it
 // accepts names a base without '@'.
 func FuzzParseExportName(f *testing.F) {

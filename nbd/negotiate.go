@@ -320,6 +320,15 @@ type ExportInfo struct {
 // ReadOnly reports whether the server declared the export read-only.
 func (i *ExportInfo) ReadOnly() bool { return i.Flags&FlagReadOnly != 0 }
 
+// SnapmountSnapshot reports whether the export is a snapshot of snapmount
+// serve, frozen at one instant: the server took the read-only promise
+// (only snapmount serve knows it) and named the export NAME@sN. A stock
+// server may call an export x@s1 too; that says nothing about its data.
+func (i *ExportInfo) SnapmountSnapshot() bool {
+	ref, err := ParseExportName(i.CanonicalName)
+	return i.Promise && err == nil && ref.View == ViewJoinSnapshot
+}
+
 // CanMultiConn reports whether several connections may share the work.
 func (i *ExportInfo) CanMultiConn() bool { return i.Flags&FlagCanMultiConn != 0 }
 

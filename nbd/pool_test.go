@@ -65,8 +65,9 @@ func serveExport(s *fakeServer, canonical string) {
 }
 
 // handshake answers the handshake with a multi-conn read-only export of
-// 1 MiB whose canonical name is canonical (every other option is
-// unsupported); from then on the client may hang up at any time.
+// 1 MiB whose canonical name is canonical, taking the read-only promise
+// as snapmount serve does (every other option is unsupported); from then
+// on the client may hang up at any time.
 func handshake(s *fakeServer, canonical string) {
 	handshakeDescribed(s, canonical, "")
 }
@@ -77,6 +78,10 @@ func handshakeDescribed(s *fakeServer, canonical, desc string) {
 	s.greet(HandshakeFixedNewstyle | HandshakeNoZeroes)
 	for {
 		opt, _ := s.readOption()
+		if opt == OptXReadOnly {
+			s.reply(opt, RepAck, nil)
+			continue
+		}
 		if opt != OptGo {
 			s.reply(opt, RepErrUnsup, nil)
 			continue

@@ -113,7 +113,7 @@ func runMount(ctx context.Context, rep *reporter, u *nbd.URI, dopt nbd.DialOptio
 		}
 		return withCode(exitConnect, fmt.Errorf("server %s exports %q writable and %s, so it may count this mount as a writer: use a read-only export (e.g. qemu-nbd -r, nbdkit -r, NAME@snapshot on snapmount serve) or pass --allow-writable", u.Address, u.Export, why))
 	}
-	frozen := isFrozen(info)
+	frozen := info.SnapmountSnapshot()
 	if !frozen {
 		why := "the server has no snapshots"
 		if info.Promise {

@@ -49,11 +49,3 @@ func cacheSource(c *nbd.Client) io.ReaderAt {
 	}
 	return nbdSource{c}
 }
-
-// isFrozen reports whether the view is an immutable snapshot: the server
-// took the read-only promise (it is a snapmount server) and named a
-// snapshot (NAME@sN). Anything else may change under the mount.
-func isFrozen(info *nbd.ExportInfo) bool {
-	name, err := nbd.ParseExportName(info.CanonicalName)
-	return info.Promise && err == nil && name.View == nbd.ViewJoinSnapshot
-}

@@ -1,33 +1,6 @@
 package main
 
-import (
-	"testing"
-
-	"snapmount/nbd"
-)
-
-// Only a snapmount server's snapshot (the promise taken, NAME@sN) is
-// frozen; live views and other servers' names are not.
-func TestIsFrozen(t *testing.T) {
-	for _, tc := range []struct {
-		canonical string
-		promise   bool
-		want      bool
-	}{
-		{"disk@s7", true, true},
-		{"disk@s7", false, false},
-		{"disk@live", true, false},
-		{"disk", true, false},
-		{"disk@snapshot", true, false},
-		{"disk@s0", true, false},
-		{"", true, false},
-	} {
-		info := &nbd.ExportInfo{CanonicalName: tc.canonical, Promise: tc.promise}
-		if got := isFrozen(info); got != tc.want {
-			t.Errorf("isFrozen(%q, promise %v) = %v, want %v", tc.canonical, tc.promise, got, tc.want)
-		}
-	}
-}
+import "testing"
 
 func TestFileName(t *testing.T) {
 	for export, want := range map[string]string{
