@@ -22,11 +22,17 @@ pool join while the mount is set up; errors fail fast and nothing is
 left mounted), sends the read-only promise, and shows the export as one
 read-only file (mode 0444) in MOUNTPOINT, which must be an empty
 directory. Against snapmount serve the export name NAME (or NAME@snapshot)
-gives a new frozen snapshot that all connections of the mount share; any
-other server gives a live view that may change under the mount, which is
-said once. The command returns once the file is readable, unless
--f/--foreground. SIGINT or SIGTERM, or 'snapmount umount MOUNTPOINT',
-unmount it. Cache counters: 'snapmount stats MOUNTPOINT'.
+gives a new frozen snapshot that all connections of the mount share.
+Other servers do not say whether an export changes: the mount treats it
+as live, and says so once, unless --frozen. The command returns once the
+file is readable, unless -f/--foreground. SIGINT or SIGTERM, or
+'snapmount umount MOUNTPOINT', unmount it. Cache counters: 'snapmount stats MOUNTPOINT'.
+
+--frozen is your word that the export does not change, e.g. qemu's
+snapshot-access export while its backup job runs or an image no one
+writes: the mount treats it as a frozen snapshot, keeps the kernel's page
+cache across opens and gives no warning. If the export does change, reads
+may then show old data.
 
 --partitions also shows each partition of the disk's MBR or GPT table as
 a file NAME-pN, numbered as fdisk -l numbers them (MBR 1-4, logical
@@ -58,6 +64,7 @@ Works as an ordinary user through fusermount3.`,
 			fs.Var(sizeFlag{&o.readahead}, "readahead", "largest readahead window for sequential reads (0: off)")
 			fs.Var(sizeFlag{&o.requestSize}, "request-size", fmt.Sprintf("largest NBD read the cache sends (a read's misses go in %s pieces until %s were fetched)",
 				humanSize(missRequestSize), humanSize(missWarmup)))
+			fs.BoolVar(&o.frozen, "frozen", false, "the export does not change: treat it as a frozen snapshot (keep the page cache, no warning)")
 			fs.BoolVar(&o.noCache, "no-cache", false, "read through without caching (a live view then never shows stale data from this process)")
 			fs.BoolVar(&o.allowOther, "allow-other", false, "let other users read the mount (needs user_allow_other in /etc/fuse.conf unless root)")
 			fs.BoolVarP(&o.foreground, "foreground", "f", false, "stay in the foreground; unmount on SIGINT/SIGTERM")
@@ -106,6 +113,7 @@ type mountOptions struct {
 	cacheSize, blockSize     int64
 	readahead, requestSize   int64
 	noCache, allowOther      bool
+	frozen                   bool
 	foreground, verbose      bool
 	allowWritable, debugFuse bool
 	pidfile, logFile         string

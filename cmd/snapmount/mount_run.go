@@ -73,6 +73,37 @@ type mountStats struct {
 	// Partitions and Overlay are there with --partitions and --overlay.
 	Partitions *partitionStats `json:"partitions,omitempty"`
 	Overlay    *overlayStats   `json:"overlay,omitempty"`
+
+	// FrozenByUser says that Frozen is the user's word (--frozen), not
+	// the server's.
+	FrozenByUser bool `json:"frozen_by_user,omitempty"`
+}
+
+// frozenView says whether the mount treats the export as frozen (its data
+// never change, so the page cache may outlive an open) and, if not, the
+// warning to give once. snapmount serve says which of its views are
+// snapshots; other servers say nothing, and --frozen is the user's word.
+func frozenView(info *nbd.ExportInfo, export string, o *mountOptions) (frozen bool, warning string, err error) {
+	switch {
+	case info.SnapmountSnapshot():
+		return true, "", nil
+	case o.frozen && info.Promise:
+		return false, "", usagef("--frozen: %q is a live view of snapmount serve, which changes under the mount (mount NAME or NAME@snapshot for a frozen snapshot)", export)
+	case o.frozen:
+		return true, "", nil
+	case info.Promise:
+		warning = fmt.Sprintf("the view of %q is live and may change under the mount (this export name is not a snapshot)", export)
+	default:
+		what := fmt.Sprintf("export %q", export)
+		if export == "" {
+			what = "its default export"
+		}
+		warning = fmt.Sprintf("this server does not say whether %s changes; snapmount treats it as live (--frozen if you know it does not)", what)
+	}
+	if !o.noCache {
+		warning += "; caching anyway (--no-cache to bypass)"
+	}
+	return false, warning, nil
 }
 
 func runMount(ctx context.Context, rep *reporter, u *nbd.URI, dopt nbd.DialOptions, mountpoint string, o *mountOptions) error {
@@ -113,17 +144,12 @@ func runMount(ctx context.Context, rep *reporter, u *nbd.URI, dopt nbd.DialOptio
 		}
 		return withCode(exitConnect, fmt.Errorf("server %s exports %q writable and %s, so it may count this mount as a writer: use a read-only export (e.g. qemu-nbd -r, nbdkit -r, NAME@snapshot on snapmount serve) or pass --allow-writable", u.Address, u.Export, why))
 	}
-	frozen := info.SnapmountSnapshot()
-	if !frozen {
-		why := "the server has no snapshots"
-		if info.Promise {
-			why = "this export name is not a snapshot"
-		}
-		if o.noCache {
-			rep.warn(fmt.Sprintf("the view of %q is live and may change under the mount (%s)", u.Export, why))
-		} else {
-			rep.warn(fmt.Sprintf("the view of %q is live and may change under the mount (%s); caching anyway (--no-cache to bypass)", u.Export, why))
-		}
+	frozen, warning, err := frozenView(info, u.Export, o)
+	if err != nil {
+		return err
+	}
+	if warning != "" {
+		rep.warn(warning)
 	}
 
 	blockSize := o.blockSize
@@ -169,7 +195,7 @@ func runMount(ctx context.Context, rep *reporter, u *nbd.URI, dopt nbd.DialOptio
 		cs := client.Stats()
 		st := mountStats{
 			mountState: stateOf(frozen, o.cf.timeout, cs),
-			PID:        os.Getpid(), URI: u.String(), Export: info.CanonicalName, Frozen: frozen,
+			PID:        os.Getpid(), URI: u.String(), Export: info.CanonicalName, Frozen: frozen, FrozenByUser: o.frozen,
 			Size: client.Size(), MountedAt: mounted, Procs: procs.full, Client: cs, Cache: c.Stats(),
 		}
 		st.Partitions, st.Overlay = dk.stats()

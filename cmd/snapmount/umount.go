@@ -228,8 +228,11 @@ func readStatsWithin(dir string, d time.Duration) (*mountStats, error) {
 
 func printStats(std stdio, st *mountStats) {
 	w := std.out
-	view := "live (may change under the mount)"
-	if st.Frozen {
+	view := "treated as live: may change under the mount"
+	switch {
+	case st.FrozenByUser:
+		view = "frozen, as --frozen says"
+	case st.Frozen:
 		view = "frozen snapshot"
 	}
 	c, n := st.Cache, st.Client
