@@ -2,7 +2,6 @@ package test
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -26,48 +25,6 @@ const (
 	boundTimeout = 3 * time.Second
 	boundSlack   = 2 * time.Second
 )
-
-// account is who runs a command: nil is the test's own user (root).
-type account struct{ uid, gid uint32 }
-
-// command is exec.Command run as a.
-func (a *account) command(name string, args ...string) *exec.Cmd {
-	cmd := exec.Command(name, args...)
-	if a != nil {
-		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: a.uid, Gid: a.gid}}
-		// GORACE as TestMain set it: no second's sleep at exit.
-		cmd.Env = []string{"PATH=/usr/bin:/bin", "HOME=/", "GORACE=" + os.Getenv("GORACE")}
-		cmd.Dir = "/"
-	}
-	return cmd
-}
-
-// run runs a command as a to completion (at most a minute).
-func (a *account) run(t testing.TB, name string, args ...string) result {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	cmd := a.command(name, args...)
-	var so, se bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &so, &se
-	err := cmd.Start()
-	if err != nil {
-		t.Fatalf("starting %s: %v", name, err)
-	}
-	stop := context.AfterFunc(ctx, func() { cmd.Process.Kill() })
-	err = cmd.Wait()
-	stop()
-	r := result{stdout: so.String(), stderr: se.String()}
-	if ee, ok := err.(*exec.ExitError); ok {
-		r.code = ee.ExitCode()
-	} else if err != nil {
-		t.Fatalf("%s: %v", name, err)
-	}
-	if ctx.Err() != nil {
-		t.Fatalf("%s %s did not finish within a minute", name, strings.Join(args, " "))
-	}
-	return r
-}
 
 // readOutcome is how a reader process ended.
 type readOutcome struct {
@@ -129,15 +86,8 @@ type boundScenario struct {
 func TestMountOutageBound(t *testing.T) {
 	testenv.RequireFUSE(t)
 	testenv.RequireCmd(t, "nbdkit", "dd", "qemu-io")
-	uid, gid := testenv.UnprivilegedUser(t) // root: the root scenarios need it too
-	testenv.OpenDevFuse(t)                  // for all the subtests, which run at once
-	user := &account{uid, gid}
-	// The user cannot enter the suite's private build directory.
-	binDir := testenv.ShortTempDir(t)
-	os.Chmod(binDir, 0o755)
-	bin := filepath.Join(binDir, "snapmount")
-	copyFile(t, snapmountBin, bin)
-	os.Chmod(bin, 0o755)
+	user := testUser(t) // root: the root scenarios need it too
+	bin := user.bin
 	// The scenarios mostly wait for timeouts: all of them run at once
 	// (concurrent Runs, not t.Parallel, which -parallel would limit to
 	// the number of CPUs).

@@ -31,7 +31,8 @@ func TestQemuFleecing(t *testing.T) {
 	t.Parallel()
 	testenv.RequireFUSE(t)
 	testenv.RequireCmd(t, "qemu-storage-daemon", "qemu-img", "qemu-io")
-	uid, gid, dir, bin := unprivilegedUser(t)
+	u := testUser(t)
+	dir := u.dir
 
 	const size = 16 << 20
 	image := filepath.Join(dir, "vm.qcow2")
@@ -82,26 +83,22 @@ func TestQemuFleecing(t *testing.T) {
 	}
 
 	snapURI, liveURI := unixURI("snap", nbdSock), unixURI("live", nbdSock)
-	mnt := filepath.Join(dir, "mnt")
-	if err := os.Mkdir(mnt, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	os.Chown(mnt, int(uid), int(gid))
+	mnt := u.mkdir(t, "mnt")
 	// --no-cache: every read below goes to qemu, none is answered from a
 	// copy this process kept from before the rewrite.
-	r := asUser(t, uid, gid, bin, "mount", "--no-cache", "--timeout", "10s", snapURI, mnt)
+	r := u.run(t, "snapmount", "mount", "--no-cache", "--timeout", "10s", snapURI, mnt)
 	if r.code != 0 {
 		t.Fatalf("mount of the fleecing export as %s: exit %d: %s", testenv.TestUser, r.code, r.stderr)
 	}
 	t.Cleanup(func() {
 		if isMounted(mnt) {
-			asUser(t, uid, gid, bin, "umount", mnt)
+			u.run(t, "snapmount", "umount", mnt)
 		}
 	})
 	file := filepath.Join(mnt, "snap")
 	userSHA := func() string {
 		t.Helper()
-		r := asUser(t, uid, gid, "/usr/bin/sha256sum", file)
+		r := u.run(t, "/usr/bin/sha256sum", file)
 		if r.code != 0 {
 			t.Fatalf("sha256sum of the mounted fleecing export as %s: %s", testenv.TestUser, r.stderr)
 		}
@@ -132,19 +129,19 @@ func TestQemuFleecing(t *testing.T) {
 	if err := os.WriteFile(originalFile, original, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if r := asUser(t, uid, gid, "/usr/bin/cmp", file, originalFile); r.code != 0 {
+	if r := u.run(t, "/usr/bin/cmp", file, originalFile); r.code != 0 {
 		t.Fatalf("mounted fleecing export after the rewrite differs from the original: %s%s", r.stdout, r.stderr)
 	}
 	if after := userSHA(); after != originalSum {
 		t.Errorf("mounted fleecing export after the rewrite: sha256 %s as %s, want %s", after, testenv.TestUser, originalSum)
 	}
-	cp := asUser(t, uid, gid, bin, "copy", "--sha256", snapURI, "/dev/null")
+	cp := u.run(t, "snapmount", "copy", "--sha256", snapURI, "/dev/null")
 	if cp.code != 0 || !strings.HasPrefix(cp.stdout, originalSum) {
 		t.Errorf("snapmount copy --sha256 of the fleecing export: exit %d, %q %q; want %s", cp.code, cp.stdout, cp.stderr, originalSum)
 	}
 
 	// Teardown, with the writer's export still up.
-	if r := asUser(t, uid, gid, bin, "umount", mnt); r.code != 0 || isMounted(mnt) {
+	if r := u.run(t, "snapmount", "umount", mnt); r.code != 0 || isMounted(mnt) {
 		t.Fatalf("umount as %s: exit %d: %s", testenv.TestUser, r.code, r.stderr)
 	}
 	qmp.do(t, "block-export-del", map[string]any{"id": "snap"})
@@ -161,25 +158,6 @@ func TestQemuFleecing(t *testing.T) {
 	}
 	mustRun(t, "qemu-img", "check", "-q", image)
 	mustRun(t, "qemu-io", "-r", "-f", "qcow2", "-c", "read -P 0xee 0 64k", "-c", "read -P 0xab 64k 8128k", "-c", "read -P 0xac 8M 8M", image)
-}
-
-// unprivilegedUser prepares a test as the ordinary test user: /dev/fuse
-// open to all, a directory the user may enter (dir) and a copy of the
-// binary under test there the user may run (bin).
-func unprivilegedUser(t *testing.T) (uid, gid uint32, dir, bin string) {
-	t.Helper()
-	uid, gid = testenv.UnprivilegedUser(t)
-	testenv.OpenDevFuse(t)
-	dir = testenv.ShortTempDir(t)
-	if err := os.Chmod(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	bin = filepath.Join(dir, "snapmount")
-	copyFile(t, snapmountBin, bin)
-	if err := os.Chmod(bin, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	return uid, gid, dir, bin
 }
 
 // qmpConn is a QMP monitor connection (qemu's JSON control protocol).

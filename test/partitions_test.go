@@ -22,112 +22,6 @@ import (
 // e2fsck replays a dirty journal into a private overlay, never into the
 // export; and hostile tables give the whole disk alone and one line.
 
-// ordinaryUser is the unprivileged user the tests run snapmount and the file
-// system tools as, with a copy of the binary it may execute and a
-// directory it may enter.
-type ordinaryUser struct {
-	t        *testing.T
-	uid, gid uint32
-	bin      string
-	dir      string // 0755, owned by root: the user's own dirs go below
-}
-
-func newUser(t *testing.T) *ordinaryUser {
-	t.Helper()
-	testenv.RequireFUSE(t)
-	uid, gid := testenv.UnprivilegedUser(t)
-	testenv.OpenDevFuse(t)
-	dir := testenv.ShortTempDir(t)
-	if err := os.Chmod(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	// The user cannot enter the suite's private build directory.
-	bin := filepath.Join(dir, "snapmount")
-	copyFile(t, snapmountBin, bin)
-	if err := os.Chmod(bin, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	return &ordinaryUser{t: t, uid: uid, gid: gid, bin: bin, dir: dir}
-}
-
-// mkdir makes a directory the user owns.
-func (u *ordinaryUser) mkdir(name string) string {
-	u.t.Helper()
-	d := filepath.Join(u.dir, name)
-	if err := os.Mkdir(d, 0o755); err != nil {
-		u.t.Fatal(err)
-	}
-	if err := os.Chown(d, int(u.uid), int(u.gid)); err != nil {
-		u.t.Fatal(err)
-	}
-	return d
-}
-
-// run runs a program as the user; snapmount is the user's copy.
-func (u *ordinaryUser) run(name string, args ...string) result {
-	u.t.Helper()
-	if name == "snapmount" {
-		name = u.bin
-	}
-	return asUser(u.t, u.uid, u.gid, name, args...)
-}
-
-// must runs a program as the user and fails the test unless it exits 0.
-func (u *ordinaryUser) must(name string, args ...string) string {
-	u.t.Helper()
-	r := u.run(name, args...)
-	if r.code != 0 {
-		u.t.Fatalf("%s %s as %s: exit %d\n%s%s", name, strings.Join(args, " "), testenv.TestUser, r.code, r.stdout, r.stderr)
-	}
-	return r.stdout
-}
-
-// mount runs snapmount mount as the user and unmounts (as the user) when
-// the test ends; it returns mount's stderr.
-func (u *ordinaryUser) mount(uri, mnt string, flags ...string) string {
-	u.t.Helper()
-	args := append(append([]string{"mount"}, flags...), uri, mnt)
-	r := u.run("snapmount", args...)
-	if r.code != 0 {
-		u.t.Fatalf("snapmount %s as %s: exit %d: %s", strings.Join(args, " "), testenv.TestUser, r.code, r.stderr)
-	}
-	u.t.Cleanup(func() {
-		if isMounted(mnt) {
-			u.run("snapmount", "umount", mnt)
-		}
-		if isMounted(mnt) {
-			exec.Command("fusermount3", "-u", "-z", mnt).Run()
-			u.t.Errorf("the user's umount left %s mounted", mnt)
-		}
-	})
-	return r.stderr
-}
-
-// fuse2fs mounts the ext4 in image read-only with fuse2fs as the user,
-// reads path in it and unmounts. fuse2fs replays no journal: a file system
-// that needs recovery fails with fuse2fs's message (ok false).
-func (u *ordinaryUser) fuse2fs(image, path string) (content string, ok bool, msg string) {
-	u.t.Helper()
-	mnt := u.mkdir(fmt.Sprintf("fuse2fs-%d", time.Now().UnixNano()))
-	r := u.run("/usr/bin/fuse2fs", "-o", "ro,fakeroot", image, mnt)
-	if r.code != 0 {
-		return "", false, r.stdout + r.stderr
-	}
-	defer func() {
-		if r := u.run("/usr/bin/fusermount3", "-u", mnt); r.code != 0 {
-			exec.Command("fusermount3", "-u", "-z", mnt).Run()
-			u.t.Errorf("fusermount3 -u %s: %s", mnt, r.stderr)
-		}
-	}()
-	return u.must("/usr/bin/cat", filepath.Join(mnt, path)), true, ""
-}
-
-// listing returns the names in dir, read as the user.
-func (u *ordinaryUser) listing(dir string) []string {
-	u.t.Helper()
-	return strings.Fields(u.must("/usr/bin/ls", "-1", dir))
-}
-
 // openSocket lets the user connect to a Unix socket the test's server
 // (running as root) listens on.
 func openSocket(t *testing.T, sock string) {
@@ -163,26 +57,26 @@ func gptDisk(t *testing.T, dir string) (string, sfdiskTable) {
 // checkExt4Files reads files of the ext4 labelled label in image (a
 // partition file) with sleuthkit as the user: fls -r lists them, icat
 // extracts them byte for byte.
-func checkExt4Files(t *testing.T, u *ordinaryUser, image, label string) {
+func checkExt4Files(t *testing.T, u *account, image, label string) {
 	t.Helper()
-	listing := u.must("/usr/bin/fls", "-r", "-p", image)
+	listing := u.must(t, "/usr/bin/fls", "-r", "-p", image)
 	for name, data := range ext4Files(label) {
 		if !strings.Contains(listing, "\t"+name+"\n") {
 			t.Errorf("fls -r %s does not list %s:\n%s", image, name, listing)
 			continue
 		}
-		inode := strings.TrimSpace(u.must("/usr/bin/ifind", "-n", "/"+name, image))
-		if got := u.must("/usr/bin/icat", image, inode); got != string(data) {
+		inode := strings.TrimSpace(u.must(t, "/usr/bin/ifind", "-n", "/"+name, image))
+		if got := u.must(t, "/usr/bin/icat", image, inode); got != string(data) {
 			t.Errorf("icat %s %s (%s): %d bytes that differ from the %d written", image, inode, name, len(got), len(data))
 		}
 	}
 }
 
 // userStats reads a mount's counters as the user.
-func userStats(t *testing.T, u *ordinaryUser, mnt string) mountStatsJSON {
+func userStats(t *testing.T, u *account, mnt string) mountStatsJSON {
 	t.Helper()
 	var st mountStatsJSON
-	if err := json.Unmarshal([]byte(u.must("snapmount", "stats", "--json", mnt)), &st); err != nil {
+	if err := json.Unmarshal([]byte(u.must(t, "snapmount", "stats", "--json", mnt)), &st); err != nil {
 		t.Fatal(err)
 	}
 	return st
@@ -215,17 +109,17 @@ type mountStatsJSON struct {
 func TestPartitionsSnapshotUnderWriter(t *testing.T) {
 	t.Parallel()
 	testenv.RequireCmd(t, "qemu-io", "fls", "ifind", "icat", "fuse2fs")
-	u := newUser(t)
+	u := testUser(t)
 	image, table := gptDisk(t, u.dir)
 	original := fileSHA256(t, image)
 	sock, _ := startServe(t, "--max-writers", "1", "disk="+image)
 	openSocket(t, sock)
 
-	mnt := u.mkdir("snapshot")
-	if stderr := u.mount(unixURI("disk", sock), mnt, "--partitions"); stderr != "" {
+	mnt := u.mkdir(t, "snapshot")
+	if stderr := u.mount(t, unixURI("disk", sock), mnt, "--partitions"); stderr != "" {
 		t.Errorf("mount --partitions of a good table said: %q", stderr)
 	}
-	if got := u.listing(mnt); !slices.Equal(got, []string{"disk", "disk-p1", "disk-p2", "disk-p3"}) {
+	if got := u.listing(t, mnt); !slices.Equal(got, []string{"disk", "disk-p1", "disk-p2", "disk-p3"}) {
 		t.Fatalf("the mount holds %v", got)
 	}
 	st := userStats(t, u, mnt)
@@ -238,14 +132,14 @@ func TestPartitionsSnapshotUnderWriter(t *testing.T) {
 
 	// info reads the snapshot's table (by its canonical name): what
 	// sfdisk read in the image before.
-	checkInfoAgrees(t, u.must("snapmount", "info", "--partitions", "--json", unixURI(st.Export, sock)), table, image)
+	checkInfoAgrees(t, u.must(t, "snapmount", "info", "--partitions", "--json", unixURI(st.Export, sock)), table, image)
 	checkExt4Files(t, u, filepath.Join(mnt, "disk-p1"), "one")
-	host, ok, msg := u.fuse2fs(filepath.Join(mnt, "disk-p1"), "etc/hostname")
+	host, ok, msg := u.fuse2fs(t, filepath.Join(mnt, "disk-p1"), "etc/hostname")
 	if !ok || host != "host of one\n" {
 		t.Errorf("fuse2fs on disk-p1: %q, %s", host, msg)
 	}
 	// The dirty file system: fuse2fs -o ro refuses it.
-	if _, ok, msg := u.fuse2fs(filepath.Join(mnt, "disk-p2"), "etc/hostname"); ok || !strings.Contains(msg, "Journal needs recovery") {
+	if _, ok, msg := u.fuse2fs(t, filepath.Join(mnt, "disk-p2"), "etc/hostname"); ok || !strings.Contains(msg, "Journal needs recovery") {
 		t.Errorf("fuse2fs on the dirty disk-p2: ok=%v, %q; want a refusal, journal needs recovery", ok, msg)
 	}
 
@@ -255,7 +149,7 @@ func TestPartitionsSnapshotUnderWriter(t *testing.T) {
 	if fileSHA256(t, image) == original {
 		t.Fatal("the writer's data did not reach the image")
 	}
-	sum := u.must("/usr/bin/sha256sum", filepath.Join(mnt, "disk"))
+	sum := u.must(t, "/usr/bin/sha256sum", filepath.Join(mnt, "disk"))
 	if !strings.HasPrefix(sum, original) {
 		t.Errorf("the snapshot's disk reads %s, not the original %s", sum, original)
 	}
@@ -270,28 +164,28 @@ func TestPartitionsSnapshotUnderWriter(t *testing.T) {
 func TestPartitionsOverlayReplaysJournal(t *testing.T) {
 	t.Parallel()
 	testenv.RequireCmd(t, "e2fsck", "fuse2fs")
-	u := newUser(t)
+	u := testUser(t)
 	image, _ := gptDisk(t, u.dir)
 	original := fileSHA256(t, image)
 	sock, _ := startServe(t, "disk="+image)
 	openSocket(t, sock)
 
-	ovDir := u.mkdir("overlay")
-	mnt := u.mkdir("mnt")
-	u.mount(unixURI("disk", sock), mnt, "--partitions", "--overlay", "--overlay-dir", ovDir, "--overlay-max", "4M")
+	ovDir := u.mkdir(t, "overlay")
+	mnt := u.mkdir(t, "mnt")
+	u.mount(t, unixURI("disk", sock), mnt, "--partitions", "--overlay", "--overlay-dir", ovDir, "--overlay-max", "4M")
 	if m := mountOptions(t, mnt); strings.Contains(","+m+",", ",ro,") {
 		t.Errorf("the overlay mount is read-only: %s", m)
 	}
 	p2 := filepath.Join(mnt, "disk-p2")
-	if _, ok, _ := u.fuse2fs(p2, "etc/hostname"); ok {
+	if _, ok, _ := u.fuse2fs(t, p2, "etc/hostname"); ok {
 		t.Fatal("fuse2fs mounted the dirty file system before the replay")
 	}
 
-	r := u.run("/sbin/e2fsck", "-E", "journal_only", "-y", p2)
+	r := u.run(t, "/sbin/e2fsck", "-E", "journal_only", "-y", p2)
 	if r.code > 1 { // 1: the file system was changed, as a replay does
 		t.Fatalf("e2fsck -E journal_only: exit %d\n%s%s", r.code, r.stdout, r.stderr)
 	}
-	host, ok, msg := u.fuse2fs(p2, "etc/hostname")
+	host, ok, msg := u.fuse2fs(t, p2, "etc/hostname")
 	if want := replayedHostname[:len("host of two\n")]; !ok || host != want {
 		t.Errorf("after the replay, fuse2fs reads etc/hostname as %q (%s), want %q", host, msg, want)
 	}
@@ -301,14 +195,14 @@ func TestPartitionsOverlayReplaysJournal(t *testing.T) {
 	if err := os.WriteFile(marker, bytes.Repeat([]byte("written through disk-p1\n"), 64)[:512], 0o644); err != nil {
 		t.Fatal(err)
 	}
-	u.must("/usr/bin/dd", "if="+marker, "of="+filepath.Join(mnt, "disk-p1"), "bs=512", "seek=7", "conv=notrunc", "status=none")
+	u.must(t, "/usr/bin/dd", "if="+marker, "of="+filepath.Join(mnt, "disk-p1"), "bs=512", "seek=7", "conv=notrunc", "status=none")
 	p1 := userStats(t, u, mnt).Partitions.Files[0]
-	got := u.must("/usr/bin/dd", "if="+filepath.Join(mnt, "disk"), "bs=512", fmt.Sprintf("skip=%d", p1.Offset/512+7), "count=1", "status=none")
+	got := u.must(t, "/usr/bin/dd", "if="+filepath.Join(mnt, "disk"), "bs=512", fmt.Sprintf("skip=%d", p1.Offset/512+7), "count=1", "status=none")
 	if want, _ := os.ReadFile(marker); got != string(want) {
 		t.Errorf("the whole disk reads %q where disk-p1 was written", got)
 	}
 	// The overlay is bounded: 4 MiB more than it holds is ENOSPC.
-	r = u.run("/usr/bin/dd", "if=/dev/zero", "of="+filepath.Join(mnt, "disk"), "bs=1M", "count=4", "seek=30", "conv=notrunc")
+	r = u.run(t, "/usr/bin/dd", "if=/dev/zero", "of="+filepath.Join(mnt, "disk"), "bs=1M", "count=4", "seek=30", "conv=notrunc")
 	if r.code == 0 || !strings.Contains(r.stderr, "No space left on device") {
 		t.Errorf("writing past --overlay-max: exit %d, %s", r.code, r.stderr)
 	}
@@ -319,7 +213,7 @@ func TestPartitionsOverlayReplaysJournal(t *testing.T) {
 	}
 	checkNoName(t, ovDir, st.PID)
 
-	if r := u.run("snapmount", "umount", mnt); r.code != 0 {
+	if r := u.run(t, "snapmount", "umount", mnt); r.code != 0 {
 		t.Fatalf("umount: %s", r.stderr)
 	}
 	if ents, _ := os.ReadDir(ovDir); len(ents) != 0 {
@@ -357,7 +251,7 @@ func checkNoName(t *testing.T, dir string, pid int) {
 func TestPartitionsDOSLogicalFromNbdkit(t *testing.T) {
 	t.Parallel()
 	testenv.RequireCmd(t, "sfdisk", "mkfs.ext4", "fls", "ifind", "icat", "fuse2fs")
-	u := newUser(t)
+	u := testUser(t)
 	tmp := t.TempDir()
 	image := filepath.Join(u.dir, "mbr.img")
 	table := assembleDisk(t, image, 30<<20, "dos",
@@ -370,18 +264,18 @@ func TestPartitionsDOSLogicalFromNbdkit(t *testing.T) {
 	sock, _ := startNbdkit(t, sockDir, "-r", "file", image)
 	openSocket(t, sock)
 
-	mnt := u.mkdir("mnt")
-	u.mount(unixURI("", sock), mnt, "--partitions", "--name", "mbr")
-	if got := u.listing(mnt); !slices.Equal(got, []string{"mbr", "mbr-p1", "mbr-p5", "mbr-p6"}) {
+	mnt := u.mkdir(t, "mnt")
+	u.mount(t, unixURI("", sock), mnt, "--partitions", "--name", "mbr")
+	if got := u.listing(t, mnt); !slices.Equal(got, []string{"mbr", "mbr-p1", "mbr-p5", "mbr-p6"}) {
 		t.Fatalf("the mount holds %v", got)
 	}
-	checkInfoAgrees(t, u.must("snapmount", "info", "--partitions", "--json", unixURI("", sock)), table, image)
+	checkInfoAgrees(t, u.must(t, "snapmount", "info", "--partitions", "--json", unixURI("", sock)), table, image)
 	checkExt4Files(t, u, filepath.Join(mnt, "mbr-p5"), "five")
 	checkExt4Files(t, u, filepath.Join(mnt, "mbr-p1"), "one")
-	if host, ok, msg := u.fuse2fs(filepath.Join(mnt, "mbr-p6"), "etc/hostname"); !ok || host != "host of six\n" {
+	if host, ok, msg := u.fuse2fs(t, filepath.Join(mnt, "mbr-p6"), "etc/hostname"); !ok || host != "host of six\n" {
 		t.Errorf("fuse2fs on mbr-p6: %q, %s", host, msg)
 	}
-	if out := u.must("snapmount", "stats", mnt); !strings.Contains(out, "partitions:     dos (512-byte sectors), 3 shown") {
+	if out := u.must(t, "snapmount", "stats", mnt); !strings.Contains(out, "partitions:     dos (512-byte sectors), 3 shown") {
 		t.Errorf("stats do not name the table:\n%s", out)
 	}
 }

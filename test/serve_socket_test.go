@@ -1,7 +1,6 @@
 package test
 
 import (
-	"os"
 	"os/user"
 	"path/filepath"
 	"strconv"
@@ -19,18 +18,15 @@ import (
 func TestServeRootMountUser(t *testing.T) {
 	t.Parallel()
 	testenv.RequireFUSE(t)
-	uid, gid, dir, bin := unprivilegedUser(t)
-	group, err := user.LookupGroupId(strconv.Itoa(int(gid)))
+	u := testUser(t)
+	dir := u.dir
+	group, err := user.LookupGroupId(strconv.Itoa(int(u.gid)))
 	if err != nil {
-		t.Fatalf("the test user's group %d: %v", gid, err)
+		t.Fatalf("the test user's group %d: %v", u.gid, err)
 	}
 	image := filepath.Join(dir, "vm.img")
 	writeRandomImage(t, image, 4<<20, 8)
-	mnt := filepath.Join(dir, "mnt")
-	if err := os.Mkdir(mnt, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	os.Chown(mnt, int(uid), int(gid))
+	mnt := u.mkdir(t, "mnt")
 	serve := func(sock string, flags ...string) *proc {
 		p := startProc(t, snapmountBin, append(append([]string{"serve", "--no-tcp", "--socket", sock}, flags...), image)...)
 		p.waitOutput("snapmount serve: listening on", 60*time.Second)
@@ -39,7 +35,7 @@ func TestServeRootMountUser(t *testing.T) {
 
 	closed := filepath.Join(dir, "closed.sock")
 	first := serve(closed)
-	r := asUser(t, uid, gid, bin, "mount", unixURI("vm.img", closed), mnt)
+	r := u.run(t, "snapmount", "mount", unixURI("vm.img", closed), mnt)
 	if r.code != 3 || !strings.Contains(r.stderr, "ask the server's owner for access, e.g. snapmount serve --socket-group") ||
 		!strings.Contains(r.stderr, "srwxr-xr-x root:") || strings.Count(r.stderr, "\n") != 1 {
 		t.Fatalf("mount of a root-only socket as %s: exit %d, %q; want exit 3 and one line with the socket's owner and the hint", testenv.TestUser, r.code, r.stderr)
@@ -48,19 +44,19 @@ func TestServeRootMountUser(t *testing.T) {
 	first.stop() // one server at a time may write the image
 	open := filepath.Join(dir, "vm.sock")
 	serve(open, "--socket-group", group.Name)
-	if r := asUser(t, uid, gid, bin, "mount", unixURI("vm.img", open), mnt); r.code != 0 {
+	if r := u.run(t, "snapmount", "mount", unixURI("vm.img", open), mnt); r.code != 0 {
 		t.Fatalf("mount with --socket-group %s as %s: exit %d: %s", group.Name, testenv.TestUser, r.code, r.stderr)
 	}
 	t.Cleanup(func() {
 		if isMounted(mnt) {
-			asUser(t, uid, gid, bin, "umount", mnt)
+			u.run(t, "snapmount", "umount", mnt)
 		}
 	})
-	sum := asUser(t, uid, gid, "/usr/bin/sha256sum", filepath.Join(mnt, "vm.img"))
+	sum := u.run(t, "/usr/bin/sha256sum", filepath.Join(mnt, "vm.img"))
 	if sum.code != 0 || !strings.HasPrefix(sum.stdout, fileSHA256(t, image)) {
 		t.Fatalf("sha256sum of the mounted snapshot as %s: %q %q", testenv.TestUser, sum.stdout, sum.stderr)
 	}
-	if r := asUser(t, uid, gid, bin, "umount", mnt); r.code != 0 || isMounted(mnt) {
+	if r := u.run(t, "snapmount", "umount", mnt); r.code != 0 || isMounted(mnt) {
 		t.Fatalf("umount as %s: exit %d: %s", testenv.TestUser, r.code, r.stderr)
 	}
 }
