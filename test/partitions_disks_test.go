@@ -9,9 +9,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
+
+	"snapmount/test/partitiontest"
 )
 
 // Disk images for the partition tests, built without root from files:
@@ -97,7 +100,7 @@ type partSpec struct {
 // assembleDisk writes a disk image of size bytes with the table label
 // ("gpt" or "dos") holding parts, copies each partition's file system to
 // its start (as sfdisk placed it), and returns sfdisk's view of it.
-func assembleDisk(t *testing.T, path string, size int64, label string, parts ...partSpec) sfdiskTable {
+func assembleDisk(t *testing.T, path string, size int64, label string, parts ...partSpec) partitiontest.Table {
 	t.Helper()
 	f, err := os.Create(path)
 	if err != nil {
@@ -115,39 +118,13 @@ func assembleDisk(t *testing.T, path string, size int64, label string, parts ...
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("sfdisk: %v: %s", err, out)
 	}
-	st := sfdiskJSON(t, path)
+	st := partitiontest.Sfdisk(t, path)
 	for i, p := range parts {
 		if p.fs == "" {
 			continue
 		}
-		start := st.PartitionTable.Partitions[i].Start * st.PartitionTable.SectorSize
+		start := st.Partitions[i].Start * st.SectorSize
 		mustRun(t, "dd", "if="+p.fs, "of="+path, "bs=512", fmt.Sprintf("seek=%d", start/512), "conv=notrunc", "status=none")
-	}
-	return st
-}
-
-// sfdiskTable is `sfdisk --json`'s output.
-type sfdiskTable struct {
-	PartitionTable struct {
-		Label      string `json:"label"`
-		ID         string `json:"id"`
-		SectorSize int64  `json:"sectorsize"`
-		Partitions []struct {
-			Node  string `json:"node"`
-			Start int64  `json:"start"`
-			Size  int64  `json:"size"`
-			Type  string `json:"type"`
-			UUID  string `json:"uuid"`
-			Name  string `json:"name"`
-		} `json:"partitions"`
-	} `json:"partitiontable"`
-}
-
-func sfdiskJSON(t *testing.T, path string) sfdiskTable {
-	t.Helper()
-	var st sfdiskTable
-	if err := json.Unmarshal([]byte(mustRun(t, "/sbin/sfdisk", "--json", path).stdout), &st); err != nil {
-		t.Fatal(err)
 	}
 	return st
 }
@@ -171,23 +148,17 @@ type infoPartitions struct {
 
 // checkInfoAgrees fails unless info (snapmount info --partitions --json)
 // lists exactly what sfdisk --json listed on the image.
-func checkInfoAgrees(t *testing.T, infoJSON string, st sfdiskTable, image string) {
+func checkInfoAgrees(t *testing.T, infoJSON string, st partitiontest.Table, image string) {
 	t.Helper()
 	var info infoPartitions
 	if err := json.Unmarshal([]byte(infoJSON), &info); err != nil {
 		t.Fatalf("info --partitions --json: %v\n%s", err, infoJSON)
 	}
-	pt := st.PartitionTable
-	var got, want []string
-	got = append(got, fmt.Sprintf("%s %s %d", info.Scheme, strings.ToLower(info.ID), info.SectorSize))
-	want = append(want, fmt.Sprintf("%s %s %d", pt.Label, strings.ToLower(pt.ID), pt.SectorSize))
+	got := []string{partitiontest.HeaderLine(info.Scheme, info.ID, info.SectorSize)}
 	for _, p := range info.Partitions {
-		got = append(got, fmt.Sprintf("p%d %d+%d %s %s %q", p.Number, p.Start, p.Size, p.Type, p.UUID, p.Name))
+		got = append(got, partitiontest.PartitionLine(p.Number, p.Start, p.Size, p.Type, p.UUID, p.Name))
 	}
-	for _, p := range pt.Partitions {
-		want = append(want, fmt.Sprintf("p%s %d+%d %s %s %q", strings.TrimPrefix(p.Node, image), p.Start*pt.SectorSize, p.Size*pt.SectorSize, p.Type, p.UUID, p.Name))
-	}
-	if strings.Join(got, "\n") != strings.Join(want, "\n") {
+	if want := st.Lines(image); !slices.Equal(got, want) {
 		t.Errorf("info --partitions lists\n%s\nsfdisk --json lists\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
 	}
 }
@@ -206,13 +177,6 @@ func patchGPTHeaders(t *testing.T, img []byte, patch func(h []byte)) {
 		}
 		patch(h)
 	}
-}
-
-// resealGPTHeader recomputes a header's CRC after a patch, so that what
-// the reader sees is the patched field, not a bad CRC.
-func resealGPTHeader(h []byte) {
-	clear(h[16:20])
-	binary.LittleEndian.PutUint32(h[16:], crc32.ChecksumIEEE(h))
 }
 
 // hostileDisks writes, into dir, disk images whose tables must give the
@@ -252,7 +216,7 @@ func hostileDisks(t *testing.T, dir string) map[string]string {
 		patchGPTHeaders(t, b, func(h []byte) {
 			lba := le.Uint64(h[72:])
 			le.PutUint32(h[88:], crc32.ChecksumIEEE(b[lba*512:lba*512+128*128]))
-			resealGPTHeader(h)
+			partitiontest.ResealGPTHeader(h)
 		})
 	})
 	add("dos-past-end", dos, "ends past the end of the disk", func(b []byte) {
@@ -287,10 +251,10 @@ func hostileDisks(t *testing.T, dir string) map[string]string {
 		patchGPTEntries(t, b, func(e []byte) { e[56] ^= 0xff }) // a name byte; the CRCs stay
 	})
 	add("gpt-entry-size", gpt, "entry size 100", func(b []byte) {
-		patchGPTHeaders(t, b, func(h []byte) { le.PutUint32(h[84:], 100); resealGPTHeader(h) })
+		patchGPTHeaders(t, b, func(h []byte) { le.PutUint32(h[84:], 100); partitiontest.ResealGPTHeader(h) })
 	})
 	add("gpt-entry-count", gpt, "4294967295 entries", func(b []byte) {
-		patchGPTHeaders(t, b, func(h []byte) { le.PutUint32(h[80:], 0xffffffff); resealGPTHeader(h) })
+		patchGPTHeaders(t, b, func(h []byte) { le.PutUint32(h[80:], 0xffffffff); partitiontest.ResealGPTHeader(h) })
 	})
 	add("pmbr-without-gpt", gpt, "protective MBR (type ee) without a valid GPT", func(b []byte) {
 		patchGPTHeaders(t, b, func(h []byte) { clear(h) })

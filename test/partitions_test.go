@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"snapmount/test/partitiontest"
 	"snapmount/test/testenv"
 )
 
@@ -37,7 +38,7 @@ func openSocket(t *testing.T, sock string) {
 // gptDisk writes a 40 MiB GPT disk image into dir: p1 ("one", 12 MiB) a
 // clean ext4 of ext4Files("one"), p2 ("two") a dirty one (see makeDirty),
 // p3 an empty swap partition. It returns the image and sfdisk's view.
-func gptDisk(t *testing.T, dir string) (string, sfdiskTable) {
+func gptDisk(t *testing.T, dir string) (string, partitiontest.Table) {
 	t.Helper()
 	testenv.RequireCmd(t, "sfdisk", "mkfs.ext4", "debugfs")
 	one := mkfsExt4(t, t.TempDir(), "one", 12<<20)

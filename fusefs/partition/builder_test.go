@@ -111,15 +111,6 @@ func (im image) gptHeader(l gptLayout, my, alt, entryLBA, firstUsable, lastUsabl
 	le.PutUint32(h[16:], crc32.ChecksumIEEE(h))
 }
 
-// resealHeader recomputes the CRC of the header at LBA lba after a test
-// changed one of its fields, so that the change, not the CRC, is what the
-// reader sees.
-func (im image) resealHeader(ss, lba int64) {
-	h := im[lba*ss : lba*ss+92]
-	clear(h[16:20])
-	binary.LittleEndian.PutUint32(h[16:], crc32.ChecksumIEEE(h))
-}
-
 // recordingReader is an io.ReaderAt over an image that records how many
 // reads it served and the largest, and reads zeros past the image up to
 // size, so a test can claim a disk far larger than memory.

@@ -6,6 +6,8 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+
+	"snapmount/test/partitiontest"
 )
 
 const MiB = 1 << 20
@@ -260,22 +262,22 @@ func TestGPTHostile(t *testing.T) {
 			nil, []string{"GPT entry array at LBA 2 (512-byte sectors): CRC"}},
 		{"entry size wrong", func(im image) {
 			im[512+84] = 100
-			im.resealHeader(512, 1)
+			partitiontest.ResealGPTHeader(im[512:])
 			zeroBackup(im)
 		}, nil, []string{"entry size 100 is not 128 times a power of 2"}},
 		{"absurd entry count", func(im image) {
 			copy(im[512+80:], []byte{0xff, 0xff, 0xff, 0xff})
-			im.resealHeader(512, 1)
+			partitiontest.ResealGPTHeader(im[512:])
 			zeroBackup(im)
 		}, nil, []string{"4294967295 entries of 128 bytes exceed the 1048576 bytes read at most"}},
 		{"entry array past the end", func(im image) {
 			copy(im[512+72:], []byte{0xf0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff})
-			im.resealHeader(512, 1)
+			partitiontest.ResealGPTHeader(im[512:])
 			zeroBackup(im)
 		}, nil, []string{"entry array (LBA 18446744073709551600, 32 sectors) is not inside the disk"}},
 		{"header says it is elsewhere", func(im image) {
 			im[512+24] = 7
-			im.resealHeader(512, 1)
+			partitiontest.ResealGPTHeader(im[512:])
 			zeroBackup(im)
 		}, nil, []string{"says it is at LBA 7"}},
 	} {

@@ -1,16 +1,17 @@
 package partition
 
 import (
-	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
 
+	"snapmount/test/partitiontest"
 	"snapmount/test/testenv"
 )
 
@@ -69,47 +70,15 @@ func readFile(t *testing.T, path string) *Table {
 	return tab
 }
 
-// sfdiskTable is the part of `sfdisk --json` compared.
-type sfdiskTable struct {
-	PartitionTable struct {
-		Label      string
-		ID         string
-		SectorSize int64
-		Partitions []struct {
-			Node        string
-			Start, Size int64
-			Type        string
-			UUID        string
-			Name        string
-		}
-	}
-}
-
 // compareSfdisk fails unless tab lists exactly what sfdisk --json lists.
 func compareSfdisk(t *testing.T, path string, tab *Table) {
 	t.Helper()
-	var st sfdiskTable
-	if err := json.Unmarshal([]byte(run(t, "", "sfdisk", "--json", path)), &st); err != nil {
-		t.Fatal(err)
+	got := []string{partitiontest.HeaderLine(string(tab.Scheme), tab.ID, int64(tab.SectorSize))}
+	for _, p := range tab.Partitions {
+		got = append(got, partitiontest.PartitionLine(p.Number, p.Start, p.Size, p.Type, p.UUID, p.Name))
 	}
-	pt := st.PartitionTable
-	if string(tab.Scheme) != pt.Label || !strings.EqualFold(tab.ID, pt.ID) || int64(tab.SectorSize) != pt.SectorSize {
-		t.Errorf("table %s %s %d, sfdisk says %s %s %d", tab.Scheme, tab.ID, tab.SectorSize, pt.Label, pt.ID, pt.SectorSize)
-	}
-	if len(tab.Partitions) != len(pt.Partitions) {
-		t.Fatalf("%d partitions, sfdisk lists %d: %+v", len(tab.Partitions), len(pt.Partitions), pt.Partitions)
-	}
-	for i, sp := range pt.Partitions {
-		p := tab.Partitions[i]
-		number, err := strconv.Atoi(strings.TrimPrefix(sp.Node, path))
-		if err != nil {
-			t.Fatalf("sfdisk's node %q: %v", sp.Node, err)
-		}
-		got := fmt.Sprintf("p%d %d+%d %s %s %q", p.Number, p.Start, p.Size, p.Type, p.UUID, p.Name)
-		want := fmt.Sprintf("p%d %d+%d %s %s %q", number, sp.Start*pt.SectorSize, sp.Size*pt.SectorSize, sp.Type, sp.UUID, sp.Name)
-		if got != want {
-			t.Errorf("got %s, sfdisk says %s", got, want)
-		}
+	if want := partitiontest.Sfdisk(t, path).Lines(path); !slices.Equal(got, want) {
+		t.Errorf("Read gives\n%s\nsfdisk --json lists\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
 	}
 }
 
