@@ -419,24 +419,10 @@ func TestMountKeepCache(t *testing.T) {
 	for _, immutable := range []bool{true, false} {
 		counter := &countingReader{r: patternReader{}}
 		dir := testMount(t, counter, Options{Name: "disk", Size: size, Immutable: immutable})
-		path := filepath.Join(dir, "disk")
-		for pass := 1; pass <= 2; pass++ {
-			_, before, _ := counter.stats()
-			got, err := os.ReadFile(path)
-			if err != nil || !bytes.Equal(got, patternBytes(0, size)) {
-				t.Fatalf("Immutable=%v pass %d: %v", immutable, pass, err)
-			}
-			_, after, _ := counter.stats()
-			read := after - before
-			switch {
-			case pass == 1 && read < size:
-				t.Errorf("Immutable=%v: first pass read %d bytes from the reader, want >= %d", immutable, read, size)
-			case pass == 2 && immutable && read != 0:
-				t.Errorf("Immutable: second pass read %d bytes from the reader, want 0 (page cache)", read)
-			case pass == 2 && !immutable && read < size:
-				t.Errorf("not Immutable: second pass read %d bytes from the reader, want >= %d", read, size)
-			}
-		}
+		testenv.CheckPageCache(t, filepath.Join(dir, "disk"), patternBytes(0, size), immutable, func() int64 {
+			_, n, _ := counter.stats()
+			return n
+		})
 	}
 }
 

@@ -14,6 +14,8 @@ import (
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
+
+	"snapmount/test/testenv"
 )
 
 // memDisk is a disk in memory that can be written: the Writer of the
@@ -269,15 +271,7 @@ func TestMountWindows(t *testing.T) {
 	if _, err := os.OpenFile(filepath.Join(dir, "disk-p1"), os.O_RDWR, 0); !errors.Is(err, syscall.EROFS) {
 		t.Errorf("open disk-p1 for writing: %v, want EROFS", err)
 	}
-	ents, err := os.ReadDir(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var names []string
-	for _, e := range ents {
-		names = append(names, e.Name())
-	}
-	if !slices.Equal(names, []string{"disk", "disk-p1", "disk-p2"}) {
+	if names := testenv.DirNames(t, dir); !slices.Equal(names, []string{"disk", "disk-p1", "disk-p2"}) {
 		t.Errorf("the mount lists %v", names)
 	}
 }

@@ -175,14 +175,12 @@ func writeRandomImage(t testing.TB, path string, size int64, seed int64) {
 // the given [offset, offset+len) extents (pseudo-random content).
 func writeSparseImage(t testing.TB, path string, size int64, extents [][2]int64, seed int64) {
 	t.Helper()
-	f, err := os.Create(path)
+	testenv.SparseFile(t, path, size)
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	if err := f.Truncate(size); err != nil {
-		t.Fatal(err)
-	}
 	r := rand.New(rand.NewSource(seed))
 	for _, e := range extents {
 		buf := make([]byte, e[1])

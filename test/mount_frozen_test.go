@@ -1,7 +1,6 @@
 package test
 
 import (
-	"bytes"
 	"os"
 	"path/filepath"
 	"strings"
@@ -43,28 +42,11 @@ func TestMountFrozenKeepsPageCache(t *testing.T) {
 			t.Errorf("%v said %q; want the warning that the server does not say only without --frozen", args, r.stderr)
 		}
 
-		file := filepath.Join(mnt, "nbd")
-		fetched := func() float64 {
+		testenv.CheckPageCache(t, filepath.Join(mnt, "nbd"), want, frozen, func() int64 {
 			nbd, _ := statsJSON(t, mnt)["nbd"].(map[string]any)
 			n, _ := nbd["bytes_read"].(float64)
-			return n
-		}
-		for pass := 1; pass <= 2; pass++ {
-			before := fetched()
-			got, err := os.ReadFile(file)
-			if err != nil || !bytes.Equal(got, want) {
-				t.Fatalf("frozen %v, pass %d: %d bytes, %v", frozen, pass, len(got), err)
-			}
-			read := fetched() - before
-			switch {
-			case pass == 1 && read < size:
-				t.Errorf("frozen %v: the first pass fetched %.0f bytes, want >= %d", frozen, read, size)
-			case pass == 2 && frozen && read != 0:
-				t.Errorf("--frozen: the second pass fetched %.0f bytes, want 0 (the page cache kept)", read)
-			case pass == 2 && !frozen && read < size:
-				t.Errorf("without --frozen: the second pass fetched %.0f bytes, want >= %d (the page cache dropped at open)", read, size)
-			}
-		}
+			return int64(n)
+		})
 		if st := statsJSON(t, mnt); st["frozen_snapshot"] != frozen {
 			t.Errorf("frozen %v: stats say frozen_snapshot %v", frozen, st["frozen_snapshot"])
 		}

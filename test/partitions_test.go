@@ -317,7 +317,7 @@ func TestPartitionsHostileTables(t *testing.T) {
 				t.Fatalf("mount: exit %d: %s", r.code, r.stderr)
 			}
 			t.Cleanup(func() { unmountSM(t, mnt) })
-			if got := dirNames(t, mnt); !slices.Equal(got, []string{name}) {
+			if got := testenv.DirNames(t, mnt); !slices.Equal(got, []string{name}) {
 				t.Errorf("the mount holds %v, want the whole disk alone", got)
 			}
 			var lines []string
@@ -339,7 +339,7 @@ func TestPartitionsHostileTables(t *testing.T) {
 		t.Parallel()
 		mnt := mountDir(t, dir, "m-gpt-4k")
 		mountSM(t, unixURI("gpt-4k", sock), mnt, "--partitions")
-		if got := dirNames(t, mnt); !slices.Equal(got, []string{"gpt-4k", "gpt-4k-p1", "gpt-4k-p2"}) {
+		if got := testenv.DirNames(t, mnt); !slices.Equal(got, []string{"gpt-4k", "gpt-4k-p1", "gpt-4k-p2"}) {
 			t.Fatalf("the mount holds %v", got)
 		}
 		out := mustRun(t, "/sbin/fdisk", "-b", "4096", "-l", "-o", "Start,Sectors", gpt4k).stdout
@@ -355,17 +355,4 @@ func TestPartitionsHostileTables(t *testing.T) {
 			}
 		}
 	})
-}
-
-func dirNames(t *testing.T, dir string) []string {
-	t.Helper()
-	ents, err := os.ReadDir(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var names []string
-	for _, e := range ents {
-		names = append(names, e.Name())
-	}
-	return names
 }

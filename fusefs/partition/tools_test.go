@@ -37,14 +37,7 @@ func run(t *testing.T, stdin string, name string, args ...string) string {
 func imageFile(t *testing.T, size int64) string {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "disk.img")
-	f, err := os.Create(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	if err := f.Truncate(size); err != nil {
-		t.Fatal(err)
-	}
+	testenv.SparseFile(t, path, size)
 	return path
 }
 

@@ -211,6 +211,61 @@ func lockFile(t testing.TB, path string) *os.File {
 	return f
 }
 
+// SparseFile makes a file at path of size bytes that holds no data: one
+// hole, as the tests' disk images start.
+func SparseFile(t testing.TB, path string, size int64) {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// DirNames returns the names in dir, sorted.
+func DirNames(t testing.TB, dir string) []string {
+	t.Helper()
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, e := range ents {
+		names = append(names, e.Name())
+	}
+	return names
+}
+
+// CheckPageCache reads the file at path twice, each pass through an open
+// of its own, and fails unless both passes give want, the first fetched
+// all of it from the file system below the page cache and the second
+// fetched, if kept (the file system keeps the page cache across opens,
+// FOPEN_KEEP_CACHE), none of it, else all of it again. fetched returns
+// how many bytes the file system has fetched so far, e.g. from its reader
+// or its server.
+func CheckPageCache(t testing.TB, path string, want []byte, kept bool, fetched func() int64) {
+	t.Helper()
+	for pass := 1; pass <= 2; pass++ {
+		before := fetched()
+		got, err := os.ReadFile(path)
+		if err != nil || !bytes.Equal(got, want) {
+			t.Fatalf("%s, pass %d: %d bytes (%v), not the %d expected", path, pass, len(got), err, len(want))
+		}
+		n := fetched() - before
+		switch {
+		case pass == 1 && n < int64(len(want)):
+			t.Errorf("%s: the first pass fetched %d bytes, want >= %d", path, n, len(want))
+		case pass == 2 && kept && n != 0:
+			t.Errorf("%s: the second pass fetched %d bytes, want 0 (the page cache kept across opens)", path, n)
+		case pass == 2 && !kept && n < int64(len(want)):
+			t.Errorf("%s: the second pass fetched %d bytes, want >= %d (the page cache dropped at open)", path, n, len(want))
+		}
+	}
+}
+
 // SocketPair returns two connected Unix stream sockets, closed when the
 // test ends: a real, buffered, bidirectional stream (net.Pipe is
 // synchronous and would deadlock a pipelined protocol).
