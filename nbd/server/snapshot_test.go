@@ -7,6 +7,7 @@ import (
 	"math/rand"
 	"os"
 	"runtime"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -328,6 +329,9 @@ func TestSnapshotLingerThenDrop(t *testing.T) {
 	srv, e, _ := newTestExport(t, Config{SnapshotLinger: 20 * time.Millisecond}, 1<<20)
 	s := mustView(t, srv, "disk@snapshot", false)
 	j := mustView(t, srv, "disk@s1", false)
+	if n := len(openStores(t, srv.snapDir)); n != 1 {
+		t.Fatalf("%d stores open for one snapshot", n)
+	}
 	s.release()
 	j.release()
 	// Dropped after the linger time: poll until it is gone.
@@ -345,9 +349,8 @@ func TestSnapshotLingerThenDrop(t *testing.T) {
 	if _, code, err := srv.openView("disk@s1", false, true); code != nbd.RepErrUnknown || err == nil {
 		t.Errorf("joining a dropped snapshot: %s %v, want ERR_UNKNOWN", code, err)
 	}
-	entries, _ := os.ReadDir(srv.snapDir)
-	if len(entries) != 0 {
-		t.Errorf("store files left after the drop: %v", entries)
+	if open := openStores(t, srv.snapDir); len(open) != 0 {
+		t.Errorf("stores still open after the drop: %v", open)
 	}
 	e.mu.Lock()
 	n := len(e.snapshots)
@@ -366,16 +369,38 @@ func TestSnapshotJoinDuringLingerKeepsIt(t *testing.T) {
 		t.Fatal("join during the linger time failed")
 	}
 	j.release()
+	if n := len(openStores(t, srv.snapDir)); n != 1 {
+		t.Fatalf("%d stores open for a lingering snapshot, want 1", n)
+	}
 	if err := srv.Close(); err != nil {
 		t.Fatal(err)
 	}
 	if !j.snap.gone.Load() {
 		t.Error("Close left a lingering snapshot")
 	}
-	entries, _ := os.ReadDir(srv.snapDir)
-	if len(entries) != 0 {
-		t.Errorf("Close left store files: %v", entries)
+	if open := openStores(t, srv.snapDir); len(open) != 0 {
+		t.Errorf("Close left stores open: %v", open)
 	}
+}
+
+// openStores lists this process's descriptors of files in dir: a store
+// has no name there, but its descriptor's link in /proc/self/fd still
+// names the directory ("dir/#1234 (deleted)" for O_TMPFILE), and holds
+// its space until closed.
+func openStores(t *testing.T, dir string) []string {
+	t.Helper()
+	fds, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var open []string
+	for _, fd := range fds {
+		link, err := os.Readlink("/proc/self/fd/" + fd.Name())
+		if err == nil && strings.HasPrefix(link, dir+"/") {
+			open = append(open, link)
+		}
+	}
+	return open
 }
 
 func TestBlockLocksNoDeadlock(t *testing.T) {
