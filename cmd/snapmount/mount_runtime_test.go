@@ -137,7 +137,7 @@ func waitSet(t *testing.T, sets <-chan int, want int, what string) {
 // with all of them while two overlap, and gives them back at stop.
 func TestProcGovernorOnMount(t *testing.T) {
 	if os.Geteuid() != 0 {
-		t.Skip("the governor applies only where the mount can raise the kernel's readahead window: root")
+		testenv.SkipOrFail(t, "the governor applies only where the mount can raise the kernel's readahead window: run as root")
 	}
 	testenv.RequireFUSE(t)
 	before := runtime.GOMAXPROCS(0)
