@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 
 	"snapmount/test/testenv"
@@ -26,6 +27,13 @@ func TestMountSparseLooksSparse(t *testing.T) {
 	if stored > 8<<20 {
 		t.Skipf("the temporary file system stored %d bytes of a sparse %d-byte file: it keeps no holes", stored, size)
 	}
+	// The image's st_blocks may count a block or two of the file
+	// system's own (an extent tree block) that no allocation map shows.
+	var fs syscall.Statfs_t
+	if err := syscall.Statfs(dir, &fs); err != nil {
+		t.Fatal(err)
+	}
+	slack := 2 * fs.Bsize
 
 	for _, c := range []struct {
 		name  string
@@ -42,8 +50,8 @@ func TestMountSparseLooksSparse(t *testing.T) {
 			file := filepath.Join(mnt, "nbd")
 
 			out := mustRun(t, "du", "-B1", file).stdout
-			if du, err := strconv.ParseInt(strings.Fields(out)[0], 10, 64); err != nil || du != c.want {
-				t.Fatalf("du -B1 of the mounted file: %q, want %d (the image stores %d of %d bytes)", out, c.want, stored, size)
+			if du, err := strconv.ParseInt(strings.Fields(out)[0], 10, 64); err != nil || du < c.want-slack || du > c.want+slack {
+				t.Fatalf("du -B1 of the mounted file: %q, want %d within %d (the image stores %d of %d bytes)", out, c.want, slack, stored, size)
 			}
 			if c.want != stored {
 				return
