@@ -181,19 +181,21 @@ const (
 
 // Mount mounts the tree of [NewRoot](r, opt) at dir, read-only unless
 // opt.Writer is set, and returns once the kernel's INIT handshake has
-// completed, i.e. once the files are readable. Unmount with server.Unmount (or fusermount3 -u dir); server.Wait
-// returns when the mount is gone. Root mounts with mount(2) itself, as
-// libfuse does; otherwise (or if that fails) mounting goes through the
-// setuid fusermount3, which must be installed; /dev/fuse must be accessible.
+// completed, i.e. once the files are readable. Unmount with
+// server.Unmount (or fusermount3 -u dir); server.Wait returns when the
+// mount is gone. Root mounts with mount(2) itself, as libfuse does;
+// otherwise (or if that fails) mounting goes through the setuid
+// fusermount3, which must be installed; /dev/fuse must be accessible.
 //
-// Mount options: ro (without a Writer), default_permissions (the kernel checks modes itself,
-// so no ACCESS round trips), subtype snapmount, fsname opt.FsName,
-// max_read=1 MiB, asynchronous reads, up to 64 background requests; xattrs
-// stay enabled for the stats attribute, but security.capability and POSIX
-// ACL lookups are answered by go-fuse without reaching the node. When the
-// process may (root), the kernel readahead window of the mount is raised
-// from 128 KiB to 4 MiB: cold sequential reads then arrive as 1 MiB
-// requests, several in flight (see readAhead for the figures).
+// Mount options: ro (without a Writer), default_permissions (the kernel
+// checks modes itself, so no ACCESS round trips), subtype snapmount,
+// fsname opt.FsName, max_read=1 MiB, asynchronous reads, up to 64
+// background requests; xattrs stay enabled for the stats attribute, but
+// security.capability and POSIX ACL lookups are answered by go-fuse
+// without reaching the node. When the process may (root), the kernel
+// readahead window of the mount is raised from 128 KiB to 4 MiB: cold
+// sequential reads then arrive as 1 MiB requests, several in flight (see
+// readAhead).
 func Mount(dir string, r io.ReaderAt, opt Options) (*fuse.Server, error) {
 	if err := opt.check(); err != nil {
 		return nil, err

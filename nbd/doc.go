@@ -8,10 +8,11 @@
 //
 // # Wire format
 //
-// proto.go holds every constant of doc/proto.md; wire.go encodes and
-// decodes every message by hand. Decoders check each length before they
-// allocate, so hostile bytes cannot make either side allocate more than a
-// bounded amount.
+// proto.go holds every constant of the NBD protocol specification, the
+// upstream doc/proto.md of NetworkBlockDevice/nbd, which the comments here
+// cite as proto.md; wire.go encodes and decodes every message by hand.
+// Decoders check each length before they allocate, so hostile bytes cannot
+// make either side allocate more than a bounded amount.
 //
 // # The read-only promise
 //

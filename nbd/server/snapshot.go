@@ -1,6 +1,6 @@
 package server
 
-// Point-in-time snapshots by copy-before-write (DESIGN section 3).
+// Point-in-time snapshots by copy-before-write.
 //
 // A snapshot is frozen at the instant it is created: export.newSnapshot
 // holds snapMu exclusively, and every change of the image holds it shared,
