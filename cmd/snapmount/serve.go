@@ -82,10 +82,10 @@ type serveFlags struct {
 	maxWriters               int
 	busy                     string
 	snapDir                  string
-	snapMax                  string
+	snapMax                  int64
 	snapLinger               time.Duration
 	onFull                   string
-	snapBlock                string
+	snapBlock                int64
 	readerView               string
 	maxConns, maxHandshakes  int
 	handshakeTimeout         time.Duration
@@ -110,10 +110,11 @@ func setupServe(fs *flag.FlagSet) func(ctx context.Context, io stdio, args []str
 	fs.IntVar(&f.maxWriters, "max-writers", 0, "`N` writer connections per export at most, 0 for unlimited")
 	fs.StringVar(&f.busy, "busy", "readonly", "what a writer over --max-writers gets (`POLICY`): readonly (a live read-only view) or refuse")
 	fs.StringVar(&f.snapDir, "snapshot-dir", "", "`DIR` for snapshot stores, files with no name (default: $TMPDIR, else /tmp)")
-	fs.StringVar(&f.snapMax, "snapshot-max", "0", "`SIZE` all snapshot stores may hold together, e.g. 512M or 4G (0: no limit)")
+	fs.Var(sizeFlag{&f.snapMax}, "snapshot-max", "all snapshot stores may hold together, e.g. 512M or 4G (0: no limit)")
 	fs.DurationVar(&f.snapLinger, "snapshot-linger", server.DefaultSnapshotLinger, "keep an unused snapshot this long for reconnects")
 	fs.StringVar(&f.onFull, "on-snapshot-full", "break-snapshot", "`POLICY` when a snapshot cannot keep a block: break-snapshot (its readers get EIO) or fail-writer (the write fails)")
-	fs.StringVar(&f.snapBlock, "snapshot-block", "64K", "copy-before-write granularity (`SIZE`), a power of two from 4K to 16M")
+	f.snapBlock = 64 << 10
+	fs.Var(sizeFlag{&f.snapBlock}, "snapshot-block", "copy-before-write granularity, a power of two from 4K to 16M")
 	fs.StringVar(&f.readerView, "reader-view", "snapshot", "`VIEW` a client that promised to read only gets for NAME: snapshot or live")
 	fs.IntVar(&f.maxConns, "max-conns", server.DefaultMaxConns, "at most `N` connections past their handshake")
 	fs.IntVar(&f.maxHandshakes, "max-handshakes", server.DefaultMaxHandshakes, "at most `N` connections in their handshake; a new one closes the oldest")
@@ -183,11 +184,7 @@ func serveConfig(f *serveFlags, args []string) (server.Config, error) {
 		return cfg, usagef("--busy=%q: want readonly or refuse", f.busy)
 	}
 	cfg.SnapshotDir = f.snapDir
-	max, err := parseSize(f.snapMax)
-	if err != nil {
-		return cfg, usagef("--snapshot-max: %v", err)
-	}
-	cfg.SnapshotMax = max
+	cfg.SnapshotMax = f.snapMax
 	switch {
 	case f.snapLinger < 0:
 		return cfg, usagef("--snapshot-linger %v: want 0 or more", f.snapLinger)
@@ -204,11 +201,10 @@ func serveConfig(f *serveFlags, args []string) (server.Config, error) {
 	default:
 		return cfg, usagef("--on-snapshot-full=%q: want break-snapshot or fail-writer", f.onFull)
 	}
-	block, err := parseSize(f.snapBlock)
-	if err != nil || block < 4096 || block > 16<<20 || block&(block-1) != 0 {
-		return cfg, usagef("--snapshot-block %q: want a power of two from 4K to 16M", f.snapBlock)
+	if b := f.snapBlock; b < 4096 || b > 16<<20 || b&(b-1) != 0 {
+		return cfg, usagef("--snapshot-block %s: want a power of two from 4K to 16M", humanSize(uint64(b)))
 	}
-	cfg.SnapshotBlock = int(block)
+	cfg.SnapshotBlock = int(f.snapBlock)
 	switch f.readerView {
 	case "snapshot":
 		cfg.ReaderView = server.ReaderViewSnapshot

@@ -30,7 +30,8 @@ func TestServeUsageErrors(t *testing.T) {
 		{[]string{"serve", "--no-tcp", "--socket", sock, "--busy", "maybe", img}, exitUsage, "--busy"},
 		{[]string{"serve", "--no-tcp", "--socket", sock, "--tls", "sometimes", img}, exitUsage, "--tls"},
 		{[]string{"serve", "--no-tcp", "--socket", sock, "--tls", "on", img}, exitUsage, "--tls-cert"},
-		{[]string{"serve", "--no-tcp", "--socket", sock, "--snapshot-max", "lots", img}, exitUsage, "--snapshot-max"},
+		{[]string{"serve", "--no-tcp", "--socket", sock, "--snapshot-max", "lots", img}, exitUsage, `"--snapshot-max" flag: "lots" is not a size`},
+		{[]string{"serve", "--no-tcp", "--socket", sock, "--snapshot-block", "-4K", img}, exitUsage, `"--snapshot-block" flag: "-4K" is not a size`},
 		{[]string{"serve", "--no-tcp", "--socket", sock, "--snapshot-block", "1000", img}, exitUsage, "--snapshot-block"},
 		{[]string{"serve", "--no-tcp", "--socket", sock, "--on-snapshot-full", "panic", img}, exitUsage, "--on-snapshot-full"},
 		{[]string{"serve", "--no-tcp", "--socket", sock, "--reader-view", "x", img}, exitUsage, "--reader-view"},
@@ -55,6 +56,17 @@ func TestServeUsageErrors(t *testing.T) {
 	}
 	if _, err := os.Stat(sock); err == nil {
 		t.Error("a failed start left a socket behind")
+	}
+}
+
+// serve's sizes are size flags, as mount's and copy's are: the help shows
+// them as such, with the default in the same units.
+func TestServeSizeFlagsHelp(t *testing.T) {
+	code, out, _ := runArgs("serve", "--help")
+	for _, want := range []string{"--snapshot-max size ", "--snapshot-block size ", "from 4K to 16M (default 64K)"} {
+		if code != exitOK || !strings.Contains(out, want) {
+			t.Errorf("serve --help: exit %d, no %q in\n%s", code, want, out)
+		}
 	}
 }
 
