@@ -162,7 +162,30 @@ func (s *boundServer) fault() {
 	}
 	if s.faultSignal == syscall.SIGKILL {
 		testenv.Receive(s.t, s.p.exited, "the killed server to exit")
+		return
 	}
+	// A signal is delivered asynchronously: a thread of the server may
+	// still answer a request until every thread has stopped.
+	waitFor(s.t, "every thread of the stopped server to stop", func() bool {
+		return allThreadsStopped(s.p.cmd.Process.Pid)
+	})
+}
+
+// allThreadsStopped reports whether every thread of process pid is in the
+// stopped state ('T' in /proc/PID/task/TID/stat).
+func allThreadsStopped(pid int) bool {
+	stats, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/stat", pid))
+	if len(stats) == 0 {
+		return false
+	}
+	for _, f := range stats {
+		b, err := os.ReadFile(f)
+		i := bytes.LastIndexByte(b, ')')
+		if err != nil || i < 0 || i+2 >= len(b) || b[i+2] != 'T' {
+			return false
+		}
+	}
+	return true
 }
 
 // restart ends the faulted server and starts a new one on the socket.
