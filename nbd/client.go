@@ -36,8 +36,9 @@ type ClientOptions struct {
 // The wait is bounded once per outage, as qemu's NBD client bounds it
 // with reconnect-delay: when the pool has had no connection for
 // ClientOptions.Timeout (the server is gone), or a request has had no
-// reply for Timeout while no other reply came either (the server hangs),
-// the server counts as unreachable. Its connections are dropped, and
+// reply for Timeout and the server has answered nothing for Timeout
+// either (it hangs), the server counts as unreachable. Both count from
+// the server's last answer, not from when the client noticed. Its connections are dropped, and
 // every request fails at once with EIO (an *UnreachableError) however
 // the caller splits its reads, until a connection is re-established:
 // then requests are served again by themselves.
@@ -57,10 +58,12 @@ type Client struct {
 	closed  bool
 	broken  error         // the export changed or vanished: permanent
 	changed chan struct{} // closed and replaced when a slot comes back or the state changes
-	lostAt  time.Time     // when the last connection was lost; zero while one works
+	lostAt  time.Time     // since when the pool has had no working connection; zero while one works
 	lostErr error         // why, or why the latest attempt to reconnect failed
+	quiet   time.Time     // a request had no reply, and the server has answered nothing since quiet
 	down    *UnreachableError
-	downT   *time.Timer // declares the server unreachable Timeout after lostAt
+	downT   *time.Timer // runs checkDown at downAt: Timeout after lostAt or quiet
+	downAt  time.Time
 	lastErr serverError // the latest error the server reported for a request
 
 	dialCtx  context.Context // cancelled by Close, ends redials
@@ -69,7 +72,7 @@ type Client struct {
 	joining  atomic.Int32   // joins Open started that have not ended
 	joined   chan struct{}  // closed when joining reaches 0
 
-	replies    atomic.Int64 // requests the server answered, on any connection
+	answered   *answerClock // when the server last answered, on any connection
 	reconnects atomic.Int64
 	requests   atomic.Int64
 	bytesRead  atomic.Int64
@@ -89,8 +92,8 @@ func Open(ctx context.Context, u *URI, opt ClientOptions) (*Client, error) {
 	if opt.Timeout <= 0 {
 		opt.Timeout = 30 * time.Second
 	}
-	c := &Client{opt: opt, changed: make(chan struct{})}
-	first, err := dial(ctx, u, opt.Dial, &c.replies)
+	c := &Client{opt: opt, changed: make(chan struct{}), answered: newAnswerClock()}
+	first, err := dial(ctx, u, opt.Dial, c.answered)
 	if err != nil {
 		return nil, err
 	}
@@ -192,11 +195,8 @@ func (c *Client) install(i int, conn *Conn) bool {
 	}
 	c.conns[i] = conn
 	down := c.down
-	c.down, c.lostAt, c.lostErr = nil, time.Time{}, nil
-	if c.downT != nil {
-		c.downT.Stop()
-		c.downT = nil
-	}
+	c.down, c.lostAt, c.lostErr, c.quiet = nil, time.Time{}, nil, time.Time{}
+	c.disarmLocked()
 	c.wakeLocked()
 	c.mu.Unlock()
 	if down != nil {
@@ -267,16 +267,61 @@ func (c *Client) declareUnreachable(since time.Time, cause string) {
 	}
 }
 
-// lostTooLong is the timer of an empty pool: Timeout after the last
-// connection was lost, the server counts as unreachable unless one came
-// back meanwhile.
-func (c *Client) lostTooLong() {
+// checkDown is the outage timer. The server counts as unreachable once
+// the pool has had no connection for Timeout since lostAt, or a request
+// had no reply and the server has answered nothing for Timeout since
+// quiet; otherwise the timer is set again for whichever is still to come.
+func (c *Client) checkDown() {
 	c.mu.Lock()
-	lost, why := c.lostAt, c.lostErr
-	gone := !lost.IsZero() && c.liveLocked() == 0 && !time.Now().Before(lost.Add(c.opt.Timeout))
+	now := time.Now()
+	if c.downT != nil && !now.Before(c.downAt) {
+		c.downT, c.downAt = nil, time.Time{}
+	}
+	if c.closed || c.broken != nil || c.down != nil {
+		c.mu.Unlock()
+		return
+	}
+	if !c.quiet.IsZero() && c.answered.at().After(c.quiet) {
+		c.quiet = time.Time{} // it answered since
+	}
+	empty := !c.lostAt.IsZero() && c.liveLocked() == 0
+	var since time.Time
+	var cause string
+	switch {
+	case !c.quiet.IsZero() && !now.Before(c.quiet.Add(c.opt.Timeout)):
+		since, cause = c.quiet, fmt.Sprintf("no reply for %v", c.opt.Timeout)
+	case empty && !now.Before(c.lostAt.Add(c.opt.Timeout)):
+		since, cause = c.lostAt, noConnection(c.opt.Timeout, c.lostErr)
+	default:
+		if !c.quiet.IsZero() {
+			c.armLocked(c.quiet.Add(c.opt.Timeout))
+		}
+		if empty {
+			c.armLocked(c.lostAt.Add(c.opt.Timeout))
+		}
+	}
 	c.mu.Unlock()
-	if gone {
-		c.declareUnreachable(lost, noConnection(c.opt.Timeout, why))
+	if !since.IsZero() {
+		c.declareUnreachable(since, cause)
+	}
+}
+
+// armLocked makes the outage timer run checkDown at the latest at at.
+func (c *Client) armLocked(at time.Time) {
+	if c.downT != nil {
+		if !c.downAt.After(at) {
+			return
+		}
+		c.downT.Stop()
+	}
+	c.downT, c.downAt = time.AfterFunc(time.Until(at), c.checkDown), at
+}
+
+// disarmLocked stops the outage timer.
+func (c *Client) disarmLocked() {
+	if c.downT != nil {
+		c.downT.Stop()
+		c.downT, c.downAt = nil, time.Time{}
 	}
 }
 
@@ -287,14 +332,22 @@ func noConnection(timeout time.Duration, why error) string {
 	return fmt.Sprintf("no connection for %v: %v", timeout, why)
 }
 
-// noReply handles a request that had no reply for Timeout from start.
-// If nothing else was answered since (replies still at seen), the server
-// does not answer at all: the outage begins.
-func (c *Client) noReply(start time.Time, seen int64) {
-	if c.replies.Load() != seen {
-		return // the server answers others: only this request failed
-	}
+// noReply handles a request that had no reply for Timeout from start. If
+// the server has answered nothing since, it does not answer at all: the
+// outage begins. If it answered another request since, this one may
+// only be slow, or the server stopped just after that answer: it counts
+// as unreachable Timeout after that answer unless it answers again.
+func (c *Client) noReply(start time.Time) {
+	answered := c.answered.at()
 	c.mu.Lock()
+	if answered.After(start) {
+		c.quiet = answered
+		if c.down == nil {
+			c.armLocked(answered.Add(c.opt.Timeout))
+		}
+		c.mu.Unlock()
+		return
+	}
 	cause := fmt.Sprintf("no reply for %v", c.opt.Timeout)
 	if !c.lostAt.IsZero() && c.liveLocked() == 0 {
 		if c.lostAt.Before(start) {
@@ -305,6 +358,19 @@ func (c *Client) noReply(start time.Time, seen int64) {
 	c.mu.Unlock()
 	c.declareUnreachable(start, cause)
 }
+
+// answerClock records when the server last answered a request, on any
+// connection of a pool.
+type answerClock struct {
+	epoch time.Time    // its monotonic reading makes a step of the wall clock harmless
+	last  atomic.Int64 // time.Since(epoch) at the latest answer
+}
+
+func newAnswerClock() *answerClock { return &answerClock{epoch: time.Now()} }
+
+func (a *answerClock) mark() { a.last.Store(int64(time.Since(a.epoch))) }
+
+func (a *answerClock) at() time.Time { return a.epoch.Add(time.Duration(a.last.Load())) }
 
 // breakPool records a permanent error: every request fails with it from
 // now on.
@@ -439,9 +505,7 @@ func (c *Client) Close() error {
 	}
 	c.closed = true
 	conns := append([]*Conn(nil), c.conns...)
-	if c.downT != nil {
-		c.downT.Stop()
-	}
+	c.disarmLocked()
 	close(c.changed)
 	c.mu.Unlock()
 	c.stopDial()
@@ -457,7 +521,7 @@ func (c *Client) Close() error {
 // dialVerified opens one more connection to the canonical export and
 // checks it is the same export the pool started with.
 func (c *Client) dialVerified(ctx context.Context) (*Conn, error) {
-	conn, err := dial(ctx, c.uri, c.opt.Dial, &c.replies)
+	conn, err := dial(ctx, c.uri, c.opt.Dial, c.answered)
 	if err != nil {
 		var oe *OptionError
 		if errors.As(err, &oe) && oe.Reply == RepErrUnknown {
@@ -531,10 +595,17 @@ func (c *Client) watch(i int, conn *Conn) {
 		c.conns[i] = nil
 		if c.liveLocked() == 0 && c.lostAt.IsZero() {
 			// The pool is empty: requests wait for a connection, for
-			// Timeout at most from now.
-			c.lostAt, c.lostErr = time.Now(), conn.Err()
+			// Timeout at most from when the server stopped answering.
+			// That is now, unless the guard dropped the connection for
+			// a request without a reply for Timeout: then it is the
+			// server's last answer, or that request's start if later.
+			lost := time.Now()
+			if errors.Is(conn.Err(), errNoReply) {
+				lost = later(c.answered.at(), lost.Add(-c.opt.Timeout))
+			}
+			c.lostAt, c.lostErr = lost, conn.Err()
 			if c.down == nil {
-				c.downT = time.AfterFunc(c.opt.Timeout, c.lostTooLong)
+				c.armLocked(lost.Add(c.opt.Timeout))
 			}
 		}
 		c.mu.Unlock()
@@ -633,7 +704,6 @@ func (c *Client) pick(ctx context.Context, deadline time.Time) (*Conn, error) {
 func (c *Client) do(ctx context.Context, op func(ctx context.Context, deadline time.Time, conn *Conn) error) error {
 	start := time.Now()
 	deadline := start.Add(c.opt.Timeout)
-	seen := c.replies.Load()
 	for {
 		conn, err := c.pick(ctx, deadline)
 		if err == nil {
@@ -649,7 +719,7 @@ func (c *Client) do(ctx context.Context, op func(ctx context.Context, deadline t
 			// Our own deadline, not the caller's: the server did not
 			// answer in time (the guard has replaced a stuck connection).
 			c.timeouts.Add(1)
-			c.noReply(start, seen)
+			c.noReply(start)
 			return fmt.Errorf("nbd: no reply from %s within %v: %w", c.uri.Display(), c.opt.Timeout, syscall.EIO)
 		case errors.As(err, &ce):
 			c.retries.Add(1)
@@ -824,4 +894,11 @@ func (c *Client) BlockStatus(ctx context.Context, off, length int64) ([]Extent, 
 		return nil, protoErrorf("BLOCK_STATUS at %d returned no extent", off)
 	}
 	return ext, nil
+}
+
+func later(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
 }

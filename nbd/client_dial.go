@@ -12,7 +12,6 @@ import (
 	"os/user"
 	"path/filepath"
 	"strconv"
-	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -120,9 +119,9 @@ func Dial(ctx context.Context, u *URI, opt DialOptions) (*Conn, error) {
 	return dial(ctx, u, opt, nil)
 }
 
-// dial is Dial for a pool: the connection counts the replies it reads in
-// replies (nil: nowhere), which the pool shares among its connections.
-func dial(ctx context.Context, u *URI, opt DialOptions, replies *atomic.Int64) (*Conn, error) {
+// dial is Dial for a pool: the connection marks each reply it reads on
+// answered (nil: nowhere), which the pool shares among its connections.
+func dial(ctx context.Context, u *URI, opt DialOptions, answered *answerClock) (*Conn, error) {
 	n, err := Negotiate(ctx, u, opt)
 	if err != nil {
 		return nil, err
@@ -150,7 +149,7 @@ func dial(ctx context.Context, u *URI, opt DialOptions, replies *atomic.Int64) (
 		// once more), while reply headers are still read in batches.
 		br = bufio.NewReaderSize(n.conn, replyReadBuffer)
 	}
-	return newConn(n.conn, br, info, replies), nil
+	return newConn(n.conn, br, info, answered), nil
 }
 
 func selectExport(n *Negotiator, export string, opt DialOptions) (*ExportInfo, error) {

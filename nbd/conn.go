@@ -71,7 +71,7 @@ type Conn struct {
 
 	dead     chan struct{} // closed when the connection has failed or closed
 	inflight atomic.Int64  // bytes requested and not yet answered
-	replies  *atomic.Int64 // the pool's count of calls answered; nil outside a pool
+	answered *answerClock  // the pool's time of the latest reply; nil outside a pool
 }
 
 // oldestDeadline returns the earliest deadline of the calls in flight.
@@ -113,15 +113,15 @@ type call struct {
 }
 
 // newConn starts the transmission phase on a negotiated connection.
-func newConn(nc net.Conn, br *bufio.Reader, info *ExportInfo, replies *atomic.Int64) *Conn {
+func newConn(nc net.Conn, br *bufio.Reader, info *ExportInfo, answered *answerClock) *Conn {
 	c := &Conn{
-		replies: replies,
-		nc:      nc,
-		br:      br,
-		info:    info,
-		pending: make(map[uint64]*call),
-		dead:    make(chan struct{}),
-		readTok: make(chan struct{}, 1),
+		answered: answered,
+		nc:       nc,
+		br:       br,
+		info:     info,
+		pending:  make(map[uint64]*call),
+		dead:     make(chan struct{}),
+		readTok:  make(chan struct{}, 1),
 	}
 	c.readTok <- struct{}{}
 	c.allocID, c.hasAlloc = info.ContextID(ContextBaseAllocation)
@@ -700,8 +700,8 @@ func (c *Conn) finish(cl *call) {
 	delete(c.pending, cl.req.Cookie)
 	c.mu.Unlock()
 	c.inflight.Add(-int64(cl.req.Length))
-	if c.replies != nil {
-		c.replies.Add(1)
+	if c.answered != nil {
+		c.answered.mark()
 	}
 	close(cl.done)
 }

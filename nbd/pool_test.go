@@ -340,6 +340,54 @@ func TestClientHungServerIsOneOutage(t *testing.T) {
 	}
 }
 
+// A server that stops just after answering one request, while another
+// request was already waiting (a streaming reader's readahead), stops
+// answering from that answer on: the outage counts from it, not from
+// when the waiting request had no reply for Timeout and its connection
+// was dropped. A read after that waits for the rest of one Timeout, not
+// for a second one.
+func TestClientHangRightAfterAReplyIsOneOutage(t *testing.T) {
+	var hung atomic.Bool
+	over := make(chan struct{})
+	u := listenPool(t, func(n int, s *fakeServer) {
+		if hung.Load() {
+			<-over // a stopped server's backlog: no greeting
+			return
+		}
+		handshake(s, "disk@s1")
+		answerReads(s, func(r Request) bool { return r.Offset == 0 || hung.Load() })
+	})
+	t.Cleanup(func() { close(over) })
+	const timeout = time.Second
+	cl := openPool(t, u, 1, timeout)
+	waiting := make(chan error, 1)
+	go func() {
+		_, err := timedRead(cl, 0) // never answered
+		waiting <- err
+	}()
+	waitPool(t, cl, "the first read to be in flight", func(st ClientStats) bool { return st.OldestWait > 0 })
+	if _, err := timedRead(cl, 4096); err != nil {
+		t.Fatal(err)
+	}
+	hung.Store(true)
+	hungAt := time.Now()
+	if err := testenv.Receive(t, waiting, "the unanswered read"); !errors.Is(err, syscall.EIO) || !strings.Contains(err.Error(), "no reply") {
+		t.Fatalf("the unanswered read: %v, want EIO, no reply", err)
+	}
+	_, err := timedRead(cl, 8192)
+	var ue *UnreachableError
+	if !errors.As(err, &ue) || !errors.Is(err, syscall.EIO) {
+		t.Fatalf("read after the first failed: %v, want EIO from the outage (unreachable)", err)
+	}
+	if ue.Since.After(hungAt) {
+		t.Errorf("the outage counts from %v after the server stopped (%v), want from its last answer",
+			ue.Since.Sub(hungAt).Round(time.Millisecond), ue.Cause)
+	}
+	if st := cl.Stats(); st.State != "unreachable" || st.Since.After(hungAt) || !strings.Contains(st.Reason, "no reply") {
+		t.Errorf("stats during the outage: %s since %v after the server stopped (%s)", st.State, st.Since.Sub(hungAt).Round(time.Millisecond), st.Reason)
+	}
+}
+
 // A server that goes away (as under SIGKILL) leaves the pool without a
 // connection: requests wait for one until Timeout after the last one was
 // lost, whenever they started, then the server counts as unreachable and

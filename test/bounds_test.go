@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -42,12 +43,26 @@ func (a *account) startRead(t testing.TB, what, path string, off int64, direct b
 	if direct {
 		args = append(args, "iflag=direct")
 	}
-	cmd := a.command("dd", args...)
+	return a.start(t, what, "dd", args...)
+}
+
+// startStream reads n MiB of path from off MiB on with dd, as a, again
+// and again until a read fails; the outcome arrives on the channel.
+func (a *account) startStream(t testing.TB, what, path string, off, n int) <-chan readOutcome {
+	t.Helper()
+	return a.start(t, what, "sh", "-c", `while dd if="$1" of=/dev/null bs=1M skip=$2 count=$3 status=none; do :; done; exit 1`,
+		"sh", path, strconv.Itoa(off), strconv.Itoa(n))
+}
+
+// start runs a command as a; its outcome arrives on the channel.
+func (a *account) start(t testing.TB, what, name string, args ...string) <-chan readOutcome {
+	t.Helper()
+	cmd := a.command(name, args...)
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	ch := make(chan readOutcome, 1)
 	if err := cmd.Start(); err != nil {
-		t.Fatalf("starting dd: %v", err)
+		t.Fatalf("starting %s: %v", name, err)
 	}
 	t.Cleanup(func() { cmd.Process.Kill() })
 	go func() {
@@ -75,7 +90,9 @@ type boundScenario struct {
 //   - a buffered read of a region never read, an O_DIRECT read and four
 //     more buffered readers, all at once, each get EIO within the
 //     timeout plus boundSlack of the fault, and the stats say why, while
-//     data in the mount's cache is still served;
+//     data in the mount's cache is still served; and so does a reader
+//     that streams the live view through a mount of one connection
+//     without a cache, whose last replies arrive as the server stops;
 //   - with the server restarted on the same socket, a live view reads
 //     again without a remount, while a snapshot mount keeps failing with
 //     EIO and its stats say the snapshot is gone, even though the
@@ -144,7 +161,10 @@ func (s *boundServer) start() {
 	s.t.Helper()
 	os.Remove(s.sock)
 	if s.kind == "nbdkit" {
-		s.p = startProc(s.t, "nbdkit", "-f", "-r", "-U", s.sock, "file", s.image)
+		// Each read takes a while, as over a network: a reader that
+		// streams has requests in flight, some answered, when the
+		// fault comes.
+		s.p = startProc(s.t, "nbdkit", "-f", "-r", "-U", s.sock, "--filter=delay", "file", s.image, "rdelay=20ms")
 		s.p.waitReady("unix", s.sock)
 	} else {
 		s.p = startProc(s.t, snapmountBin, "serve", "--no-tcp", "--socket", s.sock, "disk="+s.image)
@@ -205,7 +225,9 @@ func testOutageBound(t *testing.T, bin string, sc boundScenario) {
 	srv.start()
 
 	// nbdkit serves a live view; on snapmount serve, "disk" is a
-	// snapshot and "disk@live" a live view, mounted both.
+	// snapshot and "disk@live" a live view, mounted both. The live view
+	// is mounted once more for the streaming reader, with one
+	// connection and no cache: every read it makes goes to the server.
 	type mount struct {
 		dir, file string
 		frozen    bool
@@ -215,7 +237,12 @@ func testOutageBound(t *testing.T, bin string, sc boundScenario) {
 	if sc.server == "serve" {
 		exports = []string{"disk", "disk@live"}
 	}
+	exports = append(exports, exports[len(exports)-1])
 	for i, export := range exports {
+		var flags []string
+		if i == len(exports)-1 {
+			flags = []string{"--conns", "1", "--no-cache"}
+		}
 		mnt := filepath.Join(dir, fmt.Sprintf("m%d", i))
 		if err := os.Mkdir(mnt, 0o755); err != nil {
 			t.Fatal(err)
@@ -226,7 +253,7 @@ func testOutageBound(t *testing.T, bin string, sc boundScenario) {
 		logfile := filepath.Join(dir, fmt.Sprintf("m%d.log", i))
 		os.WriteFile(logfile, nil, 0o666)
 		os.Chmod(logfile, 0o666) // the user's mount appends to it
-		r := sc.user.run(t, bin, "mount", "--log", logfile, "--timeout", boundTimeout.String(), unixURI(export, srv.sock), mnt)
+		r := sc.user.run(t, bin, append([]string{"mount", "--log", logfile, "--timeout", boundTimeout.String(), unixURI(export, srv.sock), mnt}, flags...)...)
 		if r.code != 0 {
 			t.Fatalf("mount %q: exit %d: %s", export, r.code, r.stderr)
 		}
@@ -246,7 +273,7 @@ func testOutageBound(t *testing.T, bin string, sc boundScenario) {
 		}
 		mounts = append(mounts, mount{mnt, filepath.Join(mnt, name), i == 0 && sc.server == "serve"})
 	}
-	main := mounts[0]
+	main, live, streamed := mounts[0], mounts[len(mounts)-2], mounts[len(mounts)-1]
 	if sc.user == nil {
 		if kra, err := fusefs.KernelReadahead(main.dir); err != nil || kra < 1<<20 {
 			t.Fatalf("root's mount has a kernel readahead of %d bytes (%v), want it raised", kra, err)
@@ -261,10 +288,19 @@ func testOutageBound(t *testing.T, bin string, sc boundScenario) {
 		}
 	}
 
-	// 1. The fault: six readers of regions never read, all at once.
+	// 1. The fault, while two readers stream (each half of the file:
+	// the replies of one arrive while the other's requests wait), then
+	// six readers of regions never read, all at once.
+	reads := []<-chan readOutcome{
+		sc.user.startStream(t, "streaming reader 0", streamed.file, 0, size>>21),
+		sc.user.startStream(t, "streaming reader 1", streamed.file, size>>21, size>>21),
+	}
+	waitFor(t, "the streaming readers to read 4 MiB", func() bool {
+		nbd, _ := mountStatsAs(t, sc.user, bin, streamed.dir)["nbd"].(map[string]any)
+		return nbd["bytes_read"].(float64) >= 4<<20
+	})
 	srv.fault()
 	faulted := time.Now()
-	var reads []<-chan readOutcome
 	for i, off := range []int64{6 << 20, 11 << 20, 16 << 20, 21 << 20, 26 << 20, 31 << 20} {
 		what, direct := fmt.Sprintf("buffered reader %d", i), false
 		if i == 1 {
@@ -323,7 +359,6 @@ func testOutageBound(t *testing.T, bin string, sc boundScenario) {
 	}
 
 	// 3. umount with a reader blocked on the faulted server.
-	live := mounts[len(mounts)-1]
 	pid := int(mountStatsAs(t, sc.user, bin, live.dir)["pid"].(float64))
 	srv.fault()
 	reader := sc.user.startRead(t, "blocked reader", live.file, 21<<20, false)
