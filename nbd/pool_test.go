@@ -305,16 +305,12 @@ func TestClientHungServerIsOneOutage(t *testing.T) {
 	}
 	if !errors.Is(err, syscall.EIO) || !strings.Contains(err.Error(), "no reply") {
 		t.Fatalf("read the server never answers: %v after %v, want EIO, no reply", err, took)
-	} else if took < timeout {
-		t.Errorf("the read failed after %v, before its timeout of %v", took, timeout)
 	}
 	var ue *UnreachableError
 	if err := testenv.Receive(t, beside, "the read beside it"); !errors.As(err, &ue) || !errors.Is(err, syscall.EIO) {
 		t.Errorf("the read beside it: %v, want it failed by the outage (EIO, unreachable)", err)
 	}
-	if took, err := timedRead(cl, 0); !errors.As(err, &ue) || took > timeout/2 {
-		t.Errorf("a read during the outage: %v after %v, want EIO at once", err, took)
-	}
+	failsFast(t, cl)
 	st := cl.Stats()
 	if st.State != "unreachable" || !strings.Contains(st.Reason, "no reply") || st.Timeouts != 1 || st.FailedFast < 1 {
 		t.Errorf("stats during the outage: %+v", st)
@@ -388,6 +384,19 @@ func TestClientHangRightAfterAReplyIsOneOutage(t *testing.T) {
 	}
 }
 
+// failsFast checks that a read during an outage fails at once: with the
+// outage's EIO, counted as failed without waiting (a loaded machine may
+// take its time, so no clock says it).
+func failsFast(t *testing.T, cl *Client) {
+	t.Helper()
+	before := cl.Stats().FailedFast
+	_, err := cl.ReadAt(make([]byte, 4096), 0)
+	var ue *UnreachableError
+	if !errors.As(err, &ue) || !errors.Is(err, syscall.EIO) || cl.Stats().FailedFast <= before {
+		t.Errorf("a read during the outage: %v, %d failed at once before it and %d after, want it to fail at once with EIO", err, before, cl.Stats().FailedFast)
+	}
+}
+
 // A server that goes away (as under SIGKILL) leaves the pool without a
 // connection: requests wait for one until Timeout after the last one was
 // lost, whenever they started, then the server counts as unreachable and
@@ -424,9 +433,7 @@ func TestClientGoneServerIsOneOutage(t *testing.T) {
 	if !errors.As(err, &ue) || !errors.Is(err, syscall.EIO) {
 		t.Fatalf("read with the server gone: %v after %v, want EIO from the outage (unreachable)", err, took)
 	}
-	if took, err := timedRead(cl, 0); !errors.As(err, &ue) || took > timeout/2 {
-		t.Errorf("a read during the outage: %v after %v, want EIO at once", err, took)
-	}
+	failsFast(t, cl)
 	if st := cl.Stats(); st.State != "unreachable" || !strings.Contains(st.Reason, "no connection") {
 		t.Errorf("stats during the outage: %s (%s)", st.State, st.Reason)
 	}

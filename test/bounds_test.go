@@ -101,6 +101,7 @@ type boundScenario struct {
 //     'snapmount umount' ends the mount within seconds: the mount is gone,
 //     its process has exited and the reader failed.
 func TestMountOutageBound(t *testing.T) {
+	t.Parallel() // it mostly waits for timeouts; nothing it changes is shared
 	testenv.RequireFUSE(t)
 	testenv.RequireCmd(t, "nbdkit", "dd", "qemu-io")
 	user := testUser(t) // root: the root scenarios need it too
