@@ -2,13 +2,17 @@ package test
 
 import (
 	"bufio"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -334,6 +338,57 @@ func TestCopyNeverDestroysData(t *testing.T) {
 	if got := fileSHA256(t, image); got != want {
 		t.Fatalf("the served image changed: %s, was %s", got, want)
 	}
+
+	// A named pipe is written in place and never opened to look at
+	// first (an open for reading waits for a writer, while the reader
+	// at its other end waits for copy): its reader gets the export.
+	fifo := filepath.Join(dir, "pipe")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { // a reader copy never wrote to ends
+		if f, err := os.OpenFile(fifo, os.O_WRONLY|syscall.O_NONBLOCK, 0); err == nil {
+			f.Close()
+		}
+	})
+	piped := make(chan string, 1)
+	go func() {
+		f, err := os.Open(fifo)
+		if err != nil {
+			piped <- err.Error()
+			return
+		}
+		defer f.Close()
+		h := sha256.New()
+		io.Copy(h, f)
+		piped <- hex.EncodeToString(h.Sum(nil))
+	}()
+	r = snapmount(t, 30*time.Second, "copy", "--sha256", uri, fifo)
+	if got := testenv.Receive(t, piped, "the pipe's reader to read to the end"); r.code != 0 || got != want {
+		t.Errorf("copy into a pipe: exit %d %q, the reader got data with SHA-256 %s; want the export's, %s", r.code, r.stderr, got, want)
+	}
+
+	// With nobody reading the pipe, copy waits for a reader, and SIGTERM
+	// ends the wait.
+	p := startProc(t, snapmountBin, "copy", uri, fifo)
+	waitFor(t, "copy to wait for the pipe's reader", func() bool { return waitsForPipePartner(p.cmd.Process.Pid) })
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	testenv.Receive(t, p.exited, "copy to end at SIGTERM")
+	if code := p.cmd.ProcessState.ExitCode(); code != 5 || !strings.Contains(p.out.String(), "interrupted") {
+		t.Errorf("copy into a pipe nobody reads, at SIGTERM: exit %d %q, want 5, interrupted", code, p.out.String())
+	}
+}
+
+// waitsForPipePartner reports whether a thread of process pid waits in
+// open(2) for the other end of a named pipe.
+func waitsForPipePartner(pid int) bool {
+	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/wchan", pid))
+	for _, task := range tasks {
+		if b, _ := os.ReadFile(task); string(b) == "wait_for_partner" {
+			return true
+		}
+	}
+	return false
 }
 
 // waitForFile waits until a file contains substr (a log a daemon writes).

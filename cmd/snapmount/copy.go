@@ -103,8 +103,8 @@ func runCopy(ctx context.Context, std stdio, o *copyOptions) error {
 		}
 		if inPlace {
 			// A pipe or a device: written as the data comes.
-			if out, err = os.OpenFile(o.dest, os.O_WRONLY, 0); err != nil {
-				return fmt.Errorf("opening destination: %w", err)
+			if out, err = openInPlace(ctx, o.dest); err != nil {
+				return err
 			}
 			defer out.Close()
 		} else {

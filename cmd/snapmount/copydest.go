@@ -4,11 +4,13 @@ package main
 // never a file that looks complete before it is.
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -19,8 +21,8 @@ import (
 // checkDest refuses a destination copy must not write: an image a local
 // snapmount serve is serving (it holds a lock on it), and, unless force,
 // one that exists and is not empty. inPlace reports a destination that is
-// written where it is, as the data comes (a pipe, a character device, a
-// block device).
+// written where it is, as the data comes (a pipe, a character or block
+// device).
 func checkDest(name string, force bool) (inPlace bool, err error) {
 	st, err := os.Stat(name)
 	if errors.Is(err, os.ErrNotExist) {
@@ -29,10 +31,20 @@ func checkDest(name string, force bool) (inPlace bool, err error) {
 	if err != nil {
 		return false, fmt.Errorf("destination: %w", err)
 	}
-	if st.IsDir() {
+	switch {
+	case st.IsDir():
 		return false, fmt.Errorf("destination %s is a directory: name the file to write", name)
+	case st.Mode()&os.ModeSocket != 0:
+		return false, fmt.Errorf("destination %s is a socket, which cannot be opened to write to: name a file, a pipe or a device", name)
+	case st.Mode()&(os.ModeNamedPipe|os.ModeCharDevice) != 0:
+		// Not opened to look: a pipe's open for reading waits for a
+		// writer (the reader at its other end waits for us), and a
+		// character device may act on any open (a tape rewinds).
+		return true, nil
 	}
-	f, err := os.Open(name)
+	// O_NONBLOCK: should a pipe take name's place meanwhile, open does
+	// not wait for its writer.
+	f, err := os.OpenFile(name, os.O_RDONLY|syscall.O_NONBLOCK, 0)
 	if err != nil {
 		return false, fmt.Errorf("destination: %w", err)
 	}
@@ -41,13 +53,41 @@ func checkDest(name string, force bool) (inPlace bool, err error) {
 		return false, fmt.Errorf("%s is an image a snapmount serve is serving (it holds its lock): copying onto it would destroy it; choose another DEST", name)
 	}
 	size := st.Size()
-	if st.Mode()&os.ModeDevice != 0 && st.Mode()&os.ModeCharDevice == 0 {
+	if !st.Mode().IsRegular() {
 		size, _ = f.Seek(0, io.SeekEnd) // a block device's size
 	}
 	if size > 0 && !force {
-		return false, fmt.Errorf("%s exists and is not empty (%s): copy does not overwrite it without --force", name, humanSize(uint64(size)))
+		return false, notEmpty(name, size)
 	}
 	return !st.Mode().IsRegular(), nil
+}
+
+func notEmpty(name string, size int64) error {
+	return fmt.Errorf("%s exists and is not empty (%s): copy does not overwrite it without --force", name, humanSize(uint64(size)))
+}
+
+// openInPlace opens a destination written where it is. A pipe's open
+// waits for its reader: a signal (ctx) ends the wait.
+func openInPlace(ctx context.Context, name string) (*os.File, error) {
+	type opened struct {
+		f   *os.File
+		err error
+	}
+	ch := make(chan opened, 1)
+	go func() {
+		f, err := os.OpenFile(name, os.O_WRONLY, 0)
+		ch <- opened{f, err}
+	}()
+	select {
+	case o := <-ch:
+		if o.err != nil {
+			return nil, fmt.Errorf("opening destination: %w", o.err)
+		}
+		return o.f, nil
+	case <-ctx.Done():
+		// The open ends with the process.
+		return nil, withCode(exitSignal, fmt.Errorf("interrupted while %s waited for a reader; nothing was written", name))
+	}
 }
 
 // destFile is a copy's destination while it is written: a file beside

@@ -1,9 +1,14 @@
 package main
 
 import (
+	"net"
 	"os"
 	"path/filepath"
+	"strings"
+	"syscall"
 	"testing"
+
+	"snapmount/test/testenv"
 )
 
 // A copy's file becomes DEST only when committed, replacing what was
@@ -55,5 +60,41 @@ func TestDestFile(t *testing.T) {
 				t.Errorf("the directory holds %v, want DEST alone", entries)
 			}
 		})
+	}
+}
+
+// A pipe or a character device is written in place and is not opened to
+// look at first: a pipe's open for reading would wait for a writer while
+// the reader at its other end waits for copy. A socket, which no open
+// can write to, is refused.
+func TestCheckDestOpensNoPipe(t *testing.T) {
+	dir := t.TempDir()
+	fifo := filepath.Join(dir, "pipe")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	type checked struct {
+		inPlace bool
+		err     error
+	}
+	for _, dest := range []string{fifo, "/dev/null"} {
+		done := make(chan checked, 1)
+		go func() {
+			inPlace, err := checkDest(dest, false)
+			done <- checked{inPlace, err}
+		}()
+		if c := testenv.Receive(t, done, "checkDest of "+dest); !c.inPlace || c.err != nil {
+			t.Errorf("checkDest(%s) = %v, %v; want it written in place", dest, c.inPlace, c.err)
+		}
+	}
+
+	sock := filepath.Join(testenv.ShortTempDir(t), "s.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	if _, err := checkDest(sock, true); err == nil || !strings.Contains(err.Error(), "is a socket") {
+		t.Errorf("checkDest of a socket: %v; want it refused as one", err)
 	}
 }
