@@ -391,6 +391,19 @@ func waitsForPipePartner(pid int) bool {
 	return false
 }
 
+// copy writes its copy beside DEST and renames it into place, so DEST's
+// directory must be writable: a user's copy into a directory it cannot
+// write says so in one line, before connecting.
+func TestCopyIntoUnwritableDirectorySaysWhy(t *testing.T) {
+	a := testUser(t)
+	dest := filepath.Join(a.dir, "out.img") // a.dir is root's
+	r := a.run(t, "snapmount", "copy", unixURI("disk", filepath.Join(a.dir, "no.sock")), dest)
+	msg := strings.TrimSpace(r.stderr)
+	if r.code != 1 || strings.Contains(msg, "\n") || !strings.Contains(msg, "renamed into place") || !strings.Contains(msg, a.dir+" is not writable") {
+		t.Errorf("copy into a directory the user cannot write: exit %d %q; want exit 1, one line saying why", r.code, msg)
+	}
+}
+
 // waitForFile waits until a file contains substr (a log a daemon writes).
 func waitForFile(t testing.TB, path, substr string) {
 	t.Helper()

@@ -37,8 +37,11 @@ disk, with --fsync): until then the data goes to a file with no name in
 DEST's directory, which a failed, interrupted or killed copy leaves
 nowhere (where the file system cannot make one, to .DEST.partial-N,
 removed when the copy fails; only a copy killed with SIGKILL leaves it).
-A DEST that existed is left as it was unless the copy completes. Stdout
-('-'), pipes and character devices get the data as it comes.`,
+DEST's directory must therefore be writable. A DEST that existed is left
+as it was unless the copy completes, and is then replaced by a file with
+its mode; one that another program makes while the copy runs is never
+replaced (the copy fails and is discarded). Stdout ('-'), pipes and
+character devices get the data as it comes.`,
 		setup: func(fs *flag.FlagSet) func(context.Context, stdio, []string) error {
 			var cf clientFlags
 			var o copyOptions
@@ -108,8 +111,8 @@ func runCopy(ctx context.Context, std stdio, o *copyOptions) error {
 			}
 			defer out.Close()
 		} else {
-			if dest, err = createBeside(o.dest); err != nil {
-				return fmt.Errorf("opening destination: %w", err)
+			if dest, err = createBeside(o.dest, o.force); err != nil {
+				return err
 			}
 			defer dest.discard() // unless committed
 			out = dest.File

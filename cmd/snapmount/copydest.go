@@ -97,27 +97,49 @@ type destFile struct {
 	dest    string
 	partial string // its name, where it has one (no O_TMPFILE)
 	existed bool   // DEST existed (and is replaced only by commit)
+	force   bool   // DEST may be replaced even if it is not empty by then
 	done    bool
 }
 
 // createBeside makes the file a copy to dest writes: with no name, in
 // dest's directory (O_TMPFILE), or where the file system cannot make one,
 // .DEST.partial-N there.
-func createBeside(dest string) (*destFile, error) {
-	d := &destFile{dest: dest}
-	if _, err := os.Lstat(dest); err == nil {
-		d.existed = true
-	}
+func createBeside(dest string, force bool) (*destFile, error) {
+	d := newDestFile(dest, force)
 	dir := filepath.Dir(dest)
 	fd, err := unix.Open(dir, unix.O_TMPFILE|unix.O_WRONLY|unix.O_CLOEXEC, 0o644)
 	if err == nil {
 		d.File = os.NewFile(uintptr(fd), dest)
 		return d, nil
 	}
-	if !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.EISDIR) && !errors.Is(err, unix.EINVAL) {
-		return nil, &os.PathError{Op: "open", Path: dir, Err: err}
+	if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EISDIR) || errors.Is(err, unix.EINVAL) {
+		err = d.createPartial()
 	}
-	return d, d.createPartial()
+	if errors.Is(err, unix.EACCES) || errors.Is(err, unix.EPERM) || errors.Is(err, unix.EROFS) {
+		return nil, fmt.Errorf("cannot copy to %s: the copy is written beside it and renamed into place once complete, and %s is not writable (%v)", dest, dir, pathErrno(err))
+	}
+	if err != nil {
+		return nil, fmt.Errorf("opening destination: %w", &os.PathError{Op: "open", Path: dir, Err: pathErrno(err)})
+	}
+	return d, nil
+}
+
+// pathErrno is the errno in err, or err.
+func pathErrno(err error) error {
+	var pe *os.PathError
+	if errors.As(err, &pe) {
+		return pe.Err
+	}
+	return err
+}
+
+// newDestFile is the destination dest, with no file yet.
+func newDestFile(dest string, force bool) *destFile {
+	d := &destFile{dest: dest, force: force}
+	if _, err := os.Lstat(dest); err == nil {
+		d.existed = true
+	}
+	return d
 }
 
 // createPartial makes d's file .DEST.partial-N, for file systems without
@@ -131,26 +153,32 @@ func (d *destFile) createPartial() error {
 	return nil
 }
 
-// commit puts the complete file in place as dest, replacing what was
-// there in one rename; with sync, data and name are on disk first.
+// destAppearedError: DEST did not exist when the copy began, and does now.
+type destAppearedError struct{ dest string }
+
+func (e *destAppearedError) Error() string {
+	return fmt.Sprintf("%s appeared while copying (another program made it): left it as it is and discarded the copy; copy again, with --force to replace it", e.dest)
+}
+
+// commit puts the complete file in place as dest; with sync, data and
+// name are on disk first. A DEST that did not exist is never replaced:
+// if one appeared meanwhile, commit fails. One that did is replaced in
+// one rename, by a file with its mode (and its owner, where the user may
+// give it), unless it is no longer empty and force is off.
 func (d *destFile) commit(sync bool) error {
 	if sync {
 		if err := d.Sync(); err != nil {
 			return fmt.Errorf("fsync %s: %w", d.dest, err)
 		}
 	}
-	name := d.partial
-	if name == "" {
-		// Give the nameless file a name beside dest, then rename it.
-		name = filepath.Join(filepath.Dir(d.dest), fmt.Sprintf(".%s.partial-%d-%d", filepath.Base(d.dest), os.Getpid(), time.Now().UnixNano()))
-		proc := fmt.Sprintf("/proc/self/fd/%d", d.Fd())
-		if err := unix.Linkat(unix.AT_FDCWD, proc, unix.AT_FDCWD, name, unix.AT_SYMLINK_FOLLOW); err != nil {
-			return fmt.Errorf("naming %s: %w", d.dest, err)
-		}
+	var err error
+	if d.existed {
+		err = d.replace()
+	} else {
+		err = d.place()
 	}
-	if err := os.Rename(name, d.dest); err != nil {
-		os.Remove(name)
-		return fmt.Errorf("putting %s in place: %w", d.dest, err)
+	if err != nil {
+		return err
 	}
 	d.done = true
 	if sync {
@@ -164,6 +192,61 @@ func (d *destFile) commit(sync bool) error {
 	}
 	return nil
 }
+
+// place gives the file the name dest, which must not exist.
+func (d *destFile) place() error {
+	var err error
+	if d.partial == "" {
+		err = unix.Linkat(unix.AT_FDCWD, d.procPath(), unix.AT_FDCWD, d.dest, unix.AT_SYMLINK_FOLLOW)
+	} else {
+		err = unix.Renameat2(unix.AT_FDCWD, d.partial, unix.AT_FDCWD, d.dest, unix.RENAME_NOREPLACE)
+		if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOSYS) {
+			// No RENAME_NOREPLACE here: a link does not replace either.
+			if err = os.Link(d.partial, d.dest); err == nil {
+				os.Remove(d.partial)
+			}
+		}
+	}
+	if errors.Is(err, unix.EEXIST) || errors.Is(err, os.ErrExist) {
+		return &destAppearedError{d.dest}
+	}
+	if err != nil {
+		return fmt.Errorf("putting %s in place: %w", d.dest, pathErrno(err))
+	}
+	return nil
+}
+
+// replace puts the file in place of dest in one rename, with dest's mode
+// and owner.
+func (d *destFile) replace() error {
+	if st, err := os.Stat(d.dest); err == nil {
+		if st.Mode().IsRegular() && st.Size() > 0 && !d.force {
+			return notEmpty(d.dest, st.Size())
+		}
+		if err := d.Chmod(st.Mode().Perm()); err != nil {
+			return fmt.Errorf("giving the copy the mode of %s: %w", d.dest, pathErrno(err))
+		}
+		if sys, ok := st.Sys().(*syscall.Stat_t); ok {
+			_ = d.Chown(int(sys.Uid), int(sys.Gid)) // where the user may
+		}
+	}
+	name := d.partial
+	if name == "" {
+		// Give the nameless file a name beside dest, then rename it.
+		name = filepath.Join(filepath.Dir(d.dest), fmt.Sprintf(".%s.partial-%d-%d", filepath.Base(d.dest), os.Getpid(), time.Now().UnixNano()))
+		if err := unix.Linkat(unix.AT_FDCWD, d.procPath(), unix.AT_FDCWD, name, unix.AT_SYMLINK_FOLLOW); err != nil {
+			return fmt.Errorf("naming %s: %w", d.dest, err)
+		}
+	}
+	if err := os.Rename(name, d.dest); err != nil {
+		os.Remove(name)
+		return fmt.Errorf("putting %s in place: %w", d.dest, pathErrno(err))
+	}
+	return nil
+}
+
+// procPath names the open file, to give a nameless one a name.
+func (d *destFile) procPath() string { return fmt.Sprintf("/proc/self/fd/%d", d.Fd()) }
 
 // discard closes the file and, unless it was committed, removes what a
 // failed copy left of it.

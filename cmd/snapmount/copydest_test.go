@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"net"
 	"os"
 	"path/filepath"
@@ -11,24 +12,28 @@ import (
 	"snapmount/test/testenv"
 )
 
+// destFileMakers make a copy's file beside DEST both ways: with no name
+// (O_TMPFILE) and, as where the file system cannot, with a .partial one.
+var destFileMakers = []struct {
+	name   string
+	create func(dest string, force bool) (*destFile, error)
+}{
+	{"O_TMPFILE", createBeside},
+	{"partial", func(dest string, force bool) (*destFile, error) {
+		d := newDestFile(dest, force)
+		return d, d.createPartial()
+	}},
+}
+
 // A copy's file becomes DEST only when committed, replacing what was
 // there; discarded, it leaves nothing, whether it had no name (O_TMPFILE)
 // or a .partial one.
 func TestDestFile(t *testing.T) {
-	for _, c := range []struct {
-		name   string
-		create func(dest string) (*destFile, error)
-	}{
-		{"O_TMPFILE", createBeside},
-		{"partial", func(dest string) (*destFile, error) {
-			d := &destFile{dest: dest}
-			return d, d.createPartial()
-		}},
-	} {
+	for _, c := range destFileMakers {
 		t.Run(c.name, func(t *testing.T) {
 			dir := t.TempDir()
 			dest := filepath.Join(dir, "out.img")
-			d, err := c.create(dest)
+			d, err := c.create(dest, true)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -42,7 +47,7 @@ func TestDestFile(t *testing.T) {
 			}
 
 			os.WriteFile(dest, []byte("old"), 0o644)
-			if d, err = c.create(dest); err != nil {
+			if d, err = c.create(dest, true); err != nil {
 				t.Fatal(err)
 			}
 			d.WriteString("new")
@@ -58,6 +63,70 @@ func TestDestFile(t *testing.T) {
 			}
 			if entries, _ := os.ReadDir(dir); len(entries) != 1 {
 				t.Errorf("the directory holds %v, want DEST alone", entries)
+			}
+		})
+	}
+}
+
+// A DEST that another program makes while the copy runs is never
+// replaced, --force or not, when it did not exist as the copy began; nor
+// is an empty one that was filled meanwhile, without --force. The copy
+// is then discarded, leaving nothing.
+func TestDestFileReplacesNothingThatAppeared(t *testing.T) {
+	for _, c := range destFileMakers {
+		for _, existed := range []bool{false, true} {
+			name := c.name + "/new"
+			if existed {
+				name = c.name + "/empty, filled meanwhile"
+			}
+			t.Run(name, func(t *testing.T) {
+				dir := t.TempDir()
+				dest := filepath.Join(dir, "out.img")
+				if existed {
+					os.WriteFile(dest, nil, 0o644)
+				}
+				d, err := c.create(dest, !existed) // --force cannot replace what appeared
+				if err != nil {
+					t.Fatal(err)
+				}
+				d.WriteString("copy")
+				os.WriteFile(dest, []byte("another program's"), 0o644)
+				err = d.commit(false)
+				d.discard()
+				var appeared *destAppearedError
+				if existed && (err == nil || !strings.Contains(err.Error(), "without --force")) ||
+					!existed && !errors.As(err, &appeared) {
+					t.Errorf("commit over a DEST that appeared: %v", err)
+				}
+				if b, _ := os.ReadFile(dest); string(b) != "another program's" {
+					t.Errorf("DEST is %q, want it as the other program made it", b)
+				}
+				if entries, _ := os.ReadDir(dir); len(entries) != 1 {
+					t.Errorf("the directory holds %v, want DEST alone", entries)
+				}
+			})
+		}
+	}
+}
+
+// --force replaces DEST with a new file that has DEST's mode.
+func TestDestFileReplacementKeepsMode(t *testing.T) {
+	for _, c := range destFileMakers {
+		t.Run(c.name, func(t *testing.T) {
+			dest := filepath.Join(t.TempDir(), "out.img")
+			os.WriteFile(dest, []byte("old"), 0o600)
+			os.Chmod(dest, 0o640)
+			d, err := c.create(dest, true)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer d.discard()
+			d.WriteString("new")
+			if err := d.commit(false); err != nil {
+				t.Fatal(err)
+			}
+			if st, err := os.Stat(dest); err != nil || st.Mode().Perm() != 0o640 {
+				t.Errorf("the replaced DEST has mode %v (%v), want 0640 as before", st.Mode(), err)
 			}
 		})
 	}
