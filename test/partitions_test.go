@@ -356,3 +356,26 @@ func TestPartitionsHostileTables(t *testing.T) {
 		}
 	})
 }
+
+// A server that answers the handshake but fails the table's reads is a
+// failed operation (exit 1), not a failed connection (exit 3), for info
+// and mount alike: the error line says what failed.
+func TestPartitionsReadErrorExitsOne(t *testing.T) {
+	t.Parallel()
+	testenv.RequireFUSE(t)
+	dir := testenv.ShortTempDir(t)
+	image := filepath.Join(dir, "disk.img")
+	writeRandomImage(t, image, 1<<20, 3)
+	sock, _ := startNbdkit(t, dir, "-r", "--filter=error", "file", image, "error-pread=EIO", "error-pread-rate=100%")
+	for _, args := range [][]string{
+		{"info", "--partitions", "--timeout", "3s", unixURI("", sock)},
+		{"mount", "--partitions", "--timeout", "3s", unixURI("", sock), mountDir(t, dir, "mnt")},
+	} {
+		r := snapmount(t, time.Minute, args...)
+		lines := strings.Split(strings.TrimSpace(r.stderr), "\n") // mount may warn first
+		msg := lines[len(lines)-1]
+		if r.code != 1 || !strings.Contains(msg, "reading the partition table") || !strings.Contains(msg, "EIO") {
+			t.Errorf("%s --partitions with reads failing: exit %d %q; want exit 1, one line saying the table's read failed", args[0], r.code, msg)
+		}
+	}
+}

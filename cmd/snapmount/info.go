@@ -52,11 +52,11 @@ far as it can be trusted, and one line says what was skipped.`,
 				}
 				switch {
 				case parts:
-					return withCode(exitConnect, runPartitions(ctx, std.out, u, opt, cf.timeout, asJSON))
+					return runPartitions(ctx, std.out, u, opt, cf.timeout, asJSON)
 				case showMap:
 					return runMap(ctx, std.out, u, opt, cf.timeout, asJSON)
 				default:
-					return withCode(exitConnect, runInfo(ctx, std.out, u, opt, list, asJSON))
+					return runInfo(ctx, std.out, u, opt, list, asJSON)
 				}
 			}
 		},
@@ -172,7 +172,7 @@ func inquire(n *nbd.Negotiator, export string, promised bool) (info *nbd.ExportI
 func runInfo(ctx context.Context, w io.Writer, u *nbd.URI, opt nbd.DialOptions, list, asJSON bool) error {
 	n, err := nbd.Negotiate(ctx, u, opt)
 	if err != nil {
-		return err
+		return withCode(exitConnect, err)
 	}
 	defer func() { n.Conn().Close() }() // n changes below
 	rep := serverReport{Protocol: "newstyle", TLS: u.TLS}
@@ -184,7 +184,7 @@ func runInfo(ctx context.Context, w io.Writer, u *nbd.URI, opt nbd.DialOptions, 
 	if list {
 		entries, err := n.List()
 		if err != nil {
-			return fmt.Errorf("listing exports: %w", err)
+			return withCode(exitConnect, fmt.Errorf("listing exports: %w", err))
 		}
 		names = names[:0]
 		for _, e := range entries {
@@ -199,12 +199,12 @@ func runInfo(ctx context.Context, w io.Writer, u *nbd.URI, opt nbd.DialOptions, 
 			// for each further export.
 			n.Conn().Close()
 			if n, err = nbd.Negotiate(ctx, u.WithExport(name), opt); err != nil {
-				return err
+				return withCode(exitConnect, err)
 			}
 		}
 		info, done, err := inquire(n, name, n.Promised())
 		if err != nil {
-			return nbd.ExplainOptionError(err, u.WithExport(name))
+			return withCode(exitConnect, nbd.ExplainOptionError(err, u.WithExport(name)))
 		}
 		ended = done
 		rep.Structured = info.Structured

@@ -40,12 +40,13 @@ type partitionEntry struct {
 func runPartitions(ctx context.Context, w io.Writer, u *nbd.URI, opt nbd.DialOptions, timeout time.Duration, asJSON bool) error {
 	client, err := nbd.Open(ctx, u, nbd.ClientOptions{Dial: opt, Conns: 1, Timeout: timeout})
 	if err != nil {
-		return err
+		return withCode(exitConnect, err)
 	}
 	defer client.Close()
 	t, err := partition.Read(client, client.Size())
 	if err != nil {
-		return err
+		// Connected: the read failed (exitFailure), as in mount.
+		return fmt.Errorf("reading the partition table: %w", err)
 	}
 	rep := partitionReport{Scheme: t.Scheme, SectorSize: t.SectorSize, ID: t.ID, Size: client.Size(), Note: t.Note, Partitions: []partitionEntry{}}
 	for _, p := range t.Partitions {

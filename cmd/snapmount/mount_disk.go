@@ -85,7 +85,7 @@ func openDisk(r io.ReaderAt, size int64, name string, d diskOptions) (*disk, err
 	if d.partitions {
 		t, err := partition.Read(r, size)
 		if err != nil {
-			return nil, withCode(exitConnect, fmt.Errorf("reading the partition table: %w", err))
+			return nil, fmt.Errorf("reading the partition table: %w", err)
 		}
 		dk.table = t
 		for _, p := range t.Partitions {
