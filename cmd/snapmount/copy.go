@@ -54,6 +54,7 @@ character devices get the data as it comes.`,
 			fs.BoolVar(&o.progress, "progress", false, "show progress even when stderr is not a terminal")
 			fs.BoolVar(&o.force, "force", false, "replace a DEST that exists and is not empty (once the copy is complete)")
 			cf.bind(fs)
+			fs.Lookup("timeout").Usage = "how long one outage of the server (no reply, or no connection) may last: copy reconnects and goes on after a shorter one, and fails after one this long"
 			return func(ctx context.Context, std stdio, args []string) error {
 				if err := wantArgs(args, 2, "URI and DEST"); err != nil {
 					return err

@@ -3,6 +3,8 @@ package main
 import (
 	"bytes"
 	"context"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -14,6 +16,8 @@ func runArgs(args ...string) (int, string, string) {
 }
 
 func TestRunUsage(t *testing.T) {
+	notMounted := t.TempDir()
+	os.WriteFile(filepath.Join(notMounted, "disk"), nil, 0o644)
 	for _, c := range []struct {
 		args       []string
 		code       int
@@ -33,6 +37,10 @@ func TestRunUsage(t *testing.T) {
 		{[]string{"copy", "--requests", "-1", "nbd://h/x", "-"}, exitUsage, "", "--requests"},
 		{[]string{"info", "--tls-ca", "/ca.pem", "nbd://h/x"}, exitUsage, "", "need an nbds://"},
 		{[]string{"info", "--timeout", "0s", "nbd://h/x"}, exitUsage, "", "--timeout"},
+		{[]string{"help", "copy"}, exitOK, "how long one outage of the server", ""},
+		{[]string{"help", "stats"}, exitOK, "server unreachable since", ""},
+		{[]string{"stats", notMounted}, exitMount, "", notMounted + " is not a snapmount mount (nothing is mounted there)"},
+		{[]string{"stats", "/proc"}, exitMount, "", "/proc is a proc mount, not snapmount's"},
 	} {
 		code, out, errs := runArgs(c.args...)
 		if code != c.code || !strings.Contains(out, c.out) || !strings.Contains(errs, c.errIn) {

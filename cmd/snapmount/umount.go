@@ -50,6 +50,21 @@ gone ("transport endpoint is not connected") is cleaned up.`,
 		name:  "stats",
 		args:  "MOUNTPOINT",
 		short: "print a mount's state, cache and connection counters and its snapshot name",
+		long: `Prints what the mount process of MOUNTPOINT (a snapmount mount) counts,
+first its state, which says what reads of what is not cached get now:
+  connected                      the server answers
+  reconnecting since T           no connection: reads wait for one, for
+                                 --timeout at most
+  server unreachable since T     no answer for --timeout: reads fail at once
+                                 with EIO until it answers again
+  snapshot broken since T        the server broke the snapshot (its store
+                                 full, or a failed copy): reads fail with EIO
+  snapshot gone, export gone     the server no longer has it: reads fail with
+                                 EIO; mount again for a new snapshot
+  export changed                 the export is not the one mounted (its size
+                                 or flags changed): reads fail with EIO
+  unmounting                     the mount is ending
+each followed by what the mount process knows of why.`,
 		setup: func(fs *flag.FlagSet) func(context.Context, stdio, []string) error {
 			var asJSON bool
 			fs.BoolVar(&asJSON, "json", false, "print the raw JSON")
@@ -57,7 +72,14 @@ gone ("transport endpoint is not connected") is cleaned up.`,
 				if err := wantArgs(args, 1, "MOUNTPOINT"); err != nil {
 					return err
 				}
-				raw, err := readStatsRawWithin(args[0], statsWait)
+				dir, err := filepath.Abs(args[0])
+				if err != nil {
+					return err
+				}
+				if err := checkFuseMount(dir); err != nil {
+					return err
+				}
+				raw, err := readStatsRawWithin(dir, statsWait)
 				if err != nil {
 					return err
 				}
@@ -80,13 +102,23 @@ gone ("transport endpoint is not connected") is cleaned up.`,
 // stopped never answers.
 const statsWait = 3 * time.Second
 
-func runUmount(std stdio, dir string, lazy bool, wait time.Duration) error {
+// checkFuseMount refuses a dir (absolute) where no FUSE file system is
+// mounted, as no snapmount mount can be there. Any FUSE mount passes: one
+// whose process is gone answers nothing that tells whose it was.
+func checkFuseMount(dir string) error {
 	typ, ok := fusefs.MountType(dir)
 	if !ok {
-		return withCode(exitMount, fmt.Errorf("%s is not mounted", dir))
+		return withCode(exitMount, fmt.Errorf("%s is not a snapmount mount (nothing is mounted there)", dir))
 	}
 	if !strings.HasPrefix(typ, "fuse") {
 		return withCode(exitMount, fmt.Errorf("%s is a %s mount, not snapmount's", dir, typ))
+	}
+	return nil
+}
+
+func runUmount(std stdio, dir string, lazy bool, wait time.Duration) error {
+	if err := checkFuseMount(dir); err != nil {
+		return err
 	}
 	// Learn the mount process before it goes, to wait for it.
 	st, err := readStatsWithin(dir, statsWait)
