@@ -385,17 +385,19 @@ func (c *Cache) LearnAllocation() {
 // (a file's st_blocks): its size less the holes the source reported.
 // Ranges the source did not report on count as allocated. It waits for
 // LearnAllocation's walk (starting it if needed) until ctx is done, then
-// answers with what is known.
-func (c *Cache) AllocatedBytes(ctx context.Context) int64 {
+// answers with what is known; final reports that the walk has ended, so
+// that the answer will not change.
+func (c *Cache) AllocatedBytes(ctx context.Context) (n int64, final bool) {
 	if c.alloc == nil {
-		return c.geo.size
+		return c.geo.size, true
 	}
 	c.LearnAllocation()
 	select {
 	case <-c.alloc.learned:
+		final = true
 	case <-ctx.Done():
 	}
-	return c.geo.size - c.alloc.holeBytes.Load()
+	return c.geo.size - c.alloc.holeBytes.Load(), final
 }
 
 func (c *Cache) seekCheck(off int64) error {

@@ -312,12 +312,12 @@ func TestAllocatedBytes(t *testing.T) {
 	// Nothing known yet: all of it counts.
 	done, cancel := context.WithCancel(context.Background())
 	cancel()
-	if got := c.AllocatedBytes(done); got != size {
-		t.Fatalf("AllocatedBytes before the source answered: %d, want %d", got, size)
+	if got, final := c.AllocatedBytes(done); got != size || final {
+		t.Fatalf("AllocatedBytes before the source answered: %d, final %v; want %d, not final", got, final, size)
 	}
 	close(src.allocGate)
-	if got, want := c.AllocatedBytes(context.Background()), int64(size-9*mib-66*mib); got != want {
-		t.Fatalf("AllocatedBytes = %d, want %d", got, want)
+	if got, final := c.AllocatedBytes(context.Background()); got != size-9*mib-66*mib || !final {
+		t.Fatalf("AllocatedBytes = %d, final %v; want %d, final", got, final, size-9*mib-66*mib)
 	}
 	if n := c.Stats().AllocQueries; n < 3 {
 		t.Errorf("%d allocation queries: the two-extent answers cannot have covered the map", n)
@@ -335,12 +335,12 @@ func TestAllocatedBytesUnknown(t *testing.T) {
 	const size = 1 << 20
 	src := &memSource{size: size, allocErr: errors.ErrUnsupported}
 	c := newTestCache(t, asAlloc(src), size, Options{BlockSize: 4096})
-	if got := c.AllocatedBytes(context.Background()); got != size {
-		t.Errorf("a source that cannot say: AllocatedBytes = %d, want all %d", got, size)
+	if got, final := c.AllocatedBytes(context.Background()); got != size || !final {
+		t.Errorf("a source that cannot say: AllocatedBytes = %d, final %v; want all %d, final", got, final, size)
 	}
 	// Without an Allocator at all, the same.
 	plain := newTestCache(t, asPlain(newMemSource(make([]byte, size))), size, Options{BlockSize: 4096})
-	if got := plain.AllocatedBytes(context.Background()); got != size {
+	if got, _ := plain.AllocatedBytes(context.Background()); got != size {
 		t.Errorf("no Allocator: AllocatedBytes = %d, want %d", got, size)
 	}
 }
@@ -361,7 +361,7 @@ func TestLearnAllocationClose(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("Close did not return within 30 s while a walk's query was held")
 	}
-	if got := c.AllocatedBytes(context.Background()); got != src.size {
+	if got, _ := c.AllocatedBytes(context.Background()); got != src.size {
 		t.Errorf("after Close: AllocatedBytes = %d, want %d", got, src.size)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"syscall"
+	"time"
 
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
@@ -28,19 +29,35 @@ type fileNode struct {
 }
 
 func (f *fileNode) Getattr(ctx context.Context, _ fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	if valid := f.attr(ctx, &out.Attr); valid != 0 {
+		out.SetTimeout(valid)
+	}
+	return 0
+}
+
+// attr fills out with f's attributes. It returns how long the kernel may
+// keep them, where that is shorter than usual (0 otherwise): while the
+// allocation count is not final, a later stat is to ask again.
+func (f *fileNode) attr(ctx context.Context, out *fuse.Attr) (valid time.Duration) {
 	mode := uint32(0444)
 	if f.v.writable {
 		mode = 0644
 	}
-	f.v.fillAttr(&out.Attr, fuse.S_IFREG|mode, f.win.Size)
+	f.v.fillAttr(out, fuse.S_IFREG|mode, f.win.Size)
 	out.Nlink = 1
 	// The allocation is known for the whole file only: a window counts as
 	// allocated throughout.
 	if f.v.alloc != nil && f.ino == fileIno {
-		used := min(max(f.v.alloc.AllocatedBytes(ctx), 0), f.v.size)
+		actx, cancel := context.WithTimeout(ctx, allocWait)
+		used, final := f.v.alloc.AllocatedBytes(actx)
+		cancel()
+		used = min(max(used, 0), f.v.size)
 		out.Blocks = (uint64(used) + 511) / 512
+		if !final {
+			valid = partialAttrTimeout
+		}
 	}
-	return 0
+	return valid
 }
 
 // writeOpenFlags are the open flags that ask for a change to the file's

@@ -112,9 +112,11 @@ type ReadObserver interface {
 // st_blocks (what du and ls -s show, and what cp --sparse=auto takes for a
 // sign of holes): AllocatedBytes returns how many of its bytes take
 // storage, e.g. from the NBD allocation map. It may wait to learn that,
-// until ctx is done. Without it the whole file counts as allocated.
+// until ctx is done; final reports that the count will not change. Until
+// it is final, the kernel keeps the file's attributes only briefly.
+// Without it the whole file counts as allocated.
 type AllocationReporter interface {
-	AllocatedBytes(ctx context.Context) int64
+	AllocatedBytes(ctx context.Context) (n int64, final bool)
 }
 
 // Window is a file showing Size bytes of the file from Offset on.
@@ -177,6 +179,11 @@ const (
 	// attributes and failed lookups. The tree never changes, so any long
 	// time will do; it saves a LOOKUP or GETATTR per path walk.
 	metadataTimeout = 24 * time.Hour
+	// allocWait is how long a stat waits for the allocation count: a
+	// server slow to map a large disk must not make ls wait. Until the
+	// count is final the attributes are kept for partialAttrTimeout.
+	allocWait          = 200 * time.Millisecond
+	partialAttrTimeout = time.Second
 )
 
 // Mount mounts the tree of [NewRoot](r, opt) at dir, read-only unless

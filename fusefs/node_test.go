@@ -81,23 +81,24 @@ func TestGetattrDefaults(t *testing.T) {
 	}
 }
 
-// allocReader reports a fixed allocation, however wrong, and the context
-// it was asked with.
+// allocReader reports a fixed allocation, however wrong, as final, and
+// the context it was asked with.
 type allocReader struct {
 	patternReader
 	used int64
 	ctxs chan context.Context
 }
 
-func (a allocReader) AllocatedBytes(ctx context.Context) int64 {
+func (a allocReader) AllocatedBytes(ctx context.Context) (int64, bool) {
 	if a.ctxs != nil {
 		a.ctxs <- ctx
 	}
-	return a.used
+	return a.used, true
 }
 
 // st_blocks comes from the reader's AllocationReporter, in 512-byte units
-// rounded up, kept between 0 and the size.
+// rounded up, kept between 0 and the size; a final count keeps the usual
+// attribute timeout.
 func TestGetattrBlocksFromAllocation(t *testing.T) {
 	const size = 10 << 20
 	for _, c := range []struct {
@@ -111,11 +112,61 @@ func TestGetattrBlocksFromAllocation(t *testing.T) {
 		if errno := file.Getattr(ctx, nil, &out); errno != 0 {
 			t.Fatalf("Getattr: %v", errno)
 		}
-		if out.Blocks != c.want || out.Size != size {
-			t.Errorf("AllocatedBytes %d: blocks %d size %d, want %d and %d", c.used, out.Blocks, out.Size, c.want, size)
+		if out.Blocks != c.want || out.Size != size || out.Timeout() != 0 {
+			t.Errorf("AllocatedBytes %d: blocks %d size %d timeout %v, want %d, %d and the default", c.used, out.Blocks, out.Size, out.Timeout(), c.want, size)
 		}
-		if got := <-ctxs; got != context.Context(ctx) {
-			t.Errorf("AllocatedBytes was not asked with the request's context")
+		if caller, ok := fuse.FromContext(<-ctxs); !ok || caller.Pid != 1 {
+			t.Errorf("AllocatedBytes was not asked with a context of the request's")
+		}
+	}
+}
+
+// slowAlloc is a reporter still learning: it waits for its context and
+// answers with what it knows so far, not final.
+type slowAlloc struct {
+	patternReader
+	known     int64
+	deadlines chan time.Duration
+}
+
+func (a slowAlloc) AllocatedBytes(ctx context.Context) (int64, bool) {
+	dl, ok := ctx.Deadline()
+	if !ok {
+		dl = time.Now().Add(time.Hour)
+	}
+	a.deadlines <- time.Until(dl)
+	select {
+	case <-ctx.Done():
+	case <-time.After(time.Minute): // a deadline far away fails the test
+	}
+	return a.known, false
+}
+
+// A stat (GETATTR, or the LOOKUP that precedes the first) waits for an
+// allocation count still being learned for allocWait at most, not for as
+// long as the server takes, reports what is known, and lets the kernel
+// keep that only for partialAttrTimeout.
+func TestGetattrDoesNotWaitForAllocation(t *testing.T) {
+	const size = 10 << 20
+	r := slowAlloc{known: 1 << 20, deadlines: make(chan time.Duration, 2)}
+	root, file := newTestNodes(t, r, Options{Name: "disk", Size: size})
+	var out fuse.AttrOut
+	if errno := file.Getattr(callerCtx(1, 2), nil, &out); errno != 0 {
+		t.Fatalf("Getattr: %v", errno)
+	}
+	if out.Blocks != (1<<20)/512 || out.Timeout() != partialAttrTimeout {
+		t.Errorf("Getattr with the count still learned: blocks %d, timeout %v; want %d, %v", out.Blocks, out.Timeout(), (1<<20)/512, partialAttrTimeout)
+	}
+	var entry fuse.EntryOut
+	if _, errno := root.Lookup(callerCtx(1, 2), "disk", &entry); errno != 0 {
+		t.Fatalf("Lookup: %v", errno)
+	}
+	if entry.Blocks != (1<<20)/512 || entry.AttrTimeout() != partialAttrTimeout {
+		t.Errorf("Lookup with the count still learned: blocks %d, attribute timeout %v; want %d, %v", entry.Blocks, entry.AttrTimeout(), (1<<20)/512, partialAttrTimeout)
+	}
+	for range 2 {
+		if d := <-r.deadlines; d > allocWait {
+			t.Errorf("AllocatedBytes was given %v to answer, want %v at most", d, allocWait)
 		}
 	}
 }

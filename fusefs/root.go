@@ -106,6 +106,22 @@ func (n *rootNode) OnAdd(ctx context.Context) {
 	}
 }
 
+// Lookup answers from the tree, as go-fuse would without it, but keeps
+// the shorter attribute timeout a file may ask for (see fileNode.attr),
+// which go-fuse's own lookup drops.
+func (n *rootNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	child := n.GetChild(name)
+	if child == nil {
+		return nil, syscall.ENOENT
+	}
+	if f, ok := child.Operations().(*fileNode); ok {
+		if valid := f.attr(ctx, &out.Attr); valid != 0 {
+			out.SetAttrTimeout(valid)
+		}
+	}
+	return child, 0
+}
+
 func (n *rootNode) Getattr(ctx context.Context, _ fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
 	n.v.fillAttr(&out.Attr, fuse.S_IFDIR|0555, 0)
 	out.Nlink = 2

@@ -65,7 +65,7 @@ func windowed(w *memDisk) Options {
 // sparseDisk reports 4 KiB of the file as allocated.
 type sparseDisk struct{ patternReader }
 
-func (sparseDisk) AllocatedBytes(ctx context.Context) int64 { return 4096 }
+func (sparseDisk) AllocatedBytes(ctx context.Context) (int64, bool) { return 4096, true }
 
 func TestWindowsTree(t *testing.T) {
 	root, _ := newTestNodes(t, sparseDisk{}, windowed(nil))
