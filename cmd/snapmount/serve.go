@@ -116,7 +116,7 @@ func setupServe(fs *flag.FlagSet) func(ctx context.Context, io stdio, args []str
 	f.snapBlock = 64 << 10
 	fs.Var(sizeFlag{&f.snapBlock}, "snapshot-block", "copy-before-write granularity, a power of two from 4K to 16M")
 	fs.StringVar(&f.readerView, "reader-view", "snapshot", "`VIEW` a client that promised to read only gets for NAME: snapshot or live")
-	fs.IntVar(&f.maxConns, "max-conns", server.DefaultMaxConns, "at most `N` connections past their handshake")
+	fs.IntVar(&f.maxConns, "max-conns", server.DefaultMaxConns, "at most `N` connections past their handshake; one more is refused (NBD_REP_ERR_POLICY) until one ends")
 	fs.IntVar(&f.maxHandshakes, "max-handshakes", server.DefaultMaxHandshakes, "at most `N` connections in their handshake; a new one closes the oldest")
 	fs.DurationVar(&f.handshakeTimeout, "handshake-timeout", server.DefaultHandshakeTimeout, "time a client has to choose an export")
 	fs.IntVar(&f.workers, "workers", server.DefaultWorkers, "`N` requests of one connection handled at once")

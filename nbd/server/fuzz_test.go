@@ -3,6 +3,7 @@ package server
 import (
 	"bytes"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"sync"
@@ -49,7 +50,7 @@ func getFuzzServer(t testing.TB) *Server {
 	return fuzzServer.srv
 }
 
-var discardLogger = testLoggerTo(io.Discard)
+var discardLogger = testLoggerTo(io.Discard, slog.LevelError)
 
 // runServerOn feeds input to one server connection over a pipe, as a
 // client that then hangs up, and fails if the connection does not end.

@@ -255,6 +255,10 @@ func (c *conn) optExportName(data []byte) (*exportView, error) {
 		// The protocol has no way to report this but hanging up.
 		return nil, fmt.Errorf("NBD_OPT_EXPORT_NAME %q: %w", name, err)
 	}
+	if !c.server.enterTransmission(c) {
+		v.release()
+		return nil, fmt.Errorf("NBD_OPT_EXPORT_NAME %q: %s", name, c.tooMany())
+	}
 	b := nbd.AppendExportNameReply(nil, uint64(v.exp.size), exportFlags(v.writable, c.structured), c.noZeroes)
 	if err := c.send(b); err != nil {
 		v.release()
@@ -324,6 +328,10 @@ func (c *conn) optInfo(opt nbd.Option, data []byte) (*exportView, error) {
 	if err != nil {
 		return nil, c.replyErr(opt, code, "%v", err)
 	}
+	if opt == nbd.OptGo && !c.server.enterTransmission(c) {
+		v.release()
+		return nil, c.replyErr(opt, nbd.RepErrPolicy, "%s", c.tooMany())
+	}
 	var wantName, wantDesc bool
 	for _, t := range req.Infos {
 		switch t {
@@ -355,6 +363,11 @@ func (c *conn) optInfo(opt nbd.Option, data []byte) (*exportView, error) {
 	}
 	c.metaAlloc = c.metaSet && c.metaExport == req.Name
 	return v, nil
+}
+
+// tooMany says why a connection cannot have an export now.
+func (c *conn) tooMany() string {
+	return fmt.Sprintf("too many connections: the server serves %d at most (--max-conns); try again once one ends", c.server.cfg.MaxConns)
 }
 
 func (c *conn) optMetaContext(opt nbd.Option, data []byte) error {

@@ -306,6 +306,7 @@ func (r *rawClient) expectClosed() {
 	}
 }
 
-func testLoggerTo(w io.Writer) *slog.Logger {
-	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelError}))
+// testLoggerTo sends the server's log lines of level (or above) to w.
+func testLoggerTo(w io.Writer, level slog.Level) *slog.Logger {
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: level}))
 }

@@ -95,7 +95,10 @@ type Config struct {
 	SnapshotBlock int
 	ReaderView    ReaderView
 
-	// MaxConns limits connections past their handshake (default 256).
+	// MaxConns limits connections past their handshake (default 256):
+	// past it, NBD_OPT_GO is refused with NBD_REP_ERR_POLICY (and
+	// NBD_OPT_EXPORT_NAME, which cannot be refused, closes the
+	// connection) until one ends.
 	MaxConns int
 	// MaxHandshakes limits connections still in their handshake (default
 	// 32). Past it a new connection closes the oldest of them, so that
@@ -139,10 +142,10 @@ type Server struct {
 	listeners map[net.Listener]struct{}
 	conns     map[*conn]struct{}
 	shaking   map[*conn]struct{} // the conns still in their handshake
-	evicted   int                // handshakes closed for newer ones since the last log
-	evictLog  time.Time          // when that was logged
 	closed    bool
 	connsDone chan struct{} // closed when conns becomes empty during shutdown
+
+	evicted, refused *quietLog // handshakes closed for newer ones; connections past MaxConns
 }
 
 // New checks cfg and opens every image (read-write unless
@@ -189,6 +192,8 @@ func New(cfg Config) (*Server, error) {
 	if s.log == nil {
 		s.log = slog.New(slog.NewTextHandler(os.Stderr, nil))
 	}
+	s.evicted = &quietLog{log: s.log, msg: "too many connections in their handshake: closed the oldest for newer ones"}
+	s.refused = &quietLog{log: s.log, msg: "connection refused: too many connections"}
 	for _, ec := range cfg.Exports {
 		if err := nbd.CheckExportName(ec.Name); err != nil {
 			s.closeExports()
@@ -283,20 +288,15 @@ func (s *Server) Serve(l net.Listener) error {
 	}
 }
 
-// admit registers a connection, or closes it when the server is shutting
-// down or has MaxConns connections past their handshake. Connections in
-// their handshake are counted apart: when MaxHandshakes of them wait, the
-// oldest is closed for the new one, so idle clients that never finish a
-// handshake cannot keep others out.
+// admit registers a connection in its handshake, or closes it when the
+// server is shutting down. Connections in their handshake are counted
+// apart from those past it (see enterTransmission): when MaxHandshakes of
+// them wait, the oldest is closed for the new one, so idle clients that
+// never finish a handshake cannot keep others out.
 func (s *Server) admit(c net.Conn) *conn {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
-		c.Close()
-		return nil
-	}
-	if len(s.conns)-len(s.shaking) >= s.cfg.MaxConns {
-		s.log.Warn("connection refused: too many connections", "peer", peerName(c), "max_conns", s.cfg.MaxConns)
 		c.Close()
 		return nil
 	}
@@ -309,17 +309,29 @@ func (s *Server) admit(c net.Conn) *conn {
 		}
 		delete(s.shaking, oldest)
 		oldest.close()
-		s.evicted++
-		if now := time.Now(); now.Sub(s.evictLog) >= time.Second {
-			s.log.Warn("too many connections in their handshake: closing the oldest for newer ones",
-				"max_handshakes", s.cfg.MaxHandshakes, "closed", s.evicted, "last_closed", oldest.peer)
-			s.evicted, s.evictLog = 0, now
-		}
+		s.evicted.add("max_handshakes", s.cfg.MaxHandshakes, "last_closed", oldest.peer)
 	}
 	sc := newConn(s, c, s.connSeq.Add(1))
 	s.conns[sc] = struct{}{}
 	s.shaking[sc] = struct{}{}
 	return sc
+}
+
+// enterTransmission counts c, about to leave its handshake for an
+// export, among the connections past it, unless MaxConns of them are
+// there already: then it reports false, and c stays in its handshake.
+func (s *Server) enterTransmission(c *conn) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.shaking[c]; !ok {
+		return true // counted already, or evicted (it is closed)
+	}
+	if len(s.conns)-len(s.shaking) >= s.cfg.MaxConns {
+		s.refused.add("peer", c.peer, "max_conns", s.cfg.MaxConns)
+		return false
+	}
+	delete(s.shaking, c)
+	return true
 }
 
 // handshakeDone counts c out of the connections in their handshake.
@@ -380,6 +392,8 @@ func (s *Server) Shutdown(ctx context.Context) error {
 			s.mu.Unlock()
 		}
 	}
+	s.evicted.flush()
+	s.refused.flush()
 	if ferr := s.release(); err == nil {
 		err = ferr
 	}

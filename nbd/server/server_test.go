@@ -10,9 +10,12 @@ import (
 	"crypto/x509/pkix"
 	"errors"
 	"io"
+	"log/slog"
 	"math/big"
 	"net"
 	"os"
+	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -764,38 +767,78 @@ func TestServerCanonicalNameUnasked(t *testing.T) {
 	}
 }
 
+// MaxConns is a hard limit on connections past their handshake, however
+// many negotiate at once: a GO past it is refused with ERR_POLICY, saying
+// why, and the connection may still ask (INFO) and try again; once a
+// connection ends, its slot is free. The refusals are logged, counted.
 func TestServerMaxConns(t *testing.T) {
 	img := testImage(t, testSize, 13)
-	_, addr := startTestServer(t, Config{MaxConns: 1}, img)
-	first := dialRaw(t, addr)
-	first.mustGo("disk@live")
-	c, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
+	var logged testenv.Buffer
+	_, addr := startTestServer(t, Config{MaxConns: 2, Logger: testLoggerTo(&logged, slog.LevelWarn)}, img)
+	// All three negotiate at once: each was admitted with no connection
+	// past its handshake.
+	clients := []*rawClient{dialRaw(t, addr), dialRaw(t, addr), dialRaw(t, addr)}
+	clients[0].mustGo("disk@live")
+	clients[1].mustGo("disk@live")
+	last := clients[2]
+	rs := last.option(nbd.OptGo, (&nbd.ExportRequest{Name: "disk@live"}).Encode())
+	if r := rs[len(rs)-1]; r.typ != nbd.RepErrPolicy || !strings.Contains(string(r.data), "--max-conns") {
+		t.Fatalf("GO past MaxConns: %s %q, want ERR_POLICY saying --max-conns", r.typ, r.data)
 	}
-	defer c.Close()
-	(&rawClient{t: t, c: c}).expectClosed()
-	if _, e := first.readSimple(0, 4096); e != 0 {
-		t.Errorf("the first connection suffered from the refused one: %s", e)
+	if typ, _ := last.info(nbd.OptInfo, "disk@live"); typ != nbd.RepAck {
+		t.Errorf("INFO past MaxConns: %s, want ACK", typ)
 	}
-	first.request(nbd.CmdDisc, 0, 0, 0, nil)
-	first.expectClosed()
+	if _, e := clients[0].readSimple(0, 4096); e != 0 {
+		t.Errorf("a connection within the limit suffered from the refused one: %s", e)
+	}
+	if !strings.Contains(logged.String(), "too many connections") {
+		t.Errorf("the refusal was not logged: %q", logged.String())
+	}
+	clients[0].request(nbd.CmdDisc, 0, 0, 0, nil)
+	clients[0].expectClosed()
 	// The slot comes back once the server has seen the first one go.
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		c, err := net.Dial("tcp", addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		c.SetReadDeadline(time.Now().Add(10 * time.Second))
-		var g [nbd.GreetingLen]byte
-		_, err = io.ReadFull(c, g[:])
-		c.Close()
-		if err == nil {
+	for deadline := time.Now().Add(testenv.WaitLimit); ; {
+		typ, _ := last.info(nbd.OptGo, "disk@live")
+		if typ == nbd.RepAck {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatal("no connection accepted after the only one left")
+			t.Fatalf("GO still refused (%s) %v after a connection ended", typ, testenv.WaitLimit)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if _, e := last.readSimple(0, 4096); e != 0 {
+		t.Errorf("read on the connection that got the freed slot: %s", e)
+	}
+}
+
+// Handshakes closed for newer ones are logged at most once a second, but
+// every one is counted: those of a burst after a line come in the next.
+func TestServerEvictionsCounted(t *testing.T) {
+	img := testImage(t, testSize, 13)
+	var logged testenv.Buffer
+	_, addr := startTestServer(t, Config{MaxHandshakes: 1, Logger: testLoggerTo(&logged, slog.LevelWarn)}, img)
+	const conns = 5 // each closes the one before it
+	for range conns {
+		dialRaw(t, addr)
+	}
+	count := regexp.MustCompile(`closed the oldest.* count=(\d+)`)
+	for deadline := time.Now().Add(testenv.WaitLimit); ; {
+		changed := logged.Changed()
+		sum := 0
+		for _, m := range count.FindAllStringSubmatch(logged.String(), -1) {
+			n, _ := strconv.Atoi(m[1])
+			sum += n
+		}
+		if sum == conns-1 {
+			break
+		}
+		if sum > conns-1 || time.Now().After(deadline) {
+			t.Fatalf("the log counts %d closed handshakes, want %d:\n%s", sum, conns-1, logged.String())
+		}
+		select {
+		case <-changed:
+		case <-time.After(time.Until(deadline)):
 		}
 	}
 }
