@@ -3,8 +3,11 @@ package test
 import (
 	"bufio"
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -266,6 +269,58 @@ func TestMountForegroundSignal(t *testing.T) {
 	}
 	if !strings.Contains(p.out.String(), "counters:") {
 		t.Errorf("-v did not log the counters at unmount:\n%s", p.out.String())
+	}
+}
+
+// SIGTERM with a file open and its server healthy lets the reader go on:
+// the mount is detached, the reader gets all the data, not EIO, and the
+// process ends once the file is closed. A second signal ends it at once.
+func TestMountSignalLetsReadersFinish(t *testing.T) {
+	t.Parallel()
+	testenv.RequireFUSE(t)
+	dir, image, sock := nbdkitImage(t, 32<<20, 4)
+	mount := func(name string) (*proc, *os.File) {
+		mnt := mountDir(t, dir, name)
+		p := startProc(t, snapmountBin, "mount", "-f", "--timeout", "3s", unixURI("", sock), mnt)
+		p.waitOutput("mounted ", 30*time.Second)
+		t.Cleanup(func() { // a mount the test left behind
+			if isMounted(mnt) {
+				_ = exec.Command("fusermount3", "-u", "-z", mnt).Run()
+			}
+		})
+		f, err := os.Open(filepath.Join(mnt, "nbd"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { f.Close() })
+		return p, f
+	}
+
+	p, f := mount("mnt")
+	h := sha256.New()
+	if _, err := io.CopyN(h, f, 4096); err != nil {
+		t.Fatal(err)
+	}
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	p.waitOutput("is still open: detaching", 30*time.Second)
+	if _, err := io.Copy(h, f); err != nil {
+		t.Fatalf("reading on after SIGTERM, with the server healthy: %v", err)
+	}
+	if got, want := hex.EncodeToString(h.Sum(nil)), fileSHA256(t, image); got != want {
+		t.Errorf("read after SIGTERM: SHA-256 %s, want the image's %s", got, want)
+	}
+	f.Close()
+	if err := p.waitExit(30 * time.Second); err != nil {
+		t.Errorf("the mount process, its file closed after SIGTERM: %v", err)
+	}
+
+	p, _ = mount("mnt2")
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	p.waitOutput("is still open: detaching", 30*time.Second)
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	testenv.Receive(t, p.exited, "the mount process to end at a second SIGTERM")
+	if ws, ok := p.cmd.ProcessState.Sys().(syscall.WaitStatus); !ok || !ws.Signaled() || ws.Signal() != syscall.SIGTERM {
+		t.Errorf("the mount process at a second SIGTERM: %v, want killed by it", p.cmd.ProcessState)
 	}
 }
 

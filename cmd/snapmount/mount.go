@@ -26,7 +26,11 @@ gives a new frozen snapshot that all connections of the mount share.
 Other servers do not say whether an export changes: the mount treats it
 as live, and says so once, unless --frozen. The command returns once the
 file is readable, unless -f/--foreground. SIGINT or SIGTERM, or
-'snapmount umount MOUNTPOINT', unmount it. Cache counters: 'snapmount stats MOUNTPOINT'.
+'snapmount umount MOUNTPOINT', unmount it. At SIGINT or SIGTERM, files
+still open are detached and served while the server answers, for 10 s at
+most, so that reads in progress finish; reads waiting for a server that
+does not answer fail with EIO. A second signal ends the process at once.
+Cache counters: 'snapmount stats MOUNTPOINT'.
 
 --frozen is your word that the export does not change, e.g. qemu's
 snapshot-access export while its backup job runs or an image no one

@@ -277,7 +277,10 @@ func runMount(ctx context.Context, rep *reporter, u *nbd.URI, dopt nbd.DialOptio
 	select {
 	case <-unmounted:
 	case <-ctx.Done():
-		endMount(srv, client, dir, logger, unmounted)
+		endMount(srv, client, dir, logger, unmounted, func() bool {
+			st := statsOf()
+			return st.waitsForServer()
+		})
 	}
 	logger.Printf("unmounted %s", dir)
 	if dk.overlay != nil {
