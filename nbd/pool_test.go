@@ -258,6 +258,23 @@ func waitConns(t *testing.T, cl *Client, n int) {
 	waitPool(t, cl, fmt.Sprintf("%d connections in the pool", n), func(st ClientStats) bool { return st.Conns == n })
 }
 
+// listenHangable serves disk@s1 as a server that hangs while hung is
+// set: new connections get no greeting (a stopped server's backlog) and
+// the reads unanswered picks get no reply.
+func listenHangable(t *testing.T, hung *atomic.Bool, unanswered func(Request) bool) *URI {
+	over := make(chan struct{})
+	u := listenPool(t, func(n int, s *fakeServer) {
+		if hung.Load() {
+			<-over
+			return
+		}
+		handshake(s, "disk@s1")
+		answerReads(s, unanswered)
+	})
+	t.Cleanup(func() { close(over) }) // before listenPool's cleanup waits for its handlers
+	return u
+}
+
 // A server that stops answering (as under SIGSTOP) makes the first read
 // fail with EIO once Timeout has passed, and a read waiting beside it on
 // the other connection fails then too, ended by the outage rather than
@@ -267,16 +284,7 @@ func waitConns(t *testing.T, cl *Client, n int) {
 // no timer).
 func TestClientHungServerIsOneOutage(t *testing.T) {
 	var hung atomic.Bool
-	over := make(chan struct{})
-	u := listenPool(t, func(n int, s *fakeServer) {
-		if hung.Load() {
-			<-over // a stopped server's backlog: no greeting
-			return
-		}
-		handshake(s, "disk@s1")
-		answerReads(s, func(Request) bool { return hung.Load() })
-	})
-	t.Cleanup(func() { close(over) })
+	u := listenHangable(t, &hung, func(Request) bool { return hung.Load() })
 	const timeout = 500 * time.Millisecond
 	cl := openPool(t, u, 2, timeout)
 	if _, err := timedRead(cl, 0); err != nil {
@@ -344,16 +352,7 @@ func TestClientHungServerIsOneOutage(t *testing.T) {
 // for a second one.
 func TestClientHangRightAfterAReplyIsOneOutage(t *testing.T) {
 	var hung atomic.Bool
-	over := make(chan struct{})
-	u := listenPool(t, func(n int, s *fakeServer) {
-		if hung.Load() {
-			<-over // a stopped server's backlog: no greeting
-			return
-		}
-		handshake(s, "disk@s1")
-		answerReads(s, func(r Request) bool { return r.Offset == 0 || hung.Load() })
-	})
-	t.Cleanup(func() { close(over) })
+	u := listenHangable(t, &hung, func(r Request) bool { return r.Offset == 0 || hung.Load() })
 	const timeout = time.Second
 	cl := openPool(t, u, 1, timeout)
 	waiting := make(chan error, 1)

@@ -58,13 +58,20 @@ func TestDestFile(t *testing.T) {
 				t.Fatal(err)
 			}
 			d.discard()
-			if b, _ := os.ReadFile(dest); string(b) != "new" {
-				t.Errorf("DEST is %q after the commit", b)
-			}
-			if entries, _ := os.ReadDir(dir); len(entries) != 1 {
-				t.Errorf("the directory holds %v, want DEST alone", entries)
-			}
+			checkDestAlone(t, dir, dest, "new")
 		})
+	}
+}
+
+// checkDestAlone checks that dest holds want and that nothing else is
+// left in its directory dir.
+func checkDestAlone(t *testing.T, dir, dest, want string) {
+	t.Helper()
+	if b, _ := os.ReadFile(dest); string(b) != want {
+		t.Errorf("DEST is %q, want %q", b, want)
+	}
+	if entries, _ := os.ReadDir(dir); len(entries) != 1 {
+		t.Errorf("the directory holds %v, want DEST alone", entries)
 	}
 }
 
@@ -98,12 +105,7 @@ func TestDestFileReplacesNothingThatAppeared(t *testing.T) {
 					!existed && !errors.As(err, &appeared) {
 					t.Errorf("commit over a DEST that appeared: %v", err)
 				}
-				if b, _ := os.ReadFile(dest); string(b) != "another program's" {
-					t.Errorf("DEST is %q, want it as the other program made it", b)
-				}
-				if entries, _ := os.ReadDir(dir); len(entries) != 1 {
-					t.Errorf("the directory holds %v, want DEST alone", entries)
-				}
+				checkDestAlone(t, dir, dest, "another program's")
 			})
 		}
 	}
