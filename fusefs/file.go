@@ -37,7 +37,8 @@ func (f *fileNode) Getattr(ctx context.Context, _ fs.FileHandle, out *fuse.AttrO
 
 // attr fills out with f's attributes. It returns how long the kernel may
 // keep them, where that is shorter than usual (0 otherwise): while the
-// allocation count is not final, a later stat is to ask again.
+// allocation count is not final, a later stat of a view that is not
+// immutable is to ask again.
 func (f *fileNode) attr(ctx context.Context, out *fuse.Attr) (valid time.Duration) {
 	mode := uint32(0444)
 	if f.v.writable {
@@ -53,7 +54,9 @@ func (f *fileNode) attr(ctx context.Context, out *fuse.Attr) (valid time.Duratio
 		cancel()
 		used = min(max(used, 0), f.v.size)
 		out.Blocks = (uint64(used) + 511) / 512
-		if !final {
+		// Not where the page cache is kept across opens (immutable):
+		// refreshing the attributes drops it.
+		if !final && !f.v.immutable {
 			valid = partialAttrTimeout
 		}
 	}

@@ -113,8 +113,10 @@ type ReadObserver interface {
 // sign of holes): AllocatedBytes returns how many of its bytes take
 // storage, e.g. from the NBD allocation map. It may wait to learn that,
 // until ctx is done; final reports that the count will not change. Until
-// it is final, the kernel keeps the file's attributes only briefly.
-// Without it the whole file counts as allocated.
+// it is final, the kernel keeps the file's attributes only briefly, unless
+// the view is immutable: there the kernel keeps its page cache across
+// opens, and a refresh of the attributes would drop it. Without it the
+// whole file counts as allocated.
 type AllocationReporter interface {
 	AllocatedBytes(ctx context.Context) (n int64, final bool)
 }

@@ -169,6 +169,15 @@ func TestGetattrDoesNotWaitForAllocation(t *testing.T) {
 			t.Errorf("AllocatedBytes was given %v to answer, want %v at most", d, allocWait)
 		}
 	}
+	// An immutable view keeps the usual timeout: a refresh of the
+	// attributes would drop the page cache it keeps across opens.
+	_, file = newTestNodes(t, r, Options{Name: "disk", Size: size, Immutable: true})
+	out = fuse.AttrOut{}
+	file.Getattr(callerCtx(1, 2), nil, &out)
+	<-r.deadlines
+	if out.Blocks != (1<<20)/512 || out.Timeout() != 0 {
+		t.Errorf("Getattr of an immutable view with the count still learned: blocks %d, timeout %v; want %d, the default", out.Blocks, out.Timeout(), (1<<20)/512)
+	}
 }
 
 func TestTree(t *testing.T) {
