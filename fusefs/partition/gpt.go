@@ -59,6 +59,9 @@ func (d *disk) readGPT() (*Table, error) {
 				continue
 			}
 			if backup {
+				if len(why) == 0 {
+					why = []string{"no primary GPT header at LBA 1"}
+				}
 				n.add("used the backup GPT at the end of the disk: %s", strings.Join(why, ", "))
 			}
 			return d.gptTable(h, entries, &n), nil
