@@ -31,7 +31,10 @@
 // [MaxEntryArray] bytes); the EBR chain is followed at most [MaxEBRs] links
 // and never twice through the same sector. A GPT header or entry array whose
 // CRC, size or location is wrong is not used; the backup GPT at the end of
-// the disk is tried instead, as fdisk does. A partition that ends past the
+// the disk is tried instead, as fdisk does. A sector 0 without a boot
+// signature (wiped or damaged, as gdisk recovers such disks) is no table
+// unless a GPT header at LBA 1, else the backup, passes the same checks;
+// the note then says which was used. A partition that ends past the
 // end of the disk (or of its GPT's usable area, or of its extended
 // partition) is skipped, and partitions that overlap each other are all
 // skipped, since the table cannot say which one is real. What was skipped

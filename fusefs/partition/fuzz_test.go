@@ -20,7 +20,13 @@ func FuzzParseTable(f *testing.F) {
 	dos.ebr(8, 1, 3, 0, 0)
 	loop := append(image(nil), dos...)
 	loop.entry(8*512, 1, 0, 0x05, 0, 4) // back to the first EBR
-	seeds := []image{gpt, dos, loop}
+	// The same GPT without its protective MBR, then without its primary
+	// header too: read from the backup.
+	noMBR := append(image(nil), gpt...)
+	clear(noMBR[:512])
+	backupOnly := append(image(nil), noMBR...)
+	clear(backupOnly[512:1024])
+	seeds := []image{gpt, dos, loop, noMBR, backupOnly}
 	for _, s := range seeds {
 		f.Add([]byte(s), uint64(0))
 		f.Add([]byte(s), uint64(1)<<40)

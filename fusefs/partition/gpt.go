@@ -24,6 +24,7 @@ var sectorSizes = [...]int{512, 4096}
 type gptHeader struct {
 	which       string // "primary" or "backup"
 	ss          int64  // sector size
+	lba         int64  // where the header is
 	firstUsable int64  // LBAs
 	lastUsable  int64
 	diskGUID    string
@@ -33,44 +34,71 @@ type gptHeader struct {
 	entryCRC    uint32
 }
 
-// readGPT reads the GPT of a disk with a protective MBR: the primary at
-// LBA 1 (512- or 4096-byte sectors), else the backup at the disk's last
-// LBA. A protective MBR without a usable GPT gives no table.
-func (d *disk) readGPT() (*Table, error) {
+// readGPT reads the GPT of a disk whose sector 0 holds a protective MBR
+// (protective) or no boot record at all (a wiped or damaged first sector,
+// from which gdisk recovers a GPT disk too): the primary at LBA 1 (512- or
+// 4096-byte sectors), else the backup at the disk's last LBA. Without a
+// usable GPT there is no table: a protective MBR's note says what was wrong
+// with the GPT, a missing boot record's only that there is no table.
+func (d *disk) readGPT(protective bool) (*Table, error) {
+	h, entries, why, err := d.findGPT()
+	if err != nil {
+		return nil, err
+	}
 	var n notes
-	var why []string // why each primary GPT looked for was not used
+	switch {
+	case h == nil && !protective:
+		return noTable(noBootRecord), nil
+	case h == nil:
+		if len(why) == 0 {
+			why = []string{"no GPT header (\"EFI PART\") at LBA 1 or at the last LBA, for 512- or 4096-byte sectors"}
+		}
+		return noTable("protective MBR (type ee) without a valid GPT: " + strings.Join(why, ", ")), nil
+	case protective && h.which == "backup":
+		n.add("used the backup GPT at the end of the disk: %s", primaryNotUsed(why))
+	case !protective && h.which == "primary":
+		n.add("no protective MBR (%s); using the GPT header at LBA 1 (%d-byte sectors)", noBootSignature, h.ss)
+	case !protective:
+		n.add("no protective MBR (%s) and %s; using the backup GPT header at LBA %d (%d-byte sectors)", noBootSignature, primaryNotUsed(why), h.lba, h.ss)
+	}
+	return d.gptTable(h, entries, &n), nil
+}
+
+// findGPT returns the first GPT header, with its entry array, that checks
+// out: the primary at LBA 1 for 512-, then 4096-byte sectors, then the
+// backup at the last LBA likewise. h is nil when none does; why says why
+// each one found was not used.
+func (d *disk) findGPT() (h *gptHeader, entries []byte, why []string, err error) {
 	for _, backup := range []bool{false, true} {
 		for _, ss := range sectorSizes {
 			h, reason, err := d.gptHeader(int64(ss), backup)
 			if err != nil {
-				return nil, err
+				return nil, nil, nil, err
 			}
-			var entries []byte
 			if reason == "" {
 				entries, reason, err = d.gptEntries(h)
 				if err != nil {
-					return nil, err
+					return nil, nil, nil, err
 				}
 			}
-			if reason != "" {
-				if reason != errNoHeader {
-					why = append(why, reason)
-				}
-				continue
+			if reason == "" {
+				return &h, entries, why, nil
 			}
-			if backup {
-				if len(why) == 0 {
-					why = []string{"no primary GPT header at LBA 1"}
-				}
-				n.add("used the backup GPT at the end of the disk: %s", strings.Join(why, ", "))
+			if reason != errNoHeader {
+				why = append(why, reason)
 			}
-			return d.gptTable(h, entries, &n), nil
 		}
 	}
+	return nil, nil, why, nil
+}
+
+// primaryNotUsed says why the backup GPT was used, given why the headers
+// looked at before it were not.
+func primaryNotUsed(why []string) string {
 	if len(why) == 0 {
-		why = []string{"no GPT header (\"EFI PART\") at LBA 1 or at the last LBA, for 512- or 4096-byte sectors"}
+		return "no primary GPT header at LBA 1"
 	}
-	return noTable("protective MBR (type ee) without a valid GPT: " + strings.Join(why, ", ")), nil
+	return strings.Join(why, ", ")
 }
 
 // errNoHeader is the reason for a sector without a GPT signature: the
@@ -134,6 +162,7 @@ func (d *disk) gptHeader(ss int64, backup bool) (h gptHeader, reason string, err
 	return gptHeader{
 		which:       which,
 		ss:          ss,
+		lba:         lba,
 		firstUsable: int64(first),
 		lastUsable:  int64(min(last, uint64(sectors-1))),
 		diskGUID:    guid(sec[56:72]),
@@ -157,7 +186,7 @@ func (d *disk) gptEntries(h gptHeader) (entries []byte, reason string, err error
 }
 
 // gptTable turns a checked entry array into the table.
-func (d *disk) gptTable(h gptHeader, entries []byte, n *notes) *Table {
+func (d *disk) gptTable(h *gptHeader, entries []byte, n *notes) *Table {
 	t := &Table{Scheme: GPT, SectorSize: int(h.ss), ID: h.diskGUID}
 	le := binary.LittleEndian
 	diskSectors := d.size / h.ss

@@ -86,7 +86,7 @@ func Read(r io.ReaderAt, size int64) (*Table, error) {
 		return nil, err
 	}
 	if !hasBootSignature(mbr) {
-		return noTable("no partition table (no boot signature 55 AA at byte 510)"), nil
+		return d.readGPT(false)
 	}
 	entries := mbrEntries(mbr)
 	for i, e := range entries {
@@ -96,11 +96,18 @@ func Read(r io.ReaderAt, size int64) (*Table, error) {
 	}
 	for _, e := range entries {
 		if e.typ == typeProtective {
-			return d.readGPT()
+			return d.readGPT(true)
 		}
 	}
 	return d.readDOS(mbr, entries)
 }
+
+// noBootSignature is why sector 0 holds no MBR; noBootRecord is the note
+// of a disk without one and without a GPT.
+const (
+	noBootSignature = "no boot signature 55 AA at byte 510"
+	noBootRecord    = "no partition table (" + noBootSignature + ")"
+)
 
 func noTable(reason string) *Table {
 	return &Table{Scheme: None, Note: reason}

@@ -297,6 +297,70 @@ func TestGPTHostile(t *testing.T) {
 	}
 }
 
+// TestGPTWithoutMBR reads hand-made GPTs whose sector 0 holds no boot
+// record: each header and entry array is checked as behind a protective
+// MBR, and the note says which header was used, or is today's note on a
+// disk without a table when none checks out.
+func TestGPTWithoutMBR(t *testing.T) {
+	const last = 16*MiB/512 - 1
+	parts := []want{{1, 1 * MiB, 2 * MiB}, {2, 4 * MiB, 1 * MiB}}
+	for _, tc := range []struct {
+		name   string
+		damage func(im image)
+		parts  []want
+		note   []string // nil: no table
+	}{
+		{"primary used", func(image) {}, parts,
+			[]string{"no protective MBR (no boot signature 55 AA at byte 510); using the GPT header at LBA 1 (512-byte sectors)"}},
+		{"primary header CRC wrong, backup used", func(im image) { im[512+16]++ }, parts,
+			[]string{"no protective MBR (no boot signature 55 AA at byte 510) and primary GPT header (512-byte sectors): CRC ",
+				"; using the backup GPT header at LBA 32767 (512-byte sectors)"}},
+		{"primary entry array CRC wrong, backup used", func(im image) { im[1024+20]++ }, parts,
+			[]string{"and primary GPT entry array at LBA 2 (512-byte sectors): CRC ", "; using the backup GPT header at LBA 32767"}},
+		{"both entry arrays CRC wrong", func(im image) { im[1024+20]++; im[(last-32)*512+20]++ }, nil, nil},
+		{"absurd entry count in both headers", func(im image) {
+			for _, lba := range []int{1, last} {
+				copy(im[lba*512+80:], []byte{0xff, 0xff, 0xff, 0xff})
+				partitiontest.ResealGPTHeader(im[lba*512:])
+			}
+		}, nil, nil},
+		{"backup says it is elsewhere", func(im image) {
+			clear(im[512:1024])
+			im[last*512+24] = 7
+			partitiontest.ResealGPTHeader(im[last*512:])
+		}, nil, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			im := gptDisk()
+			clear(im[:512])
+			tc.damage(im)
+			tab := readImage(t, im)
+			checkParts(t, tab, tc.parts...)
+			if tc.note == nil {
+				if tab.Scheme != None || tab.Note != "no partition table (no boot signature 55 AA at byte 510)" {
+					t.Errorf("scheme %q, note %q; want none, with today's note on a sector 0 without a boot signature", tab.Scheme, tab.Note)
+				}
+				return
+			}
+			if tab.Scheme != GPT {
+				t.Errorf("scheme %q, want gpt", tab.Scheme)
+			}
+			checkNote(t, tab, tc.note...)
+		})
+	}
+	t.Run("hostile entries", func(t *testing.T) {
+		im := gptEntryDisk(
+			gptPart{index: 0, first: 2048, last: 6143, typ: linuxFS},
+			gptPart{index: 1, first: 8192, last: 1 << 40, typ: linuxFS})
+		clear(im[:512])
+		tab := readImage(t, im)
+		checkParts(t, tab, want{1, 1 * MiB, 2 * MiB})
+		if want := "no protective MBR (no boot signature 55 AA at byte 510); using the GPT header at LBA 1 (512-byte sectors); skipped p2 ends past the end of the disk (LBA 1099511627776 of 32768)"; tab.Note != want {
+			t.Errorf("note %q, want %q", tab.Note, want)
+		}
+	})
+}
+
 // gptEntryDisk is gptDisk with entry i rewritten to first-last (LBAs) and
 // both arrays' CRCs fixed: the table is consistent, its contents hostile.
 func gptEntryDisk(entries ...gptPart) image {
