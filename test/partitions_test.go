@@ -281,6 +281,46 @@ func TestPartitionsDOSLogicalFromNbdkit(t *testing.T) {
 	}
 }
 
+// A GPT disk whose first two sectors, the protective MBR and the primary
+// GPT header, were wiped (as on a damaged disk), served read-only by
+// nbdkit and mounted by root: the partitions are found from the backup
+// GPT header, as sfdisk read them on the intact disk, sleuthkit reads the
+// file system in p1, and mount and info say in one line which header was
+// used.
+func TestPartitionsGPTWithoutMBRFromNbdkit(t *testing.T) {
+	t.Parallel()
+	testenv.RequireFUSE(t)
+	testenv.RequireCmd(t, "sfdisk", "mkfs.ext4", "fls", "ifind", "icat")
+	dir := testenv.ShortTempDir(t)
+	image := filepath.Join(dir, "disk.img")
+	table := assembleDisk(t, image, 24<<20, "gpt",
+		partSpec{`start=1MiB, size=12MiB, type=L, name="one"`, mkfsExt4(t, t.TempDir(), "one", 12<<20)},
+		partSpec{`start=14MiB, size=8MiB, type=L`, ""})
+	mustRun(t, "dd", "if=/dev/zero", "of="+image, "bs=512", "count=2", "conv=notrunc", "status=none")
+	sock, _ := startNbdkit(t, dir, "-r", "file", image)
+	const note = "no protective MBR (no boot signature 55 AA at byte 510) and no primary GPT header at LBA 1; using the backup GPT header at LBA 49151 (512-byte sectors)"
+
+	mnt := mountDir(t, dir, "mnt")
+	r := snapmount(t, time.Minute, "mount", "--partitions", "--name", "disk", unixURI("", sock), mnt)
+	if r.code != 0 {
+		t.Fatalf("mount: exit %d: %s", r.code, r.stderr)
+	}
+	t.Cleanup(func() { unmountSM(t, mnt) })
+	if got := testenv.DirNames(t, mnt); !slices.Equal(got, []string{"disk", "disk-p1", "disk-p2"}) {
+		t.Fatalf("the mount holds %v", got)
+	}
+	if want := "partitions: gpt, 512-byte sectors: disk-p1, disk-p2; " + note; !strings.Contains(r.stderr, want) {
+		t.Errorf("mount said %q; want a line saying %q", r.stderr, want)
+	}
+	checkExt4Files(t, nil, filepath.Join(mnt, "disk-p1"), "one")
+
+	info := mustRun(t, snapmountBin, "info", "--partitions", unixURI("", sock)).stdout
+	if !strings.Contains(info, "gpt partition table, 512-byte sectors") || !strings.Contains(info, "note: "+note+"\n") {
+		t.Errorf("info --partitions does not print the table with the note %q:\n%s", note, info)
+	}
+	checkInfoAgrees(t, mustRun(t, snapmountBin, "info", "--partitions", "--json", unixURI("", sock)).stdout, table, image)
+}
+
 // Every hostile table gives the whole disk alone and one line saying why;
 // a GPT of 4096-byte sectors is read as such. All disks are exports of one
 // nbdkit (file plugin, dir=), mounted in parallel.
